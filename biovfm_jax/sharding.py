@@ -1,0 +1,122 @@
+"""Logical axis names -> device mesh.
+
+Models name the axes of every parameter and key activation with *logical*
+names ("batch", "embed", "heads", ...). A config maps logical names to the
+physical mesh axes ("data", "fsdp", "tensor"); sharding changes never touch
+model code. Activations are constrained through `constrain`, a no-op unless
+a mesh is active (set with `use_mesh`), so models run unsharded in tests.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Iterable, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Parameters use `embed`, `mlp`, `heads`, `kv`, `prototypes`; activations use
+# the `act_*` names so that a parameter axis (embed -> fsdp) and the batch axis
+# (batch -> data+fsdp) never claim the same mesh axis in one array.
+DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("prototypes", "tensor"),
+    ("length", None),
+    ("act_embed", None),
+    ("act_mlp", "tensor"),
+    ("act_heads", "tensor"),
+    ("patch", None),
+)
+
+_state = threading.local()
+
+
+def rules_from_config(rules) -> tuple:
+  """ConfigDict/list form `[[logical, mesh_axes], ...]` -> tuple of pairs."""
+  out = []
+  for name, axes in rules:
+    if isinstance(axes, (list, tuple)):
+      axes = tuple(axes) or None
+    out.append((str(name), axes))
+  return tuple(out)
+
+
+def logical_to_mesh(logical: Sequence[str | None] | None, rules=DEFAULT_RULES,
+                    mesh: Mesh | None = None) -> P:
+  """Maps logical axis names to a PartitionSpec.
+
+  A mesh axis is used at most once per array (later claims are dropped) and
+  mesh axes of size 1 are dropped, so any rule set gives a valid spec.
+  """
+  if logical is None:
+    return P()
+  table = dict(rules)
+  used: set[str] = set()
+  spec = []
+  for name in logical:
+    axes = table.get(name) if name is not None else None
+    if axes is None:
+      spec.append(None)
+      continue
+    axes = (axes,) if isinstance(axes, str) else tuple(axes)
+    keep = tuple(a for a in axes if a not in used and
+                 (mesh is None or mesh.shape.get(a, 1) > 1))
+    used.update(keep)
+    spec.append(keep[0] if len(keep) == 1 else (keep or None))
+  return P(*spec)
+
+
+def make_mesh(shape: dict | None = None, devices=None) -> Mesh:
+  """Builds a (data, fsdp, tensor) mesh; one entry may be -1 to take the rest."""
+  devices = np.asarray(jax.devices() if devices is None else devices)
+  shape = dict(shape or {"data": -1})
+  sizes = [int(shape.get(a, 1)) for a in MESH_AXES]
+  if sizes.count(-1) > 1:
+    raise ValueError(f"config.mesh: at most one axis may be -1, got {shape}")
+  known = int(np.prod([s for s in sizes if s != -1]))
+  if -1 in sizes:
+    if devices.size % known:
+      raise ValueError(f"config.mesh={shape}: {devices.size} devices are not "
+                       f"divisible by {known}")
+    sizes[sizes.index(-1)] = devices.size // known
+  if int(np.prod(sizes)) != devices.size:
+    raise ValueError(f"config.mesh={shape} needs {int(np.prod(sizes))} devices, "
+                     f"{devices.size} are available")
+  return Mesh(devices.reshape(sizes), MESH_AXES,
+              axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh, rules=DEFAULT_RULES):
+  """Activates `mesh` and `rules` for `constrain` inside the block."""
+  old = getattr(_state, "ctx", None)
+  _state.ctx = (mesh, tuple(rules))
+  try:
+    yield mesh
+  finally:
+    _state.ctx = old
+
+
+def active_mesh() -> tuple[Mesh, tuple] | None:
+  return getattr(_state, "ctx", None)
+
+
+def constrain(x: jax.Array, logical: Iterable[str | None]) -> jax.Array:
+  """Sharding constraint by logical names; identity when no mesh is active."""
+  ctx = active_mesh()
+  if ctx is None:
+    return x
+  mesh, rules = ctx
+  spec = logical_to_mesh(tuple(logical), rules, mesh)
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def named_sharding(logical, mesh: Mesh, rules=DEFAULT_RULES) -> NamedSharding:
+  return NamedSharding(mesh, logical_to_mesh(logical, rules, mesh))

@@ -1,0 +1,1 @@
+"""Data: readers for medical formats, the record schema, shards and grain loaders."""
