@@ -1,0 +1,276 @@
+"""The pretraining loop, in labelled sections: config checks, mesh, input,
+model and sharding, update step, checkpoint, logging, loop.
+
+Objective-agnostic: everything specific to MAE (or DINOv2) sits behind
+`objective.init_model / loss / flops_per_example / visualize`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from clu import metric_writers
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from biovfm_jax import sharding as shd
+from biovfm_jax.objectives import get_objective
+from biovfm_jax.train import checkpoint as ckpt_lib
+from biovfm_jax.train import metrics as metrics_lib
+from biovfm_jax.train import optim
+from biovfm_jax.train import state as state_lib
+from biovfm_jax.train.validate import validate_config
+from data_pipeline import loader as loader_lib
+
+
+class NonFiniteLossError(FloatingPointError):
+  pass
+
+
+def _run_facts(config) -> dict:
+  """Facts that define the input stream; checked on resume."""
+  return {"seed": int(config.seed), "batch_size": int(config.batch_size),
+          "data_shards": str(config.data.shards)}
+
+
+def build_train_step(config, spec: state_lib.ModelSpec, objective, tx, schedule,
+                     shardings: state_lib.TrainState, batch_sharding, mesh, rules):
+  """Returns the jitted update: (state, batch) -> (state, metrics)."""
+  accum = int(config.optim.grad_accum_steps)
+  base_key = jax.random.key(config.seed)
+  constants = spec.constants()
+
+  def loss_fn(params, batch, rng, step):
+    model = spec.merge(params, constants)
+    loss, aux = objective.loss(model, batch, rng, step)
+    return loss, aux
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def step_fn(state: state_lib.TrainState, batch):
+    # All randomness comes from (seed, step): a resumed run draws the same.
+    rng = jax.random.fold_in(base_key, state.step)
+    with shd.use_mesh(mesh, rules):
+      if accum == 1:
+        (loss, aux), grads = grad_fn(state.params, batch, rng, state.step)
+      else:
+        # Micro-batch j takes examples j, j+accum, ...: every device keeps a share.
+        micro = jax.tree.map(
+            lambda x: jnp.swapaxes(x.reshape(x.shape[0] // accum, accum, *x.shape[1:]), 0, 1),
+            batch)
+        micro = jax.tree.map(lambda x: shd.constrain(x, (None, "batch") + (None,) * (x.ndim - 2)),
+                             micro)
+
+        def body(carry, xs):
+          j, mb = xs
+          (l, a), g = grad_fn(state.params, mb, jax.random.fold_in(rng, j), state.step)
+          return jax.tree.map(jnp.add, carry, (l, a, g)), None
+
+        zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+            grad_fn, state.params, jax.tree.map(lambda x: x[0], micro), rng, state.step))
+        zero = (zero[0][0], zero[0][1], zero[1])
+        (loss, aux, grads), _ = jax.lax.scan(body, zero, (jnp.arange(accum), micro))
+        loss, aux, grads = jax.tree.map(lambda x: x / accum, (loss, aux, grads))
+      grads = jax.lax.with_sharding_constraint(grads, shardings.params)
+      updates, opt_state = tx.update(grads, state.opt_state, state.params)
+      params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+               "lr": schedule(state.step), **aux}
+    if "skipped" in batch:
+      metrics["skipped_records"] = jnp.sum(batch["skipped"])
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    return new_state, metrics
+
+  return jax.jit(step_fn, in_shardings=(shardings, batch_sharding),
+                 out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=(0,))
+
+
+class _Preemption:
+  """SIGTERM (preemption notice) -> save at the next step boundary and exit."""
+
+  def __init__(self):
+    self.requested = False
+    try:
+      signal.signal(signal.SIGTERM, self._handler)
+    except ValueError:  # not in the main thread (e.g. inside some test runners)
+      pass
+
+  def _handler(self, signum, frame):
+    del signum, frame
+    logging.warning("SIGTERM received: checkpointing at the next step, then exiting.")
+    self.requested = True
+
+  def reached(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      return multihost_utils.reached_preemption_sync_point(step) or self.requested
+    return self.requested
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything built from a config before the first step (also used by benchmarks)."""
+  mesh: Mesh
+  rules: tuple
+  objective: object
+  spec: state_lib.ModelSpec
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  shardings: state_lib.TrainState
+  batch_sharding: NamedSharding
+  train_step: object
+  total_steps: int
+  steps_per_epoch: int
+  num_records: int
+
+
+def build(config, num_records: int | None = None) -> Setup:
+  """Checks the config and builds mesh, model spec, optimiser and the jitted step.
+
+  Everything that can be wrong with a config fails here, before compiling.
+  """
+  mesh = shd.make_mesh(dict(config.mesh))
+  rules = shd.rules_from_config(config.sharding_rules)
+  validate_config(config, mesh)
+  objective = get_objective(config)
+  if num_records is None:
+    num_records = loader_lib.num_records(config.data)
+  steps_per_epoch = config.steps_per_epoch or max(1, num_records // config.batch_size)
+  total_steps = config.num_train_steps or int(config.total_epochs * steps_per_epoch)
+  spec = state_lib.ModelSpec(objective.init_model, config.seed, mesh, rules)
+  schedule = optim.lr_schedule(config, total_steps, steps_per_epoch)
+  tx = optim.make_optimizer(config, schedule)
+  shardings = state_lib.state_shardings(spec, tx)
+  batch_sharding = shd.named_sharding(("batch",), mesh, rules)
+  train_step = build_train_step(config, spec, objective, tx, schedule, shardings,
+                                batch_sharding, mesh, rules)
+  return Setup(mesh, rules, objective, spec, tx, schedule, shardings, batch_sharding,
+               train_step, total_steps, steps_per_epoch, num_records)
+
+
+def train(config, workdir: str) -> dict:
+  """Pretrains per `config`, resuming from `workdir` when it holds a checkpoint.
+
+  Returns the last logged scalars.
+  """
+  s = build(config)
+  spec, tx, shardings, objective = s.spec, s.tx, s.shardings, s.objective
+  total_steps, batch_sharding, train_step = s.total_steps, s.batch_sharding, s.train_step
+  is_chief = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  logging.info("Model: %s parameters; mesh %s; %d records, %d steps/epoch, %d steps.",
+               f"{spec.num_params():,}", dict(s.mesh.shape), s.num_records,
+               s.steps_per_epoch, total_steps)
+
+  # --- Checkpoint: restore the latest, or initialise.
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                               keep=config.checkpoint.keep,
+                               async_save=config.checkpoint.async_save)
+  facts = _run_facts(config)
+  if ckpt.latest_step() is not None:
+    state, _ = ckpt.restore(state_lib.abstract_state(spec, tx, shardings), facts)
+  else:
+    state = state_lib.create_state(spec, tx, shardings)
+  start_step = int(state.step)
+  if start_step:
+    logging.info("Resuming from step %d.", start_step)
+
+  # --- Logging.
+  writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief,
+                                                asynchronous=True)
+  if start_step == 0:
+    writer.write_hparams({k: v for k, v in _flat(config.to_dict()).items()
+                          if isinstance(v, (int, float, str, bool))})
+  jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a") if is_chief else None
+  chrono = metrics_lib.Throughput(
+      total_steps=total_steps, batch_size=config.batch_size,
+      flops_per_example=objective.flops_per_example(), num_devices=jax.device_count(),
+      peak=metrics_lib.peak_tflops(config), start_step=start_step)
+  last: dict = {}
+
+  def check_and_log(step: int, metrics) -> None:
+    nonlocal last
+    host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    if not (np.isfinite(host["loss"]) and np.isfinite(host["grad_norm"])):
+      raise NonFiniteLossError(
+          f"loss={host['loss']} grad_norm={host['grad_norm']} at step {step}: stopping. "
+          f"The last good checkpoint (step {ckpt.latest_step()}) is kept in {workdir}.")
+    if step % config.log_every_steps and step != total_steps and step != start_step + 1:
+      return
+    host.update(chrono.measure(step))
+    last = host
+    writer.write_scalars(step, host)
+    if jsonl:
+      jsonl.write(json.dumps({"step": step, **host}) + "\n")
+      jsonl.flush()
+    logging.info(metrics_lib.progress_line(step, total_steps, host))
+
+  # --- The loop. Metrics of step s are fetched after step s+1 is dispatched, so
+  # the host never stalls the device; before a save they are checked at once.
+  batches = loader_lib.make_pretrain_loader(
+      config.data, global_batch_size=config.batch_size, seed=config.seed,
+      start_step=start_step)
+  preemption = _Preemption()
+  pending = None
+  step = start_step
+  t0 = time.perf_counter()
+  try:
+    while step < total_steps:
+      local = next(batches)
+      batch = {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v))
+               for k, v in local.items()}
+      state, metrics = train_step(state, batch)
+      step += 1
+      if step == start_step + 1:
+        jax.block_until_ready(metrics)
+        logging.info("First step (compile + run) took %.1f s.", time.perf_counter() - t0)
+        chrono = metrics_lib.Throughput(
+            total_steps=total_steps, batch_size=config.batch_size,
+            flops_per_example=chrono.flops_per_example, num_devices=chrono.num_devices,
+            peak=chrono.peak, start_step=step)
+      if pending is not None:
+        check_and_log(*pending)
+      pending = (step, metrics)
+      stop = preemption.reached(step)
+      if step % config.checkpoint.every_steps == 0 or step == total_steps or stop:
+        check_and_log(*pending)
+        pending = None
+        ckpt.save(step, state, facts)
+      if config.image_every_steps and step % config.image_every_steps == 0 and is_chief:
+        chrono.pause()
+        grid = objective.visualize(spec.merge(state.params), batch,
+                                   jax.random.fold_in(jax.random.key(config.seed), step))
+        writer.write_images(step, {f"{config.objective}/samples": grid})
+        chrono.resume()
+      if stop:
+        logging.warning("Stopped for preemption at step %d (checkpoint saved).", step)
+        break
+    if pending is not None:
+      check_and_log(*pending)
+  finally:
+    ckpt.close()  # waits for async saves: a finished save is never lost
+    writer.flush()
+    writer.close()
+    if jsonl:
+      jsonl.close()
+    close = getattr(batches, "close", None)
+    if close:
+      close()
+  return last
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out

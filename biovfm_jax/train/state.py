@@ -1,0 +1,100 @@
+"""The train state, its shardings, and how it is built without materialising twice.
+
+Parameters live as plain nested dicts of arrays (nnx's "pure dict"), which
+optax, orbax and jit shardings all handle natively; the model is rebuilt from
+(graphdef, params, constants) inside the jitted step with `nnx.merge`.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from biovfm_jax import sharding as shd
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+class ModelSpec:
+  """What the trainer needs of an objective's model, without allocating it.
+
+  graphdef: the module structure; param_shardings: where each parameter
+  lives, from its logical axis names and the config's rules; `constants()`:
+  non-trainable variables (fixed sin-cos tables ...), rebuilt, not stored.
+  """
+
+  def __init__(self, init_model: Callable[[nnx.Rngs], nnx.Module], seed: int,
+               mesh: Mesh, rules):
+    self._init_model, self._seed = init_model, seed
+    abstract = nnx.eval_shape(lambda: init_model(nnx.Rngs(seed)))
+    self.graphdef, abs_params, _ = nnx.split(abstract, nnx.Param, ...)
+    self.abstract_params = nnx.to_pure_dict(abs_params)
+    logical = nnx.to_pure_dict(nnx.get_partition_spec(abs_params))
+    self.param_shardings = jax.tree.map(
+        lambda spec: NamedSharding(mesh, shd.logical_to_mesh(tuple(spec), rules, mesh)),
+        logical, is_leaf=lambda x: isinstance(x, P))
+    self.replicated = NamedSharding(mesh, P())
+    self._constants = None
+
+  def num_params(self) -> int:
+    return sum(x.size for x in jax.tree.leaves(self.abstract_params))
+
+  def init_params(self):
+    """Fresh parameters (traceable: call inside jit)."""
+    model = self._init_model(nnx.Rngs(self._seed))
+    _, params, _ = nnx.split(model, nnx.Param, ...)
+    return nnx.to_pure_dict(params)
+
+  def constants(self):
+    if self._constants is None:
+      def build():
+        _, _, rest = nnx.split(self._init_model(nnx.Rngs(self._seed)), nnx.Param, ...)
+        return nnx.to_pure_dict(rest)
+      self._constants = jax.jit(build, out_shardings=self.replicated)()
+    return self._constants
+
+  def merge(self, params, constants=None) -> nnx.Module:
+    constants = self.constants() if constants is None else constants
+    return nnx.merge(self.graphdef, nnx.State(params), nnx.State(constants))
+
+
+def _shard_like_params(tree, params_treedef, param_shardings, replicated):
+  """Optimiser-state shardings: sub-trees shaped like the params follow them."""
+  is_params = lambda x: jax.tree.structure(x) == params_treedef  # noqa: E731
+  return jax.tree.map(lambda x: param_shardings if is_params(x) else replicated,
+                      tree, is_leaf=is_params)
+
+
+def state_shardings(spec: ModelSpec, tx: optax.GradientTransformation):
+  abstract_opt = jax.eval_shape(tx.init, spec.abstract_params)
+  treedef = jax.tree.structure(spec.abstract_params)
+  return TrainState(
+      step=spec.replicated, params=spec.param_shardings,
+      opt_state=_shard_like_params(abstract_opt, treedef, spec.param_shardings,
+                                   spec.replicated))
+
+
+def abstract_state(spec: ModelSpec, tx, shardings: TrainState) -> TrainState:
+  abstract = jax.eval_shape(lambda: _fresh_state(spec, tx))
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      abstract, shardings)
+
+
+def _fresh_state(spec: ModelSpec, tx) -> TrainState:
+  params = spec.init_params()
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
+def create_state(spec: ModelSpec, tx, shardings: TrainState) -> TrainState:
+  """Initialises the state directly into its shardings (no host copy)."""
+  return jax.jit(lambda: _fresh_state(spec, tx), out_shardings=shardings)()

@@ -1,0 +1,41 @@
+"""biovfm-jax: pretraining and benchmarking biomedical vision foundation models in JAX."""
+from setuptools import find_packages, setup
+
+# Ranges are the versions this code was written and tested against: these
+# libraries moved their APIs often (nnx eager sharding, grain datasets).
+INSTALL_REQUIRES = [
+    "jax>=0.10.2,<0.11",
+    "flax>=0.12.8,<0.13",
+    "optax>=0.2.8",
+    "orbax-checkpoint>=0.12.8,<0.13",
+    "grain>=0.2.18,<0.3",
+    "array-record>=0.8",
+    "tensorflow-datasets>=4.9.10",
+    "ml_collections>=1.1",
+    "clu>=0.0.12",
+    "tensorflow-cpu>=2.21",   # clu's metric writers import tensorflow
+    "tensorboard>=2.21",
+    "absl-py",
+    "numpy>=2",
+    "pillow>=11",
+    # Readers for medical formats, and the packages that ship the mini corpus.
+    "pydicom>=3",
+    "nibabel>=5",
+    "nilearn>=0.11",
+    "scikit-image>=0.25",
+]
+
+setup(
+    name="biovfm-jax",
+    version="0.1.0",
+    description=__doc__,
+    python_requires=">=3.11",
+    packages=find_packages(include=["biovfm_jax*", "data_pipeline*", "configs*"]),
+    py_modules=["main"],
+    install_requires=INSTALL_REQUIRES,
+    extras_require={
+        "cuda": ["jax[cuda12]>=0.10.2,<0.11"],
+        "tpu": ["jax[tpu]>=0.10.2,<0.11"],
+        "test": ["pytest>=8", "pytest-xdist>=3"],
+    },
+)

@@ -1,0 +1,125 @@
+"""Optimiser, schedule, config checks and checkpoint safety, on the real code."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from biovfm_jax import sharding as shd
+from biovfm_jax.train import optim
+from biovfm_jax.train.validate import validate_config
+from configs import quickstart, vit_b_mae
+
+
+def tiny_config():
+  c = quickstart.get_config()
+  c.image_size = 32
+  c.model.update(patch_size=8, width=32, depth=2, num_heads=2, mlp_dim=64)
+  c.mae.update(decoder_width=32, decoder_depth=1, decoder_heads=2)
+  c.batch_size = 16
+  c.log_every_steps = 1
+  c.image_every_steps = 0
+  return c
+
+
+def test_lr_schedule_is_linear_warmup_then_half_cosine():
+  c = vit_b_mae.get_config()
+  c.batch_size = 1024
+  sched = optim.lr_schedule(c, total_steps=1000, steps_per_epoch=10)  # warmup 400 steps
+  peak = 1.5e-4 * 1024 / 256
+  assert optim.peak_lr(c) == pytest.approx(peak)
+  assert float(sched(0)) == 0.0
+  assert float(sched(200)) == pytest.approx(peak / 2, rel=1e-5)
+  assert float(sched(400)) == pytest.approx(peak, rel=1e-5)
+  # Half-cycle cosine: halfway through the decay the rate is half the peak.
+  assert float(sched(700)) == pytest.approx(peak / 2, rel=1e-4)
+  assert float(sched(1000)) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_weight_decay_skips_biases_norms_tokens():
+  params = {"encoder": {"cls_token": jnp.zeros((1, 1, 8)), "pos_embed": jnp.zeros((1, 4, 8)),
+                        "block0": {"attn": {"kernel": jnp.ones((8, 8)), "bias": jnp.ones(8)},
+                                   "norm1": {"scale": jnp.ones(8)}}},
+            "decoder": {"mask_token": jnp.zeros((1, 1, 8)), "pred": {"kernel": jnp.ones((8, 3))}}}
+  mask = optim.decay_mask(params)
+  assert mask["encoder"]["block0"]["attn"] == {"kernel": True, "bias": False}
+  assert mask["encoder"]["block0"]["norm1"]["scale"] is False
+  assert mask["encoder"]["cls_token"] is False and mask["encoder"]["pos_embed"] is False
+  assert mask["decoder"] == {"mask_token": False, "pred": {"kernel": True}}
+  # One AdamW step with zero gradients: only decayed weights move.
+  c = vit_b_mae.get_config()
+  tx = optim.make_optimizer(c, lambda step: 1.0)
+  grads = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  assert float(jnp.abs(updates["encoder"]["block0"]["attn"]["kernel"]).max()) == pytest.approx(0.05)
+  assert float(jnp.abs(updates["encoder"]["block0"]["attn"]["bias"]).max()) == 0.0
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("batch_size", 12, "config.batch_size=12"),
+    ("optim.grad_accum_steps", 3, "config.optim.grad_accum_steps=3"),
+    ("image_size", 36, "config.model.image_size"),
+    ("data.crop_scale", (0.5, 0.2), "config.data.crop_scale"),
+])
+def test_bad_config_names_the_key(key, value, message):
+  c = tiny_config()
+  node, leaf = c, key
+  if "." in key:
+    head, leaf = key.split(".")
+    node = c[head]
+  node[leaf] = value
+  mesh = shd.make_mesh({"data": 8})
+  with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    validate_config(c, mesh)
+
+
+def test_mesh_shape_errors_name_config_mesh():
+  with pytest.raises(ValueError, match="config.mesh"):
+    shd.make_mesh({"data": 3, "fsdp": -1})
+  mesh = shd.make_mesh({"data": 2, "fsdp": -1, "tensor": 2})
+  assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+
+
+def test_logical_rules_never_reuse_a_mesh_axis():
+  mesh = shd.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  spec = shd.logical_to_mesh(("batch", "embed", "mlp"), shd.DEFAULT_RULES, mesh)
+  assert spec == jax.sharding.PartitionSpec(("data", "fsdp"), None, "tensor")
+  # Axes of size 1 are dropped, so a 1-device mesh replicates everything.
+  one = shd.make_mesh({"data": 1}, devices=jax.devices()[:1])
+  assert shd.logical_to_mesh(("batch", "embed"), shd.DEFAULT_RULES, one) == \
+      jax.sharding.PartitionSpec(None, None)
+
+
+def test_nan_loss_stops_and_never_saves_the_bad_state(tmp_path):
+  from biovfm_jax.train import loop
+  c = tiny_config()
+  c.num_train_steps = 6
+  c.checkpoint.every_steps = 1
+  c.checkpoint.async_save = False
+  c.optim.base_lr = 1e30  # the first update destroys the weights
+  with pytest.raises(loop.NonFiniteLossError, match="last good checkpoint"):
+    loop.train(c, str(tmp_path))
+  saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+  rows = [l for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert saved, "the finite first step should have been saved"
+  assert len(rows) == saved[-1], (rows, saved)  # every saved step had a finite loss
+  assert saved[-1] < 6
+
+
+def test_resume_refuses_a_changed_input_stream(tmp_path):
+  from biovfm_jax.train import loop
+  c = tiny_config()
+  c.num_train_steps = 2
+  c.checkpoint.every_steps = 2
+  loop.train(c, str(tmp_path))
+  c.seed = 1
+  with pytest.raises(ValueError, match="seed"):
+    loop.train(c, str(tmp_path))
+
+
+def test_grad_accumulation_trains(tmp_path):
+  from biovfm_jax.train import loop
+  c = tiny_config()
+  c.num_train_steps = 3
+  c.optim.grad_accum_steps = 2
+  out = loop.train(c, str(tmp_path))
+  assert np.isfinite(out["loss"]) and out["loss"] > 0
