@@ -1,0 +1,183 @@
+"""The pretraining input pipeline on grain.
+
+The input position is a pure function of (seed, global step): global example
+e = step * G + process_index * L + j (G global batch, L = G / process_count,
+j < L) reads record perm_epoch(e % N), where perm_epoch is a permutation of the
+N records seeded by (seed, epoch = e // N), and its augmentation draws from
+np.random.default_rng([seed, e]). So a restart at step k gives exactly what an
+uninterrupted run gives at step k, and the processes' batches of a step, put
+side by side in process order, are the one-process batch of that step, for any
+process count that divides G.
+
+A record that does not decode is replaced by the next record index (up to
+MAX_SKIP tries); the example's `skipped` counts the replacements so the trainer
+can log them.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import grain
+import numpy as np
+
+from data_pipeline import transforms
+from data_pipeline.records import CorruptRecordError
+from data_pipeline.shards import resolve_shards
+
+MAX_SKIP = 16
+# The example stream is "endless": 2**40 batches is more than any run takes
+# and keeps grain's index arithmetic within int64.
+_ENDLESS_STEPS = 1 << 40
+
+DEFAULTS = {
+    "shards": "mini",
+    "cache_dir": None,
+    "image_size": 224,
+    "crop_scale": (0.2, 1.0),
+    "crop_ratio": (3 / 4, 4 / 3),
+    "hflip": True,
+    "mean": transforms.IMAGENET_MEAN,
+    "std": transforms.IMAGENET_STD,
+    "num_workers": 0,
+    "prefetch_buffer": 2,
+    "read_threads": 2,
+}
+
+
+def _cfg(data_cfg: Any, name: str) -> Any:
+  """data_cfg.name, or the default when the config does not set it."""
+  value = getattr(data_cfg, name, None) if data_cfg is not None else None
+  return DEFAULTS[name] if value is None else value
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+  """A 32-bit seed for epoch `epoch`'s permutation (index_shuffle takes uint32)."""
+  return int(np.random.SeedSequence([seed, 1, epoch]).generate_state(1)[0])
+
+
+def record_index(e: int, seed: int, n: int) -> int:
+  """The record that global example position `e` reads (before skipping)."""
+  epoch, k = divmod(e, n)
+  # index_shuffle is a keyed bijection of [0, n): O(1) memory for any corpus.
+  return int(grain.experimental.index_shuffle(k, max_index=n - 1,
+                                              seed=epoch_seed(seed, epoch), rounds=4))
+
+
+class PretrainExample:
+  """Global example position -> {"image": float32 (S, S, 3), "skipped": int32}.
+
+  Picklable (grain ships it to worker processes); the ArrayRecord readers are
+  opened lazily in each process.
+  """
+
+  def __init__(self, paths: list[str], spec: str, seed: int, *, image_size: int,
+               crop_scale, crop_ratio, hflip: bool, mean, std):
+    self.source = grain.sources.ArrayRecordDataSource(paths)
+    self.num_records = len(self.source)
+    if self.num_records == 0:
+      raise ValueError(f"shard spec {spec!r} holds no records")
+    if self.num_records >= 2**32:
+      raise ValueError("more than 2**32 records: index_shuffle takes 32-bit indices")
+    self.spec, self.seed = spec, seed
+    self.image_size = int(image_size)
+    self.crop_scale = tuple(float(x) for x in crop_scale)
+    self.crop_ratio = tuple(float(x) for x in crop_ratio)
+    self.hflip = bool(hflip)
+    self.mean = tuple(float(x) for x in mean)
+    self.std = tuple(float(x) for x in std)
+
+  def read(self, e: int) -> tuple[np.ndarray, int]:
+    """Pixels of example `e`, and how many corrupt records were skipped."""
+    start = record_index(e, self.seed, self.num_records)
+    tries = min(MAX_SKIP, self.num_records)
+    errors = []
+    for skipped in range(tries):
+      try:
+        pixels, _ = transforms.decode(self.source[(start + skipped) % self.num_records])
+        return pixels, skipped
+      except CorruptRecordError as err:
+        errors.append(str(err))
+    raise RuntimeError(
+        f"shard spec {self.spec!r}: none of {tries} consecutive records from index "
+        f"{start} of {self.num_records} decodes (last error: {errors[-1]})")
+
+  def __call__(self, e: int) -> dict[str, np.ndarray]:
+    pixels, skipped = self.read(int(e))
+    rng = np.random.default_rng([self.seed, int(e)])
+    img = transforms.random_resized_crop(transforms.to_rgb(pixels), self.image_size,
+                                         self.crop_scale, self.crop_ratio, rng=rng)
+    if self.hflip:
+      img = transforms.random_hflip(img, rng)
+    return {"image": transforms.normalize(img, self.mean, self.std),
+            "skipped": np.int32(skipped)}
+
+
+class _GlobalPosition:
+  """Local stream index i (from the start step) -> global example position."""
+
+  def __init__(self, start_step: int, global_batch: int, local_batch: int,
+               process_index: int):
+    self.start_step, self.global_batch = start_step, global_batch
+    self.local_batch, self.process_index = local_batch, process_index
+
+  def __call__(self, i: int) -> int:
+    step, j = divmod(int(i), self.local_batch)
+    return ((self.start_step + step) * self.global_batch
+            + self.process_index * self.local_batch + j)
+
+
+def num_records(data_cfg: Any) -> int:
+  """How many records the config's shards hold (for epoch and step maths)."""
+  paths = resolve_shards(_cfg(data_cfg, "shards"), _cfg(data_cfg, "cache_dir"))
+  return len(grain.sources.ArrayRecordDataSource(paths))
+
+
+def make_pretrain_loader(data_cfg: Any, *, global_batch_size: int, seed: int,
+                         start_step: int = 0, process_index: int | None = None,
+                         process_count: int | None = None):
+  """Returns an iterator of per-process batches dicts:
+  {"image": float32 (L, S, S, 3), "skipped": int32 (L,)}, L = G / process_count.
+
+  The first batch is global step `start_step`. process_index and process_count
+  default to jax's. Close the iterator (`it.close()`) when done if it uses
+  worker processes. With num_workers > 0 the calling program needs an
+  `if __name__ == "__main__":` guard (workers are spawned).
+  """
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=import-outside-toplevel
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  if global_batch_size < 1 or global_batch_size % process_count:
+    raise ValueError(f"global batch {global_batch_size} must be a positive multiple "
+                     f"of the process count {process_count}")
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+  if seed < 0 or start_step < 0:
+    raise ValueError(f"seed and start_step must be >= 0, got {seed}, {start_step}")
+  local_batch = global_batch_size // process_count
+
+  spec = _cfg(data_cfg, "shards")
+  paths = resolve_shards(spec, _cfg(data_cfg, "cache_dir"))
+  example = PretrainExample(
+      paths, str(spec), int(seed), image_size=_cfg(data_cfg, "image_size"),
+      crop_scale=_cfg(data_cfg, "crop_scale"), crop_ratio=_cfg(data_cfg, "crop_ratio"),
+      hflip=_cfg(data_cfg, "hflip"), mean=_cfg(data_cfg, "mean"), std=_cfg(data_cfg, "std"))
+
+  ds = (grain.MapDataset.range(_ENDLESS_STEPS * local_batch)
+        .map(_GlobalPosition(start_step, global_batch_size, local_batch, process_index))
+        .map(example)
+        # Batch in the MapDataset, before the worker split: each worker then
+        # makes whole batches, so a batch never depends on num_workers.
+        .batch(local_batch, drop_remainder=True))
+  ds = ds.to_iter_dataset(grain.ReadOptions(
+      num_threads=int(_cfg(data_cfg, "read_threads")),
+      prefetch_buffer_size=int(_cfg(data_cfg, "prefetch_buffer"))))
+  num_workers = int(_cfg(data_cfg, "num_workers"))
+  if num_workers > 0:
+    # grain's worker start-up reads absl flags. A program run with absl's
+    # app.run has parsed them; otherwise (tests, notebooks) use the defaults.
+    from absl import flags  # pylint: disable=import-outside-toplevel
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+  return iter(ds)

@@ -1,0 +1,131 @@
+"""NIfTI (and other nibabel volume) reader: 3D/4D volumes -> 2D uint8 slices.
+
+The volume is first put in the closest canonical (RAS+) orientation so that
+axis 0 is sagittal, 1 coronal and 2 axial for every file. One percentile window
+per volume keeps a volume's slices comparable. Each slice is rotated so the
+second in-plane axis points up (superior, or anterior for axial slices), and
+stretched to square pixels when the voxel spacing differs in-plane.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from data_pipeline.sources.images import (ReaderError, apply_window, is_near_constant,
+                                          percentile_window)
+
+AXIS_NAMES = ("sagittal", "coronal", "axial")
+
+
+def canonical_slice(volume: np.ndarray, axis: int, k: int) -> np.ndarray:
+  """Slice `k` along `axis` of a RAS+ volume, rotated for display (top = up)."""
+  # Basic indexing is a view; np.take copies and is slow on F-ordered volumes.
+  return np.rot90(volume[(slice(None),) * axis + (k,)])
+
+
+def _square_pixels(pixels: np.ndarray, row_mm: float, col_mm: float) -> np.ndarray:
+  """Resample so a pixel is as tall as it is wide (bilinear on uint8)."""
+  if col_mm <= 0 or row_mm <= 0 or abs(row_mm / col_mm - 1.0) < 0.01:
+    return pixels
+  fine = min(row_mm, col_mm)
+  h, w = pixels.shape
+  size = (max(1, round(w * col_mm / fine)), max(1, round(h * row_mm / fine)))
+  return np.asarray(Image.fromarray(pixels).resize(size, Image.Resampling.BILINEAR))
+
+
+def load_volumes(path: str | os.PathLike, volumes: str = "first"):
+  """(canonical image, [(volume index, float32 3D array)], voxel sizes in mm).
+
+  4D files give their first volume, or each with `volumes="all"`; dimensions
+  past the fourth are folded into the fourth.
+  """
+  import nibabel  # pylint: disable=import-outside-toplevel
+  from nibabel.affines import voxel_sizes  # pylint: disable=import-outside-toplevel
+  if volumes not in ("first", "all"):
+    raise ValueError(f"volumes must be 'first' or 'all', got {volumes!r}")
+  path = os.fspath(path)
+  try:
+    img = nibabel.load(path)
+  except Exception as e:  # nibabel raises many types for unknown or bad files
+    raise ReaderError(f"{path}: cannot load volume: {e}") from e
+  if not hasattr(img, "affine") or img.affine is None or len(img.shape) < 2:
+    raise ReaderError(f"{path}: not a spatial image (shape {getattr(img, 'shape', None)})")
+  try:
+    img = nibabel.as_closest_canonical(img) if len(img.shape) >= 3 else img
+  except Exception as e:  # e.g. an affine that cannot be inverted
+    raise ReaderError(f"{path}: cannot reorient to canonical: {e}") from e
+  shape = tuple(img.shape)
+  if img.get_data_dtype().fields is not None:
+    raise ReaderError(f"{path}: structured (RGB) voxels are not supported")
+  n = int(np.prod(shape[3:])) if len(shape) > 3 else 1
+  wanted = range(n) if volumes == "all" else range(min(n, 1))
+  spacing = tuple(float(s) for s in voxel_sizes(img.affine)[:3])
+  out = []
+  try:
+    for v in wanted:
+      if len(shape) <= 3:
+        data = np.asarray(img.dataobj, dtype=np.float32)
+        data = data.reshape(shape + (1,) * (3 - len(shape)))
+      else:
+        # Index the proxy: only this volume is read from disk.
+        idx = np.unravel_index(v, shape[3:])
+        data = np.asarray(img.dataobj[(slice(None),) * 3 + tuple(idx)], dtype=np.float32)
+      out.append((v, data))
+  except Exception as e:  # truncated files, bad scaling
+    raise ReaderError(f"{path}: cannot read voxel data: {e}") from e
+  return img, out, spacing
+
+
+def iter_nifti(path: str | os.PathLike, *, source: str = "nifti",
+               modality: str = "unknown", anatomy: str | None = None,
+               axes: Sequence[int] = (0, 1, 2), stride: int = 1,
+               low_pct: float = 0.5, high_pct: float = 99.5, volumes: str = "first",
+               skip_empty: bool = True, empty_tol: int = 8,
+               empty_fraction: float = 0.02,
+               square_pixels: bool = True) -> Iterator[tuple[np.ndarray, dict[str, Any]]]:
+  """Yield `(uint8 (H, W) slice, meta)` for slices of a volume.
+
+  axes: canonical axes to slice along (0 sagittal, 1 coronal, 2 axial).
+  stride: take every `stride`-th slice.
+  low_pct, high_pct: percentile window computed over each whole volume.
+  volumes: "first" or "all" volumes of a 4D file.
+  skip_empty: drop slices where fewer than `empty_fraction` of the pixels
+    differ from the slice median by more than `empty_tol` grey levels.
+  square_pixels: resample anisotropic slices to square pixels.
+  `index` is `[volume, axis, slice]`; `orig_size` is the slice size before
+  resampling.
+  """
+  if stride < 1:
+    raise ValueError(f"stride must be >= 1, got {stride}")
+  if any(a not in (0, 1, 2) for a in axes):
+    raise ValueError(f"axes must be among 0, 1, 2, got {tuple(axes)}")
+  path = os.fspath(path)
+  _, vols, spacing = load_volumes(path, volumes)
+  for v, data in vols:
+    lo, hi = percentile_window(data, low_pct, high_pct)
+    scaled = apply_window(data, lo, hi)
+    for axis in axes:
+      # In-plane axes in array order; after rot90 rows run along the later one.
+      col_axis, row_axis = [a for a in (0, 1, 2) if a != axis]
+      for k in range(0, data.shape[axis], stride):
+        pixels = canonical_slice(scaled, axis, k)
+        if skip_empty and is_near_constant(pixels, empty_tol, empty_fraction):
+          continue
+        orig_size = list(pixels.shape)
+        steps = [f"canonical RAS {AXIS_NAMES[axis]} slice {k}/{data.shape[axis]}",
+                 f"volume percentile {low_pct}-{high_pct} window [{lo:g}, {hi:g}]"]
+        if square_pixels:
+          resized = _square_pixels(pixels, spacing[row_axis], spacing[col_axis])
+          if resized.shape != pixels.shape:
+            steps.append(f"resampled to square pixels {spacing[row_axis]:g}x"
+                         f"{spacing[col_axis]:g} mm")
+          pixels = resized
+        yield np.ascontiguousarray(pixels), {
+            "source": source, "modality": modality, "anatomy": anatomy,
+            "path": path, "index": [v, axis, k], "orig_size": orig_size,
+            "transform": "; ".join(steps),
+        }

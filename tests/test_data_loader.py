@@ -1,0 +1,245 @@
+"""The pretraining loader (position = f(seed, step)) and the transforms under it."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import ml_collections
+import numpy as np
+import pytest
+from array_record.python.array_record_module import ArrayRecordWriter
+from PIL import Image
+
+from data_pipeline import loader, records, shards, transforms
+
+N = 40
+
+
+@pytest.fixture(scope="module")
+def shard_dir(tmp_path_factory):
+  """40 records of varied size, grey and colour, in three shards."""
+  rng = np.random.default_rng(0)
+  recs = []
+  for i in range(N):
+    h, w = int(rng.integers(40, 90)), int(rng.integers(40, 90))
+    shape = (h, w, 3) if i % 2 else (h, w)
+    recs.append(records.make_record(rng.integers(0, 256, shape, dtype=np.uint8),
+                                    {"source": "synthetic", "modality": "CT", "index": i}))
+  out = tmp_path_factory.mktemp("shards")
+  shards.write_shards(recs, out, "t", records_per_shard=16)
+  return str(out)
+
+
+def cfg(spec, **kw):
+  c = ml_collections.ConfigDict(dict(
+      shards=spec, cache_dir=None, image_size=16, crop_scale=(0.2, 1.0), hflip=True,
+      mean=transforms.IMAGENET_MEAN, std=transforms.IMAGENET_STD, num_workers=0,
+      prefetch_buffer=2, read_threads=1))
+  c.update(kw)
+  return c
+
+
+def take(c, steps, **kw):
+  it = loader.make_pretrain_loader(c, **kw)
+  return [next(it) for _ in range(steps)]
+
+
+def test_shapes_dtypes_and_normalisation(shard_dir):
+  b, = take(cfg(shard_dir), 1, global_batch_size=8, seed=0, process_count=1, process_index=0)
+  assert b["image"].shape == (8, 16, 16, 3) and b["image"].dtype == np.float32
+  assert b["skipped"].shape == (8,) and b["skipped"].dtype == np.int32
+  assert not b["skipped"].any()
+  mean, std = np.array(transforms.IMAGENET_MEAN), np.array(transforms.IMAGENET_STD)
+  lo, hi = (0 - mean) / std, (1 - mean) / std
+  flat = b["image"].reshape(-1, 3)
+  assert (flat >= lo - 1e-5).all() and (flat <= hi + 1e-5).all()
+  # Uniform noise records: de-normalised values average one half per channel.
+  np.testing.assert_allclose((flat * std + mean).mean(0), 0.5, atol=0.03)
+  raw, = take(cfg(shard_dir, mean=(0, 0, 0), std=(1, 1, 1)), 1, global_batch_size=8,
+              seed=0, process_count=1, process_index=0)
+  assert 0 <= raw["image"].min() and raw["image"].max() <= 1
+  # Grey records (even indices) come out with three equal channels.
+  grey = [i for i in range(8) if np.ptp(raw["image"][i], axis=-1).max() == 0]
+  assert 0 < len(grey) < 8
+
+
+def test_same_seed_same_batches_other_seed_differs(shard_dir):
+  kw = dict(global_batch_size=8, process_count=1, process_index=0)
+  a = take(cfg(shard_dir), 3, seed=7, **kw)
+  b = take(cfg(shard_dir, read_threads=0, prefetch_buffer=0), 3, seed=7, **kw)
+  c = take(cfg(shard_dir), 3, seed=8, **kw)
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x["image"], y["image"])
+  assert not np.array_equal(a[0]["image"], c[0]["image"])
+  assert not np.array_equal(a[0]["image"], a[1]["image"])
+
+
+def test_resume_at_step_k_equals_uninterrupted(shard_dir):
+  kw = dict(global_batch_size=8, seed=3, process_count=1, process_index=0)
+  full = take(cfg(shard_dir), 8, **kw)  # 64 examples: crosses the epoch at 40
+  resumed = take(cfg(shard_dir), 3, start_step=5, **kw)
+  for x, y in zip(full[5:], resumed):
+    np.testing.assert_array_equal(x["image"], y["image"])
+
+
+@pytest.mark.parametrize("count", [2, 4])
+def test_process_batches_concatenate_to_single_process_batch(shard_dir, count):
+  one = take(cfg(shard_dir), 2, global_batch_size=8, seed=1, start_step=4,
+             process_count=1, process_index=0)
+  parts = [take(cfg(shard_dir), 2, global_batch_size=8, seed=1, start_step=4,
+                process_count=count, process_index=i) for i in range(count)]
+  for step in range(2):
+    assert all(p[step]["image"].shape[0] == 8 // count for p in parts)
+    joined = np.concatenate([p[step]["image"] for p in parts])
+    np.testing.assert_array_equal(joined, one[step]["image"])
+
+
+def test_each_epoch_is_a_permutation_of_all_records():
+  for epoch in range(3):
+    idx = [loader.record_index(epoch * N + k, 5, N) for k in range(N)]
+    assert sorted(idx) == list(range(N))
+  first = [loader.record_index(k, 5, N) for k in range(N)]
+  second = [loader.record_index(N + k, 5, N) for k in range(N)]
+  assert first != second and first != list(range(N))
+  assert loader.record_index(0, 0, 1) == 0
+
+
+def _write_with_corruption(path, good, bad_at):
+  """Shard of the `good` records with junk records at positions `bad_at`;
+  returns the layout (None for junk)."""
+  writer = ArrayRecordWriter(path, "group_size:1")
+  junk = [b"not a record", records.encode_record(b"\x89PNG broken", {"source": "x"}),
+          records.MAGIC + b"\xff\xff\xff\xff{}"]
+  good = list(good)
+  out = []
+  for pos in range(len(good) + len(bad_at)):
+    rec = junk[pos % len(junk)] if pos in bad_at else good.pop(0)
+    writer.write(rec)
+    out.append(None if pos in bad_at else rec)
+  writer.close()
+  return out
+
+
+def test_corrupt_records_are_skipped_and_counted(tmp_path):
+  rng = np.random.default_rng(1)
+  good = [records.make_record(rng.integers(0, 256, (24, 24), dtype=np.uint8)) for _ in range(12)]
+  bad = {0, 3, 4, 5, 11}
+  layout = _write_with_corruption(str(tmp_path / "c-00000.array_record"), good, bad)
+  n = len(layout)
+  c = cfg(str(tmp_path))
+  assert loader.num_records(c) == n == 17
+  batches = take(c, 4, global_batch_size=n, seed=2, process_count=1, process_index=0)
+
+  def expected_skips(e):
+    r, k = loader.record_index(e, 2, n), 0
+    while layout[(r + k) % n] is None:
+      k += 1
+    return k
+  for step, b in enumerate(batches):
+    want = [expected_skips(step * n + j) for j in range(n)]
+    np.testing.assert_array_equal(b["skipped"], want)
+    assert np.isfinite(b["image"]).all()
+  # One epoch starts at each record once: the skips add up to run lengths.
+  assert batches[0]["skipped"].sum() == 1 + (3 + 2 + 1) + 1
+  # The substitute is the next good record.
+  example = loader.PretrainExample([str(tmp_path / "c-00000.array_record")], "spec", 2,
+                                   image_size=8, crop_scale=(1, 1), crop_ratio=(1, 1),
+                                   hflip=False, mean=(0, 0, 0), std=(1, 1, 1))
+  e = next(e for e in range(n) if loader.record_index(e, 2, n) == 3)
+  pixels, skipped = example.read(e)
+  assert skipped == 3
+  np.testing.assert_array_equal(pixels, records.read_record(layout[6])[0])
+
+
+def test_all_corrupt_raises_naming_the_spec(tmp_path):
+  _write_with_corruption(str(tmp_path / "bad.array_record"), [], set(range(20)))
+  with pytest.raises(RuntimeError, match=r"bad\.array_record.*none of 16"):
+    take(cfg(str(tmp_path / "bad.array_record")), 1, global_batch_size=2, seed=0,
+         process_count=1, process_index=0)
+
+
+def test_bad_arguments(shard_dir):
+  with pytest.raises(ValueError, match="multiple of the process count"):
+    loader.make_pretrain_loader(cfg(shard_dir), global_batch_size=6, seed=0,
+                                process_count=4, process_index=0)
+  with pytest.raises(FileNotFoundError, match="no_such_dir"):
+    loader.make_pretrain_loader(cfg("/no_such_dir"), global_batch_size=2, seed=0,
+                                process_count=1, process_index=0)
+
+
+def test_default_process_index_comes_from_jax(shard_dir):
+  a = take(cfg(shard_dir), 1, global_batch_size=4, seed=0)
+  b = take(cfg(shard_dir), 1, global_batch_size=4, seed=0, process_count=1, process_index=0)
+  np.testing.assert_array_equal(a[0]["image"], b[0]["image"])
+
+
+def test_worker_processes_give_the_same_batches(shard_dir, tmp_path):
+  script = tmp_path / "mp_loader.py"
+  script.write_text(textwrap.dedent(f"""
+      import numpy as np
+      import ml_collections
+      from data_pipeline import loader
+
+      def batches(workers):
+        c = ml_collections.ConfigDict(dict(shards={shard_dir!r}, image_size=16,
+                                           num_workers=workers, read_threads=1))
+        it = loader.make_pretrain_loader(c, global_batch_size=4, seed=9, start_step=2,
+                                         process_index=0, process_count=1)
+        out = [next(it) for _ in range(5)]
+        if hasattr(it, "close"):
+          it.close()
+        return out
+
+      if __name__ == "__main__":
+        a, b = batches(0), batches(2)
+        same = all(np.array_equal(x["image"], y["image"]) for x, y in zip(a, b))
+        print("SAME" if same else "DIFFERENT")
+      """))
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, PYTHONPATH=repo)
+  res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                       env=env, timeout=240, cwd=repo)
+  assert res.returncode == 0, res.stderr[-3000:]
+  assert res.stdout.strip().splitlines()[-1] == "SAME"
+
+
+# --- transforms ------------------------------------------------------------------
+
+def test_random_resized_crop_shapes_and_box_bounds():
+  rng = np.random.default_rng(0)
+  img = rng.integers(0, 256, (60, 90, 3), dtype=np.uint8)
+  assert transforms.random_resized_crop(img, 32, rng=rng).shape == (32, 32, 3)
+  assert transforms.random_resized_crop(img[..., 0], (20, 30), rng=rng).shape == (20, 30)
+  for _ in range(200):
+    top, left, h, w = transforms.sample_crop_box(60, 90, (0.2, 1.0), (3 / 4, 4 / 3), rng)
+    assert 0 <= top and top + h <= 60 and 0 <= left and left + w <= 90
+    assert 0.2 * 5400 * 0.9 <= h * w <= 5400
+    assert 3 / 4 * 0.9 <= w / h <= 4 / 3 * 1.1
+
+
+def test_random_resized_crop_full_box_and_fallback():
+  rng = np.random.default_rng(0)
+  img = rng.integers(0, 256, (40, 40), dtype=np.uint8)
+  # scale 1 and ratio 1 on a square image: the whole image, bicubic-resized.
+  out = transforms.random_resized_crop(img, 24, (1.0, 1.0), (1.0, 1.0), rng=rng)
+  ref = np.asarray(Image.fromarray(img).resize((24, 24), Image.Resampling.BICUBIC))
+  np.testing.assert_array_equal(out, ref)
+  # A 10x200 strip cannot hold a square of 90% of its area: centre crop fallback.
+  assert transforms.sample_crop_box(10, 200, (0.9, 1.0), (1.0, 1.0), rng) == (0, 95, 10, 10)
+  # A tall strip: the tallest allowed box (ratio 0.5), centred.
+  assert transforms.sample_crop_box(200, 10, (0.9, 1.0), (0.5, 2.0), rng) == (90, 0, 20, 10)
+
+
+def test_hflip_and_to_rgb_and_normalize():
+  img = np.arange(12, dtype=np.uint8).reshape(3, 4)
+  rng = np.random.default_rng(0)
+  np.testing.assert_array_equal(transforms.random_hflip(img, rng, p=1.0), img[:, ::-1])
+  np.testing.assert_array_equal(transforms.random_hflip(img, rng, p=0.0), img)
+  flips = sum(transforms.random_hflip(img, rng)[0, 0] != 0 for _ in range(400))
+  assert 150 < flips < 250
+  rgb = transforms.to_rgb(img)
+  assert rgb.shape == (3, 4, 3) and (rgb == img[..., None]).all()
+  assert transforms.to_rgb(rgb) is rgb
+  x = transforms.normalize(np.full((2, 2, 3), 255, np.uint8), (0.5, 0.5, 0.5), (0.25, 0.5, 1.0))
+  assert x.dtype == np.float32
+  np.testing.assert_allclose(x[0, 0], [2.0, 1.0, 0.5], rtol=1e-6)
