@@ -35,23 +35,32 @@ def test_lr_schedule_is_linear_warmup_then_half_cosine():
   assert float(sched(1000)) == pytest.approx(0.0, abs=1e-9)
 
 
-def test_weight_decay_skips_biases_norms_tokens():
-  params = {"encoder": {"cls_token": jnp.zeros((1, 1, 8)), "pos_embed": jnp.zeros((1, 4, 8)),
-                        "block0": {"attn": {"kernel": jnp.ones((8, 8)), "bias": jnp.ones(8)},
-                                   "norm1": {"scale": jnp.ones(8)}}},
-            "decoder": {"mask_token": jnp.zeros((1, 1, 8)), "pred": {"kernel": jnp.ones((8, 3))}}}
-  mask = optim.decay_mask(params)
-  assert mask["encoder"]["block0"]["attn"] == {"kernel": True, "bias": False}
-  assert mask["encoder"]["block0"]["norm1"]["scale"] is False
-  assert mask["encoder"]["cls_token"] is False and mask["encoder"]["pos_embed"] is False
-  assert mask["decoder"] == {"mask_token": False, "pred": {"kernel": True}}
-  # One AdamW step with zero gradients: only decayed weights move.
-  c = vit_b_mae.get_config()
-  tx = optim.make_optimizer(c, lambda step: 1.0)
-  grads = jax.tree.map(jnp.zeros_like, params)
-  updates, _ = tx.update(grads, tx.init(params), params)
-  assert float(jnp.abs(updates["encoder"]["block0"]["attn"]["kernel"]).max()) == pytest.approx(0.05)
-  assert float(jnp.abs(updates["encoder"]["block0"]["attn"]["bias"]).max()) == 0.0
+@pytest.mark.parametrize("scan", [False, True])
+def test_weight_decay_only_on_matrices(scan):
+  from biovfm_jax.objectives import get_objective
+  from biovfm_jax.train.state import ModelSpec
+  c = tiny_config()
+  c.model.scan_layers = scan
+  c.model.layerscale_init = 1e-5
+  mesh = shd.make_mesh({"data": 1}, devices=jax.devices()[:1])
+  spec = ModelSpec(get_objective(c).init_model, 0, mesh, shd.DEFAULT_RULES)
+  flat = {"/".join(p): v for p, v in _flatten(spec.decay_mask)}
+  decayed = {k for k, v in flat.items() if v}
+  assert decayed and all(k.endswith("kernel") for k in decayed), decayed
+  assert not any(("token" in k or "bias" in k or "norm" in k) for k in decayed)
+  assert any("mask_token" in k for k in flat) and any("gamma" in k or "layerscale" in k.lower()
+                                                     for k in flat)
+  # One AdamW step with zero gradients: only decayed weights move, by lr * wd * w.
+  tx = optim.make_optimizer(c, lambda step: 1.0, spec.decay_mask)
+  params = jax.tree.map(lambda x: jnp.ones(x.shape, x.dtype), spec.abstract_params)
+  updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+  moved = {"/".join(p): round(float(jnp.abs(u).max()), 6) for p, u in _flatten(updates)}
+  assert moved == {k: (0.05 if flat[k] else 0.0) for k in moved}
+
+
+def _flatten(tree):
+  return [(tuple(str(getattr(k, "key", k)) for k in path), leaf)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
 @pytest.mark.parametrize("key,value,message", [

@@ -1,28 +1,7 @@
 """Optimiser and learning-rate schedule for pretraining (MAE recipe)."""
 from __future__ import annotations
 
-import jax
 import optax
-
-# Parameters without weight decay: biases, norm scales, tokens and learned
-# position embeddings (MAE's parameter groups: ndim <= 1 or a token/pos name).
-_NO_DECAY_NAMES = ("token", "pos_embed", "register")
-
-
-def decays(path: tuple[str, ...], leaf) -> bool:
-  if getattr(leaf, "ndim", 0) <= 1:
-    return False
-  name = "/".join(str(p) for p in path).lower()
-  return not any(n in name for n in _NO_DECAY_NAMES)
-
-
-def decay_mask(params):
-  return jax.tree_util.tree_map_with_path(
-      lambda path, leaf: decays(tuple(_key_name(k) for k in path), leaf), params)
-
-
-def _key_name(k) -> str:
-  return str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
 
 
 def peak_lr(config) -> float:
@@ -37,7 +16,8 @@ def lr_schedule(config, total_steps: int, steps_per_epoch: int) -> optax.Schedul
       decay_steps=max(total_steps, warmup + 1), end_value=config.optim.min_lr)
 
 
-def make_optimizer(config, schedule: optax.Schedule) -> optax.GradientTransformation:
+def make_optimizer(config, schedule: optax.Schedule, decay_mask) -> optax.GradientTransformation:
+  """AdamW; `decay_mask` (a tree of bools like the params) picks what decays."""
   parts = []
   if config.optim.grad_clip_norm:
     parts.append(optax.clip_by_global_norm(config.optim.grad_clip_norm))

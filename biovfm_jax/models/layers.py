@@ -1,0 +1,292 @@
+"""Transformer building blocks: linear maps, LayerNorm, attention, FFNs,
+LayerScale, drop path, and a stack of blocks (looped or scanned, optionally
+rematerialised).
+
+Every parameter is an `nnx.Param` whose `out_sharding` metadata holds logical
+axis names (see biovfm_jax/sharding.py). They are metadata only
+(eager_sharding=False): creating a model needs no mesh, and the trainer maps
+the names with `nnx.get_partition_spec` + `sharding.logical_to_mesh`.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from biovfm_jax.sharding import constrain
+
+LN_EPS = 1e-6
+
+
+def param(rngs: nnx.Rngs | None, init: Callable, shape: Sequence[int],
+          names: Sequence[str | None], dtype) -> nnx.Param:
+  """An nnx.Param carrying logical axis names as metadata only."""
+  if len(names) != len(shape):
+    raise ValueError(f"{len(names)} axis names {names} for shape {shape}")
+  key = rngs.params() if rngs is not None else jax.random.key(0)
+  # eager_sharding=False per variable (not only the global switch in
+  # models/__init__.py), because that switch is thread-local in flax.
+  return nnx.Param(init(key, tuple(shape), dtype), out_sharding=tuple(names),
+                   eager_sharding=False)
+
+
+def xavier(in_axis, out_axis):
+  # Same fans as torch's xavier_uniform_ on the equivalent nn.Linear weight.
+  return jax.nn.initializers.variance_scaling(
+      1.0, "fan_avg", "uniform", in_axis=in_axis, out_axis=out_axis)
+
+
+zeros = jax.nn.initializers.zeros
+ones = jax.nn.initializers.ones
+normal02 = jax.nn.initializers.normal(stddev=0.02)
+
+
+class Linear(nnx.Module):
+  """y = x @ W + b on the last axis; W (in, out) xavier-uniform, b zero."""
+
+  def __init__(self, din: int, dout: int, names: tuple[str | None, str | None],
+               *, param_dtype, dtype, rngs: nnx.Rngs):
+    self.dtype = dtype
+    self.kernel = param(rngs, xavier(0, 1), (din, dout), names, param_dtype)
+    self.bias = param(rngs, zeros, (dout,), names[1:], param_dtype)
+
+  def __call__(self, x):
+    y = jnp.einsum("...d,de->...e", x.astype(self.dtype),
+                   self.kernel[...].astype(self.dtype))
+    return y + self.bias[...].astype(self.dtype)
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm over the last axis; statistics and affine in float32."""
+
+  def __init__(self, dim: int, *, param_dtype, dtype, rngs: nnx.Rngs,
+               eps: float = LN_EPS):
+    self.dtype = dtype
+    self.eps = eps
+    self.scale = param(rngs, ones, (dim,), ("embed",), param_dtype)
+    self.bias = param(rngs, zeros, (dim,), ("embed",), param_dtype)
+
+  def __call__(self, x):
+    x = x.astype(jnp.float32)
+    mean = x.mean(-1, keepdims=True)
+    var = jnp.square(x - mean).mean(-1, keepdims=True)
+    y = (x - mean) * jax.lax.rsqrt(var + self.eps)
+    y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+    return y.astype(self.dtype)
+
+
+class Attention(nnx.Module):
+  """Multi-head self-attention with a fused qkv projection.
+
+  qkv kernel (embed, 3, heads, kv) so it shards over heads; its bias is kept
+  flat (3*width,) like every bias, so a "no decay on ndim<=1" rule catches it
+  (it is tiny and replicated).
+  """
+
+  def __init__(self, width: int, num_heads: int, *, param_dtype, dtype,
+               attention_impl, rngs: nnx.Rngs):
+    head_dim = width // num_heads
+    self.dtype = dtype
+    self.attention_impl = attention_impl
+    self.num_heads = num_heads
+    # Fans as torch nn.Linear(width, 3*width) and nn.Linear(width, width).
+    self.qkv_kernel = param(rngs, xavier(0, (1, 2, 3)),
+                            (width, 3, num_heads, head_dim),
+                            ("embed", None, "heads", "kv"), param_dtype)
+    self.qkv_bias = param(rngs, zeros, (3 * width,), (None,), param_dtype)
+    self.proj_kernel = param(rngs, xavier((0, 1), 2), (num_heads, head_dim, width),
+                             ("heads", "kv", "embed"), param_dtype)
+    self.proj_bias = param(rngs, zeros, (width,), ("embed",), param_dtype)
+
+  def __call__(self, x):
+    qkv = jnp.einsum("btd,dshk->btshk", x.astype(self.dtype),
+                     self.qkv_kernel[...].astype(self.dtype))
+    qkv = qkv + self.qkv_bias[...].astype(self.dtype).reshape(qkv.shape[2:])
+    names = ("batch", "length", "act_heads", None)
+    q, k, v = (constrain(qkv[:, :, i], names) for i in range(3))
+    # Softmax is computed in float32 by jax for any input dtype.
+    o = jax.nn.dot_product_attention(q, k, v, implementation=self.attention_impl)
+    o = constrain(o, names)
+    y = jnp.einsum("bthk,hkd->btd", o, self.proj_kernel[...].astype(self.dtype))
+    return y + self.proj_bias[...].astype(self.dtype)
+
+
+class Mlp(nnx.Module):
+  """fc1 -> exact GELU -> fc2."""
+
+  def __init__(self, width: int, hidden: int, *, param_dtype, dtype, rngs):
+    self.fc1 = Linear(width, hidden, ("embed", "mlp"), param_dtype=param_dtype,
+                      dtype=dtype, rngs=rngs)
+    self.fc2 = Linear(hidden, width, ("mlp", "embed"), param_dtype=param_dtype,
+                      dtype=dtype, rngs=rngs)
+
+  def __call__(self, x):
+    h = jax.nn.gelu(self.fc1(x), approximate=False)
+    h = constrain(h, ("batch", "length", "act_mlp"))
+    return self.fc2(h)
+
+
+class SwiGLU(nnx.Module):
+  """DINOv2's fused SwiGLU FFN: w12 (width -> 2*hidden), silu(x1)*x2, w3."""
+
+  def __init__(self, width: int, hidden: int, *, param_dtype, dtype, rngs):
+    self.dtype = dtype
+    # Kernel (embed, 2, mlp) so both halves shard over mlp alike; fans as
+    # torch nn.Linear(width, 2*hidden).
+    self.w12_kernel = param(rngs, xavier(0, (1, 2)), (width, 2, hidden),
+                            ("embed", None, "mlp"), param_dtype)
+    self.w12_bias = param(rngs, zeros, (2 * hidden,), (None,), param_dtype)
+    self.w3 = Linear(hidden, width, ("mlp", "embed"), param_dtype=param_dtype,
+                     dtype=dtype, rngs=rngs)
+
+  def __call__(self, x):
+    h = jnp.einsum("btd,dsm->btsm", x.astype(self.dtype),
+                   self.w12_kernel[...].astype(self.dtype))
+    h = h + self.w12_bias[...].astype(self.dtype).reshape(h.shape[2:])
+    h = jax.nn.silu(h[:, :, 0]) * h[:, :, 1]
+    h = constrain(h, ("batch", "length", "act_mlp"))
+    return self.w3(h)
+
+
+class LayerScale(nnx.Module):
+
+  def __init__(self, width: int, init_value: float, *, param_dtype, rngs):
+    self.gamma = param(rngs, jax.nn.initializers.constant(init_value), (width,),
+                       ("embed",), param_dtype)
+
+  def __call__(self, x):
+    return x * self.gamma[...].astype(x.dtype)
+
+
+def drop_path(x: jax.Array, rate: float, key: jax.Array | None,
+              deterministic: bool) -> jax.Array:
+  """Per-sample stochastic depth on a residual branch (B, ...)."""
+  if deterministic or rate == 0.0:
+    return x
+  if key is None:
+    raise ValueError("drop path with deterministic=False needs an rng key")
+  keep = 1.0 - rate
+  shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+  mask = jax.random.bernoulli(key, keep, shape)
+  return jnp.where(mask, x / keep, 0).astype(x.dtype)
+
+
+class Block(nnx.Module):
+  """Pre-LN transformer block: x + DP(LS(attn(LN(x)))), x + DP(LS(ffn(LN(x))))."""
+
+  def __init__(self, cfg, *, rngs: nnx.Rngs):
+    dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    self.drop_path_rate = float(cfg.drop_path_rate)
+    self.norm1 = LayerNorm(cfg.width, param_dtype=pdt, dtype=dt, rngs=rngs)
+    self.attn = Attention(cfg.width, cfg.num_heads, param_dtype=pdt, dtype=dt,
+                          attention_impl=cfg.attention_impl, rngs=rngs)
+    self.norm2 = LayerNorm(cfg.width, param_dtype=pdt, dtype=dt, rngs=rngs)
+    ffn = SwiGLU if cfg.ffn == "swiglu" else Mlp
+    self.mlp = ffn(cfg.width, cfg.mlp_dim, param_dtype=pdt, dtype=dt, rngs=rngs)
+    if cfg.layerscale_init is not None:
+      self.ls1 = LayerScale(cfg.width, cfg.layerscale_init, param_dtype=pdt, rngs=rngs)
+      self.ls2 = LayerScale(cfg.width, cfg.layerscale_init, param_dtype=pdt, rngs=rngs)
+    else:
+      self.ls1 = self.ls2 = None
+
+  def __call__(self, x, key=None, deterministic=True):
+    k1 = k2 = None
+    if key is not None:
+      k1, k2 = jax.random.split(key)
+    act = ("batch", "length", "act_embed")
+    h = self.attn(self.norm1(x))
+    if self.ls1 is not None:
+      h = self.ls1(h)
+    x = constrain(x + drop_path(h, self.drop_path_rate, k1, deterministic), act)
+    h = self.mlp(self.norm2(x))
+    if self.ls2 is not None:
+      h = self.ls2(h)
+    return constrain(x + drop_path(h, self.drop_path_rate, k2, deterministic), act)
+
+
+# Names accepted for ViTConfig.remat_policy.
+REMAT_POLICIES = ("none", "full", "dots_saveable", "nothing_saveable",
+                  "everything_saveable", "dots_with_no_batch_dims_saveable",
+                  "checkpoint_dots", "checkpoint_dots_with_no_batch_dims")
+
+
+def remat_policy(name: str):
+  """'none' -> None (no remat); 'full' -> save nothing but the block inputs;
+  any other name -> jax.checkpoint_policies.<name>."""
+  if name == "none":
+    return None
+  if name == "full":
+    return jax.checkpoint_policies.nothing_saveable
+  return getattr(jax.checkpoint_policies, name)
+
+
+class BlockStack(nnx.Module):
+  """`depth` blocks, applied in a Python loop or with jax.lax.scan over
+  stacked parameters (leading 'layers' axis).
+
+  Both modes initialise block i from the same key (split of one params key),
+  so a scanned and a looped stack built from the same seed hold the same
+  weights. Drop-path keys are fold_in(rng, layer index).
+  """
+
+  def __init__(self, cfg, *, rngs: nnx.Rngs):
+    self.depth = cfg.depth
+    self.scan = bool(cfg.scan_layers)
+    self.remat_policy = cfg.remat_policy
+    keys = jax.random.split(rngs.params(), cfg.depth)
+    make = lambda k: Block(cfg, rngs=nnx.Rngs(params=k))
+    if self.scan:
+      self.layers = nnx.vmap(
+          make, transform_metadata={nnx.PARTITION_NAME: "layers"})(keys)
+    else:
+      self.layers = nnx.List([make(keys[i]) for i in range(cfg.depth)])
+
+  def __call__(self, x, *, rng=None, deterministic=True):
+    need_keys = not deterministic and rng is not None
+
+    def apply(graphdef, state, x, i):
+      block = nnx.merge(graphdef, state)
+      key = jax.random.fold_in(rng, i) if need_keys else None
+      return block(x, key, deterministic)
+
+    if self.remat_policy != "none":
+      apply = jax.checkpoint(apply, policy=remat_policy(self.remat_policy),
+                             static_argnums=(0,))
+
+    if self.scan:
+      graphdef, state = nnx.split(self.layers)
+
+      def body(x, xs):
+        layer_state, i = xs
+        return apply(graphdef, layer_state, x, i), None
+
+      x, _ = jax.lax.scan(body, x, (state, jnp.arange(self.depth)))
+      return x
+
+    for i, block in enumerate(self.layers):
+      if self.remat_policy == "none":
+        key = jax.random.fold_in(rng, i) if need_keys else None
+        x = block(x, key, deterministic)
+      else:
+        graphdef, state = nnx.split(block)
+        x = apply(graphdef, state, x, i)
+    return x
+
+
+def no_decay(path: tuple, param) -> bool:
+  """True for parameters that get no weight decay: biases, norm scales,
+  LayerScale gammas (one axis besides a scanned 'layers' axis), tokens and
+  position embeddings. `param` is an nnx.Variable (its logical names tell a
+  stacked 'layers' axis apart) or an array."""
+  name = "/".join(str(k) for k in path)
+  if any(s in name for s in ("token", "pos_embed", "register")):
+    return True
+  value = param.get_value() if isinstance(param, nnx.Variable) else param
+  ndim = len(value.shape)
+  if isinstance(param, nnx.Variable):
+    names = param.get_metadata().get("out_sharding") or ()
+    if names and names[0] == "layers":
+      ndim -= 1
+  return ndim <= 1

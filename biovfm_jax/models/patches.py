@@ -1,0 +1,88 @@
+"""Pure array helpers shared by the models and the objectives: patches,
+fixed sin-cos position tables and random masking."""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def patchify(images: jax.Array, p: int) -> jax.Array:
+  """(B, H, W, C) -> (B, N, p*p*C).
+
+  Patches are numbered row-major over the grid and each patch is flattened
+  in (row-in-patch, column-in-patch, channel) order: the reference MAE's
+  'nchpwq->nhwpqc'. The patch-embedding kernel uses the same order.
+  """
+  b, h, w, c = images.shape
+  if h % p or w % p:
+    raise ValueError(f"image size {h}x{w} is not divisible by patch size {p}")
+  gh, gw = h // p, w // p
+  x = images.reshape(b, gh, p, gw, p, c)
+  x = x.transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, gh * gw, p * p * c)
+
+
+def unpatchify(patches: jax.Array, p: int, grid: tuple[int, int] | None = None,
+               channels: int = 3) -> jax.Array:
+  """(B, N, p*p*C) -> (B, H, W, C); the inverse of `patchify`.
+
+  `grid` is (rows, cols) of patches; square when omitted.
+  """
+  b, n, d = patches.shape
+  if d != p * p * channels:
+    raise ValueError(f"patch dim {d} != {p}*{p}*{channels}")
+  if grid is None:
+    g = int(round(n ** 0.5))
+    if g * g != n:
+      raise ValueError(f"{n} patches do not form a square grid; pass grid=")
+    grid = (g, g)
+  gh, gw = grid
+  x = patches.reshape(b, gh, gw, p, p, channels)
+  x = x.transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, gh * p, gw * p, channels)
+
+
+@functools.lru_cache(maxsize=32)
+def sincos_2d(width: int, grid_h: int, grid_w: int) -> np.ndarray:
+  """Fixed 2D sin-cos position table, (grid_h*grid_w, width) float32.
+
+  Same values as the reference MAE table (without its cls row): the first
+  half of the channels encodes the column, the second half the row; each
+  half is [sin(pos*w_k), cos(pos*w_k)] with w_k = 10000^(-k/(width/4)).
+  """
+  if width % 4:
+    raise ValueError(f"sin-cos position embedding needs width % 4 == 0, got {width}")
+  quarter = width // 4
+  omega = 1.0 / 10000 ** (np.arange(quarter, dtype=np.float64) / quarter)
+  rows, cols = np.meshgrid(np.arange(grid_h, dtype=np.float64),
+                           np.arange(grid_w, dtype=np.float64), indexing="ij")
+  cols = np.outer(cols.reshape(-1), omega)
+  rows = np.outer(rows.reshape(-1), omega)
+  table = np.concatenate([np.sin(cols), np.cos(cols), np.sin(rows), np.cos(rows)],
+                         axis=1)
+  table = table.astype(np.float32)
+  table.setflags(write=False)  # cached: callers must not modify it
+  return table
+
+
+def random_masking(noise: jax.Array, mask_ratio: float):
+  """Per-sample random masking from a noise array (B, N), as the MAE reference.
+
+  Patches are ranked by ascending noise and the first
+  int(N * (1 - mask_ratio)) are kept.
+  Returns (keep_idx (B, n_keep) int32, mask (B, N) float32 with 1 = masked,
+  restore_idx (B, N) int32: position of each patch in the shuffled order, so
+  gathering [kept tokens, mask tokens] with it restores patch order).
+  """
+  n = noise.shape[1]
+  n_keep = int(n * (1 - mask_ratio))
+  shuffle = jnp.argsort(noise, axis=1).astype(jnp.int32)
+  restore = jnp.argsort(shuffle, axis=1).astype(jnp.int32)
+  keep = shuffle[:, :n_keep]
+  shuffled_mask = (jnp.arange(n) >= n_keep).astype(jnp.float32)
+  mask = jnp.take_along_axis(
+      jnp.broadcast_to(shuffled_mask, noise.shape), restore, axis=1)
+  return keep, mask, restore

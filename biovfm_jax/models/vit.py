@@ -1,0 +1,265 @@
+"""Vision Transformer encoder (pre-LN, as MAE/DINOv2 use it) and its config."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from biovfm_jax.models import layers
+from biovfm_jax.models.patches import patchify, sincos_2d
+from biovfm_jax.sharding import constrain
+
+_ACT = ("batch", "length", "act_embed")
+
+
+def swiglu_hidden(width: int, mlp_ratio: float = 4.0) -> int:
+  """DINOv2's SwiGLU hidden size: 2/3 of the MLP hidden, rounded up to 8."""
+  hidden = int(width * mlp_ratio * 2 / 3)
+  return (hidden + 7) // 8 * 8
+
+
+# mlp_dim is the FFN hidden size actually used: 4*width for 'mlp', and the
+# DINOv2 SwiGLU size (swiglu_hidden) for 'swiglu'.
+VIT_SIZES: dict[str, dict[str, Any]] = {
+    "T": dict(width=192, depth=12, num_heads=3, mlp_dim=768),
+    "S": dict(width=384, depth=12, num_heads=6, mlp_dim=1536),
+    "B": dict(width=768, depth=12, num_heads=12, mlp_dim=3072),
+    "L": dict(width=1024, depth=24, num_heads=16, mlp_dim=4096),
+    # DINOv2 variant of H: ffn='swiglu' (mlp_dim then defaults to 3416).
+    "H": dict(width=1280, depth=32, num_heads=16, mlp_dim=5120, patch_size=14),
+    "g": dict(width=1536, depth=40, num_heads=24, mlp_dim=4096, patch_size=14,
+              ffn="swiglu"),
+}
+
+_POS_EMBEDS = ("sincos", "learned")
+_FFNS = ("mlp", "swiglu")
+_ATTENTION_IMPLS = ("xla", "cudnn", None)
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTConfig:
+  """Architecture and numerics of a ViT. Validated on construction; error
+  messages name the config key (config.model.<field>)."""
+  width: int
+  depth: int
+  num_heads: int
+  mlp_dim: int
+  patch_size: int = 16
+  image_size: int = 224
+  in_channels: int = 3
+  pos_embed: str = "sincos"          # 'sincos' (fixed, not a Param) | 'learned'
+  class_token: bool = True
+  num_registers: int = 0
+  layerscale_init: float | None = None
+  drop_path_rate: float = 0.0        # same rate in every block (DINOv2 uniform)
+  ffn: str = "mlp"                   # 'mlp' (GELU) | 'swiglu' (DINOv2 fused)
+  dtype: str = "float32"             # compute dtype
+  param_dtype: str = "float32"
+  attention_impl: str | None = "xla"  # jax.nn.dot_product_attention(implementation=)
+  remat_policy: str = "none"         # see layers.REMAT_POLICIES
+  scan_layers: bool = False
+
+  def __post_init__(self):
+    def bad(key, msg):
+      raise ValueError(f"config.model.{key}={getattr(self, key)!r} {msg}")
+
+    for key in ("width", "depth", "num_heads", "mlp_dim", "patch_size",
+                "image_size", "in_channels"):
+      v = getattr(self, key)
+      if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+        bad(key, "must be a positive integer")
+    if self.image_size % self.patch_size:
+      bad("image_size", f"is not divisible by config.model.patch_size="
+          f"{self.patch_size}")
+    if self.width % self.num_heads:
+      bad("width", f"is not divisible by config.model.num_heads={self.num_heads}")
+    if self.pos_embed not in _POS_EMBEDS:
+      bad("pos_embed", f"must be one of {_POS_EMBEDS}")
+    if self.pos_embed == "sincos" and self.width % 4:
+      bad("width", "must be divisible by 4 for the sin-cos position embedding")
+    if self.ffn not in _FFNS:
+      bad("ffn", f"must be one of {_FFNS}")
+    if self.num_registers < 0:
+      bad("num_registers", "must be >= 0")
+    if not 0.0 <= self.drop_path_rate < 1.0:
+      bad("drop_path_rate", "must be in [0, 1)")
+    if self.attention_impl not in _ATTENTION_IMPLS:
+      bad("attention_impl", f"must be one of {_ATTENTION_IMPLS}")
+    if self.remat_policy not in layers.REMAT_POLICIES:
+      bad("remat_policy", f"must be one of {layers.REMAT_POLICIES}")
+    for key in ("dtype", "param_dtype"):
+      try:
+        dt = jnp.dtype(getattr(self, key))
+      except TypeError:
+        bad(key, "is not a dtype name")
+      if not jnp.issubdtype(dt, jnp.floating):
+        bad(key, "must be a floating dtype")
+
+  @property
+  def grid_size(self) -> int:
+    return self.image_size // self.patch_size
+
+  @property
+  def num_patches(self) -> int:
+    return self.grid_size ** 2
+
+  @property
+  def num_prefix_tokens(self) -> int:
+    return int(self.class_token) + self.num_registers
+
+
+_FIELDS = tuple(f.name for f in dataclasses.fields(ViTConfig))
+
+
+def vit_config(size: str | None = None, **overrides) -> ViTConfig:
+  """ViTConfig from a size name ('T','S','B','L','H','g') plus overrides.
+
+  Overrides that are None are ignored (taken from the size). With size=None,
+  width, depth and num_heads are required. When mlp_dim is not given but
+  width or ffn differ from the size's, mlp_dim follows the ffn rule
+  (4*width, or swiglu_hidden(width) for 'swiglu').
+  """
+  overrides = {k: v for k, v in overrides.items() if v is not None}
+  unknown = sorted(set(overrides) - set(_FIELDS))
+  if unknown:
+    raise ValueError(f"unknown config.model keys {unknown}; known: {_FIELDS}")
+  if size is None:
+    base = {}
+  elif size in VIT_SIZES:
+    base = dict(VIT_SIZES[size])
+  else:
+    raise ValueError(f"config.model.size={size!r} is not one of "
+                     f"{sorted(VIT_SIZES)} (or None)")
+  merged = {**base, **overrides}
+  for key in ("width", "depth", "num_heads"):
+    if key not in merged:
+      raise ValueError(f"config.model.{key} is required when config.model.size "
+                       "is None")
+  if "mlp_dim" not in overrides and (
+      "mlp_dim" not in base or merged["width"] != base.get("width")
+      or merged.get("ffn", "mlp") != base.get("ffn", "mlp")):
+    w = merged["width"]
+    merged["mlp_dim"] = (swiglu_hidden(w) if merged.get("ffn", "mlp") == "swiglu"
+                         else 4 * w)
+  return ViTConfig(**merged)
+
+
+def vit_config_from(cfg) -> ViTConfig:
+  """ViTConfig from a ConfigDict (or mapping) `config.model`: key `size` plus
+  any ViTConfig field; None means "take it from size"."""
+  d = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
+  size = d.pop("size", None)
+  return vit_config(size, **d)
+
+
+def _interp_pos(table: jax.Array, src: tuple[int, int], dst: tuple[int, int]):
+  """Resizes a learned (h*w, D) position table to another grid (bicubic)."""
+  if src == dst:
+    return table
+  grid = table.reshape(src[0], src[1], -1).astype(jnp.float32)
+  grid = jax.image.resize(grid, (dst[0], dst[1], grid.shape[-1]), "bicubic")
+  return grid.reshape(dst[0] * dst[1], -1)
+
+
+class VisionTransformer(nnx.Module):
+  """ViT encoder: patch embedding, [cls, registers, patches], pre-LN blocks,
+  final LayerNorm. Token order is DINOv2's: cls, registers, then patches.
+  """
+
+  def __init__(self, config: ViTConfig, *, rngs: nnx.Rngs):
+    cfg = config
+    self.config = cfg
+    pdt = jnp.dtype(cfg.param_dtype)
+    self.dtype = jnp.dtype(cfg.dtype)
+    p, c, d = cfg.patch_size, cfg.in_channels, cfg.width
+    # A linear map on (p, q, c)-flattened patches == a stride-p conv; the
+    # xavier fans are those of the flattened conv kernel, as in MAE.
+    self.patch_embed = layers.Linear(p * p * c, d, ("patch", "embed"),
+                                     param_dtype=pdt, dtype=self.dtype, rngs=rngs)
+    self.cls_token = (layers.param(rngs, layers.normal02, (d,), ("embed",), pdt)
+                      if cfg.class_token else None)
+    self.register_tokens = (
+        layers.param(rngs, layers.normal02, (cfg.num_registers, d),
+                     (None, "embed"), pdt) if cfg.num_registers else None)
+    if cfg.pos_embed == "learned":
+      # Includes a cls slot when there is a cls token (DINOv2 layout).
+      n = cfg.num_patches + int(cfg.class_token)
+      self.pos_embed = layers.param(rngs, layers.normal02, (n, d), (None, "embed"), pdt)
+    else:
+      self.pos_embed = None  # fixed sin-cos, computed from the grid
+    self.blocks = layers.BlockStack(cfg, rngs=rngs)
+    self.norm = layers.LayerNorm(d, param_dtype=pdt, dtype=self.dtype, rngs=rngs)
+
+  @property
+  def num_prefix_tokens(self) -> int:
+    """Tokens before the patch tokens in encode_tokens' output."""
+    return self.config.num_prefix_tokens
+
+  def patch_pos_embed(self, grid: tuple[int, int]) -> jax.Array:
+    """(gh*gw, D) position embedding of the patch tokens for a grid."""
+    cfg = self.config
+    if self.pos_embed is None:
+      return jnp.asarray(sincos_2d(cfg.width, *grid))
+    table = self.pos_embed[...][int(cfg.class_token):]
+    return _interp_pos(table, (cfg.grid_size, cfg.grid_size), tuple(grid))
+
+  def embed_patches(self, images: jax.Array) -> jax.Array:
+    """(B, H, W, C) float images -> (B, N, D) patch tokens + position embedding.
+
+    Any H, W divisible by the patch size work: sin-cos tables are computed
+    for the grid, learned tables are resized.
+    """
+    cfg = self.config
+    if images.ndim != 4 or images.shape[-1] != cfg.in_channels:
+      raise ValueError(f"expected NHWC images with {cfg.in_channels} channels, "
+                       f"got shape {images.shape}")
+    p = cfg.patch_size
+    grid = (images.shape[1] // p, images.shape[2] // p)
+    x = patchify(images, p)
+    x = constrain(x, ("batch", "length", None))
+    x = self.patch_embed(x)
+    x = x + self.patch_pos_embed(grid).astype(self.dtype)
+    return constrain(x, _ACT)
+
+  def prefix_tokens(self, batch: int) -> jax.Array | None:
+    """(B, num_prefix_tokens, D) cls (+ its position) and registers."""
+    cfg = self.config
+    parts = []
+    if self.cls_token is not None:
+      cls = self.cls_token[...].astype(self.dtype)
+      if self.pos_embed is not None:
+        cls = cls + self.pos_embed[...][0].astype(self.dtype)
+      # Sin-cos: the cls position is zero, as in MAE.
+      parts.append(jnp.broadcast_to(cls, (batch, 1, cfg.width)))
+    if self.register_tokens is not None:
+      reg = self.register_tokens[...].astype(self.dtype)
+      parts.append(jnp.broadcast_to(reg, (batch,) + reg.shape))
+    return jnp.concatenate(parts, axis=1) if parts else None
+
+  def encode_tokens(self, tokens: jax.Array, *, rng: jax.Array | None = None,
+                    deterministic: bool = True) -> jax.Array:
+    """(B, n, D) embedded patch tokens (any subset) -> (B, prefix + n, D):
+    prepends cls/registers, runs the blocks and the final norm.
+
+    `rng` drives drop path (layer i uses fold_in(rng, i)); it is only needed
+    when deterministic=False and drop_path_rate > 0.
+    """
+    prefix = self.prefix_tokens(tokens.shape[0])
+    x = tokens.astype(self.dtype)
+    if prefix is not None:
+      x = jnp.concatenate([prefix, x], axis=1)
+    x = constrain(x, _ACT)
+    if (not deterministic and self.config.drop_path_rate > 0 and rng is None):
+      raise ValueError("deterministic=False with drop_path_rate > 0 needs rng")
+    x = self.blocks(x, rng=rng, deterministic=deterministic)
+    return constrain(self.norm(x), _ACT)
+
+  def __call__(self, images: jax.Array, *, rng: jax.Array | None = None,
+               deterministic: bool = True) -> jax.Array:
+    """(B, H, W, C) -> (B, num_prefix_tokens + N, D) normalised tokens."""
+    return self.encode_tokens(self.embed_patches(images), rng=rng,
+                              deterministic=deterministic)
