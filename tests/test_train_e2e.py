@@ -116,3 +116,17 @@ def test_bad_config_key_fails_before_compiling(tmp_path):
   res = run_main(tmp_path / "w", "--config.batch_size=12", "--config.mesh.data=8", devices=8)
   assert res.returncode == 2
   assert "config.batch_size=12" in res.stderr and "First step" not in res.stderr
+
+
+@pytest.mark.slow
+def test_vit_l_mae_config_runs_a_step_on_cpu(tmp_path):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+             JAX_PLATFORMS="cpu")
+  res = subprocess.run(
+      [sys.executable, "main.py", "--config=configs/vit_l_mae.py", f"--workdir={tmp_path}",
+       "--config.data.shards=mini", "--config.batch_size=2", "--config.num_train_steps=1"],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+  assert res.returncode == 0, res.stderr[-3000:]
+  assert "329,239,296 parameters" in res.stderr
+  loss = losses(tmp_path)[1]
+  assert 0.5 < loss < 5, loss  # norm-pix MSE of an untrained model is near 1-2
