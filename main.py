@@ -31,7 +31,7 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
   import jax  # after absl parsed flags: lets XLA_FLAGS / JAX_* env settle first
-  from biovfm_jax.train.loop import train
+  from biovfm_jax.train.loop import NonFiniteLossError, train
 
   handler = logging.get_absl_handler()
   handler.setFormatter(pylogging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
@@ -45,6 +45,9 @@ def main(argv):
       logging.error("Bad config: %s", e)
       sys.exit(2)
     raise
+  except NonFiniteLossError as e:
+    logging.error("%s", e)
+    sys.exit(3)
 
 
 if __name__ == "__main__":
