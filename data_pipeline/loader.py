@@ -12,6 +12,13 @@ process count that divides G.
 A record that does not decode is replaced by the next record index (up to
 MAX_SKIP tries); the example's `skipped` counts the replacements so the trainer
 can log them.
+
+`data_cfg.crops` picks the per-example transform; the positions, skipping and
+batching above are the same for both:
+  "single"    (MAE) one random resized crop: {"image", "skipped"}
+  "multicrop" (DINOv2) two global and n local crops and the iBOT masks of the
+              global crops (see data_pipeline/multicrop.py):
+              {"global_crops", "local_crops", "masks", "skipped"}
 """
 from __future__ import annotations
 
@@ -20,7 +27,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from data_pipeline import transforms
+from data_pipeline import multicrop, transforms
 from data_pipeline.records import CorruptRecordError
 from data_pipeline.shards import resolve_shards
 
@@ -32,10 +39,22 @@ _ENDLESS_STEPS = 1 << 40
 DEFAULTS = {
     "shards": "mini",
     "cache_dir": None,
+    "crops": "single",
+    # crops == "single"
     "image_size": 224,
     "crop_scale": (0.2, 1.0),
     "crop_ratio": (3 / 4, 4 / 3),
     "hflip": True,
+    # crops == "multicrop" (the DINOv2 defaults; local 98 goes with patch 14)
+    "global_crop_size": 224,
+    "global_crop_scale": (0.32, 1.0),
+    "local_crop_size": 96,
+    "local_crop_scale": (0.05, 0.32),
+    "num_local_crops": 8,
+    "mask_probability": 0.5,
+    "mask_ratio": (0.1, 0.5),
+    "patch_size": 16,  # the mask grid is global_crop_size // patch_size square
+    # both
     "mean": transforms.IMAGENET_MEAN,
     "std": transforms.IMAGENET_STD,
     "num_workers": 0,
@@ -63,15 +82,16 @@ def record_index(e: int, seed: int, n: int) -> int:
                                               seed=epoch_seed(seed, epoch), rounds=4))
 
 
-class PretrainExample:
-  """Global example position -> {"image": float32 (S, S, 3), "skipped": int32}.
+class _Example:
+  """Global example position -> dict of arrays plus "skipped": int32.
 
-  Picklable (grain ships it to worker processes); the ArrayRecord readers are
-  opened lazily in each process.
+  Holds what every crop mode shares: the records, which record a position
+  reads, corrupt-record skipping and the example's generator; subclasses only
+  say how the pixels become arrays (`transform`). Picklable (grain ships it to
+  worker processes); the ArrayRecord readers are opened lazily in each process.
   """
 
-  def __init__(self, paths: list[str], spec: str, seed: int, *, image_size: int,
-               crop_scale, crop_ratio, hflip: bool, mean, std):
+  def __init__(self, paths: list[str], spec: str, seed: int):
     self.source = grain.sources.ArrayRecordDataSource(paths)
     self.num_records = len(self.source)
     if self.num_records == 0:
@@ -79,12 +99,6 @@ class PretrainExample:
     if self.num_records >= 2**32:
       raise ValueError("more than 2**32 records: index_shuffle takes 32-bit indices")
     self.spec, self.seed = spec, seed
-    self.image_size = int(image_size)
-    self.crop_scale = tuple(float(x) for x in crop_scale)
-    self.crop_ratio = tuple(float(x) for x in crop_ratio)
-    self.hflip = bool(hflip)
-    self.mean = tuple(float(x) for x in mean)
-    self.std = tuple(float(x) for x in std)
 
   def read(self, e: int) -> tuple[np.ndarray, int]:
     """Pixels of example `e`, and how many corrupt records were skipped."""
@@ -101,15 +115,70 @@ class PretrainExample:
         f"shard spec {self.spec!r}: none of {tries} consecutive records from index "
         f"{start} of {self.num_records} decodes (last error: {errors[-1]})")
 
+  def transform(self, pixels: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    raise NotImplementedError
+
   def __call__(self, e: int) -> dict[str, np.ndarray]:
     pixels, skipped = self.read(int(e))
-    rng = np.random.default_rng([self.seed, int(e)])
+    out = self.transform(pixels, np.random.default_rng([self.seed, int(e)]))
+    out["skipped"] = np.int32(skipped)
+    return out
+
+
+class PretrainExample(_Example):
+  """One random resized crop (MAE): {"image": float32 (S, S, 3), "skipped"}."""
+
+  def __init__(self, paths: list[str], spec: str, seed: int, *, image_size: int,
+               crop_scale, crop_ratio, hflip: bool, mean, std):
+    super().__init__(paths, spec, seed)
+    self.image_size = int(image_size)
+    self.crop_scale = tuple(float(x) for x in crop_scale)
+    self.crop_ratio = tuple(float(x) for x in crop_ratio)
+    self.hflip = bool(hflip)
+    self.mean = tuple(float(x) for x in mean)
+    self.std = tuple(float(x) for x in std)
+
+  def transform(self, pixels, rng):
     img = transforms.random_resized_crop(transforms.to_rgb(pixels), self.image_size,
                                          self.crop_scale, self.crop_ratio, rng=rng)
     if self.hflip:
       img = transforms.random_hflip(img, rng)
-    return {"image": transforms.normalize(img, self.mean, self.std),
-            "skipped": np.int32(skipped)}
+    return {"image": transforms.normalize(img, self.mean, self.std)}
+
+
+class MultiCropExample(_Example):
+  """DINOv2 views (see multicrop.MultiCrop, which takes the keyword arguments):
+  {"global_crops": float32 (2, G, G, 3), "local_crops": float32 (n, l, l, 3),
+   "masks": bool (2, (G // patch)**2), "skipped"}."""
+
+  def __init__(self, paths: list[str], spec: str, seed: int, **crop_kwargs):
+    super().__init__(paths, spec, seed)
+    self.views = multicrop.MultiCrop(**crop_kwargs)
+
+  def transform(self, pixels, rng):
+    return self.views(pixels, rng)
+
+
+_MULTICROP_FIELDS = ("global_crop_size", "global_crop_scale", "local_crop_size",
+                     "local_crop_scale", "num_local_crops", "mask_probability",
+                     "mask_ratio", "patch_size", "mean", "std")
+
+
+def make_example(data_cfg: Any, seed: int) -> _Example:
+  """The per-example function that `data_cfg.crops` asks for."""
+  spec = _cfg(data_cfg, "shards")
+  paths = resolve_shards(spec, _cfg(data_cfg, "cache_dir"))
+  crops = _cfg(data_cfg, "crops")
+  if crops == "single":
+    return PretrainExample(
+        paths, str(spec), int(seed), image_size=_cfg(data_cfg, "image_size"),
+        crop_scale=_cfg(data_cfg, "crop_scale"), crop_ratio=_cfg(data_cfg, "crop_ratio"),
+        hflip=_cfg(data_cfg, "hflip"), mean=_cfg(data_cfg, "mean"),
+        std=_cfg(data_cfg, "std"))
+  if crops == "multicrop":
+    return MultiCropExample(paths, str(spec), int(seed),
+                            **{k: _cfg(data_cfg, k) for k in _MULTICROP_FIELDS})
+  raise ValueError(f"data.crops must be 'single' or 'multicrop', got {crops!r}")
 
 
 class _GlobalPosition:
@@ -135,8 +204,13 @@ def num_records(data_cfg: Any) -> int:
 def make_pretrain_loader(data_cfg: Any, *, global_batch_size: int, seed: int,
                          start_step: int = 0, process_index: int | None = None,
                          process_count: int | None = None):
-  """Returns an iterator of per-process batches dicts:
-  {"image": float32 (L, S, S, 3), "skipped": int32 (L,)}, L = G / process_count.
+  """Returns an iterator of per-process batch dicts, L = G / process_count:
+  crops "single":    {"image": float32 (L, S, S, 3), "skipped": int32 (L,)}
+  crops "multicrop": {"global_crops": float32 (L, 2, G, G, 3),
+                      "local_crops": float32 (L, n_local, l, l, 3),
+                      "masks": bool (L, 2, (G // patch_size)**2),
+                      "skipped": int32 (L,)}
+  Shapes are the same every step.
 
   The first batch is global step `start_step`. process_index and process_count
   default to jax's. Close the iterator (`it.close()`) when done if it uses
@@ -155,13 +229,7 @@ def make_pretrain_loader(data_cfg: Any, *, global_batch_size: int, seed: int,
   if seed < 0 or start_step < 0:
     raise ValueError(f"seed and start_step must be >= 0, got {seed}, {start_step}")
   local_batch = global_batch_size // process_count
-
-  spec = _cfg(data_cfg, "shards")
-  paths = resolve_shards(spec, _cfg(data_cfg, "cache_dir"))
-  example = PretrainExample(
-      paths, str(spec), int(seed), image_size=_cfg(data_cfg, "image_size"),
-      crop_scale=_cfg(data_cfg, "crop_scale"), crop_ratio=_cfg(data_cfg, "crop_ratio"),
-      hflip=_cfg(data_cfg, "hflip"), mean=_cfg(data_cfg, "mean"), std=_cfg(data_cfg, "std"))
+  example = make_example(data_cfg, seed)
 
   ds = (grain.MapDataset.range(_ENDLESS_STEPS * local_batch)
         .map(_GlobalPosition(start_step, global_batch_size, local_batch, process_index))

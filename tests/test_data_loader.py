@@ -10,24 +10,9 @@ import pytest
 from array_record.python.array_record_module import ArrayRecordWriter
 from PIL import Image
 
-from data_pipeline import loader, records, shards, transforms
+from data_pipeline import loader, records, transforms
 
 N = 40
-
-
-@pytest.fixture(scope="module")
-def shard_dir(tmp_path_factory):
-  """40 records of varied size, grey and colour, in three shards."""
-  rng = np.random.default_rng(0)
-  recs = []
-  for i in range(N):
-    h, w = int(rng.integers(40, 90)), int(rng.integers(40, 90))
-    shape = (h, w, 3) if i % 2 else (h, w)
-    recs.append(records.make_record(rng.integers(0, 256, shape, dtype=np.uint8),
-                                    {"source": "synthetic", "modality": "CT", "index": i}))
-  out = tmp_path_factory.mktemp("shards")
-  shards.write_shards(recs, out, "t", records_per_shard=16)
-  return str(out)
 
 
 def cfg(spec, **kw):
@@ -173,7 +158,11 @@ def test_default_process_index_comes_from_jax(shard_dir):
   np.testing.assert_array_equal(a[0]["image"], b[0]["image"])
 
 
-def test_worker_processes_give_the_same_batches(shard_dir, tmp_path):
+@pytest.mark.parametrize("fields", [
+    dict(image_size=16),
+    dict(crops="multicrop", global_crop_size=32, local_crop_size=16, num_local_crops=2,
+         patch_size=8)], ids=["single", "multicrop"])
+def test_worker_processes_give_the_same_batches(shard_dir, tmp_path, fields):
   script = tmp_path / "mp_loader.py"
   script.write_text(textwrap.dedent(f"""
       import numpy as np
@@ -181,8 +170,8 @@ def test_worker_processes_give_the_same_batches(shard_dir, tmp_path):
       from data_pipeline import loader
 
       def batches(workers):
-        c = ml_collections.ConfigDict(dict(shards={shard_dir!r}, image_size=16,
-                                           num_workers=workers, read_threads=1))
+        c = ml_collections.ConfigDict(dict(shards={shard_dir!r}, num_workers=workers,
+                                           read_threads=1, **{fields!r}))
         it = loader.make_pretrain_loader(c, global_batch_size=4, seed=9, start_step=2,
                                          process_index=0, process_count=1)
         out = [next(it) for _ in range(5)]
@@ -192,7 +181,7 @@ def test_worker_processes_give_the_same_batches(shard_dir, tmp_path):
 
       if __name__ == "__main__":
         a, b = batches(0), batches(2)
-        same = all(np.array_equal(x["image"], y["image"]) for x, y in zip(a, b))
+        same = all(np.array_equal(x[k], y[k]) for x, y in zip(a, b) for k in x)
         print("SAME" if same else "DIFFERENT")
       """))
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -164,13 +164,18 @@ def test_encoder_sees_exactly_the_kept_patches(objective_and_model):
 def test_loss_step(objective_and_model):
   obj, model = objective_and_model
   batch = {"image": jnp.asarray(rand((4, 32, 32, 3)))}
+  extra = obj.init_extra(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  assert extra == {}
   step = nnx.jit(lambda m, b, r: nnx.value_and_grad(
-      lambda m: obj.loss(m, b, r, 0), has_aux=True)(m))
+      lambda m: obj.loss(m, b, r, 0, extra)[:2], has_aux=True)(m))
   (loss, aux), grads = step(model, batch, jax.random.key(0))
   assert loss.shape == () and np.isfinite(float(loss))
   assert float(aux["mae_loss"]) == float(loss)
   (loss_again, _), _ = step(model, batch, jax.random.key(0))
   (loss_other, _), _ = step(model, batch, jax.random.key(1))
+  # The objective interface: extra passes through untouched.
+  assert obj.loss(model, batch, jax.random.key(0), 0, extra)[2] == {}
+  assert obj.after_update({}, {"x": 1}, 0) == {"x": 1}
   assert float(loss_again) == float(loss) and float(loss_other) != float(loss)
   for g in (grads.encoder.blocks.layers[0].attn.qkv_kernel, grads.decoder_pred.kernel,
             grads.mask_token, grads.encoder.cls_token):
@@ -182,7 +187,7 @@ def _block(t, d, m):
 
 
 def test_flops_per_example():
-  obj = MAEObjective(make_config())
+  obj = MAEObjective(make_config(), total_steps=10, steps_per_epoch=5)
   f75 = obj.flops_per_example()
   # Tiny: N=16, P=192, D=64, M=256, decoder 32 wide, 1 deep, M=128.
   n, pd, d, m, dd, md = 16, 192, 64, 256, 32, 128
@@ -206,7 +211,7 @@ def test_visualize(objective_and_model):
   obj, model = objective_and_model
   pixels = np.random.default_rng(5).uniform(size=(3, 32, 32, 3)).astype(np.float32)
   batch = {"image": (pixels - 0.5) / 0.25}
-  out = obj.visualize(model, batch, jax.random.key(0), n=2)
+  out = obj.visualize(model, batch, jax.random.key(0), {}, n=2)
   assert out.shape == (2, 32, 96, 3) and out.dtype == np.uint8
   want = np.round(pixels[:2] * 255).astype(np.uint8)
   np.testing.assert_allclose(out[:, :, :32].astype(int), want, atol=1)

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from biovfm_jax import sharding
-from biovfm_jax.models import (VIT_SIZES, MaskedAutoencoder, ViTConfig,
+from biovfm_jax.models import (VIT_SIZES, MaskedAutoencoder,
                                VisionTransformer, vit_config, vit_config_from)
 from biovfm_jax.models.layers import drop_path, no_decay
 from biovfm_jax.models.patches import sincos_2d

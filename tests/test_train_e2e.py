@@ -11,21 +11,26 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# A tiny MAE on 32 px images: every code path of main.py, in seconds.
-TINY = [
-    "--config=configs/quickstart.py",
+# Tiny models on 32 px images: every code path of main.py, in seconds.
+_TINY_VIT = [
     "--config.image_size=32", "--config.model.patch_size=8", "--config.model.width=32",
     "--config.model.depth=2", "--config.model.num_heads=2", "--config.model.mlp_dim=64",
-    "--config.mae.decoder_width=32", "--config.mae.decoder_depth=1",
-    "--config.mae.decoder_heads=2", "--config.batch_size=16", "--config.log_every_steps=1",
-    "--config.image_every_steps=4",
+    "--config.batch_size=16", "--config.log_every_steps=1", "--config.image_every_steps=4",
 ]
+TINY = {
+    "mae": ["--config=configs/quickstart.py", *_TINY_VIT, "--config.mae.decoder_width=32",
+            "--config.mae.decoder_depth=1", "--config.mae.decoder_heads=2"],
+    "dinov2": ["--config=configs/quickstart_dinov2.py", *_TINY_VIT,
+               "--config.dinov2.head_hidden=64", "--config.dinov2.head_bottleneck=32",
+               "--config.dinov2.num_prototypes=128", "--config.dinov2.n_local_crops=2",
+               "--config.data.local_crop_size=16"],
+}
 
 
-def run_main(workdir, *flags, devices=1, wait=True):
+def run_main(workdir, *flags, devices=1, wait=True, objective="mae"):
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
              JAX_PLATFORMS="cpu")
-  cmd = [sys.executable, "main.py", f"--workdir={workdir}", *TINY, *flags]
+  cmd = [sys.executable, "main.py", f"--workdir={workdir}", *TINY[objective], *flags]
   if not wait:
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
@@ -48,17 +53,18 @@ def checkpoint_steps(workdir) -> list[int]:
 
 
 @pytest.mark.slow
-def test_sigkill_then_restart_reproduces_uninterrupted_losses(tmp_path):
+@pytest.mark.parametrize("objective", ["mae", "dinov2"])
+def test_sigkill_then_restart_reproduces_uninterrupted_losses(tmp_path, objective):
   steps = ["--config.num_train_steps=12", "--config.checkpoint.every_steps=3",
            "--config.batch_size=64"]
-  ref = run_main(tmp_path / "ref", *steps)
+  ref = run_main(tmp_path / "ref", *steps, objective=objective)
   assert ref.returncode == 0, ref.stdout + ref.stderr
   expected = losses(tmp_path / "ref")
   assert sorted(expected) == list(range(1, 13))
 
   # Kill the second run with SIGKILL as soon as its first checkpoint is on disk.
   work = tmp_path / "killed"
-  proc = run_main(work, *steps, wait=False)
+  proc = run_main(work, *steps, wait=False, objective=objective)
   deadline = time.time() + 300
   while not checkpoint_steps(work) and proc.poll() is None and time.time() < deadline:
     time.sleep(0.02)
@@ -68,7 +74,7 @@ def test_sigkill_then_restart_reproduces_uninterrupted_losses(tmp_path):
   kept = checkpoint_steps(work)
   assert kept and kept[-1] < 12
 
-  again = run_main(work, *steps)
+  again = run_main(work, *steps, objective=objective)
   assert again.returncode == 0, again.stdout + again.stderr
   assert f"Resuming from step {kept[-1]}" in again.stderr
   got = losses(work)
@@ -77,15 +83,17 @@ def test_sigkill_then_restart_reproduces_uninterrupted_losses(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mesh", [("data=2", "fsdp=4"), ("data=2", "fsdp=2", "tensor=2")])
-def test_eight_devices_match_one_device(tmp_path, mesh):
+@pytest.mark.parametrize("objective,mesh", [
+    ("mae", ("data=2", "fsdp=4")), ("mae", ("data=2", "fsdp=2", "tensor=2")),
+    ("dinov2", ("data=2", "fsdp=2", "tensor=2"))])
+def test_eight_devices_match_one_device(tmp_path, objective, mesh):
   flags = ["--config.num_train_steps=4", "--config.checkpoint.every_steps=4"]
-  one = run_main(tmp_path / "one", *flags, devices=1)
+  one = run_main(tmp_path / "one", *flags, devices=1, objective=objective)
   assert one.returncode == 0, one.stderr
   mesh_flags = [f"--config.mesh.{m}" for m in mesh] + [
       f"--config.mesh.{a}=1" for a in ("data", "fsdp", "tensor")
       if not any(m.startswith(a) for m in mesh)]
-  eight = run_main(tmp_path / "eight", *flags, *mesh_flags, devices=8)
+  eight = run_main(tmp_path / "eight", *flags, *mesh_flags, devices=8, objective=objective)
   assert eight.returncode == 0, eight.stderr
   assert "8 device(s)" in eight.stderr
   a, b = losses(tmp_path / "one"), losses(tmp_path / "eight")
@@ -119,14 +127,20 @@ def test_bad_config_key_fails_before_compiling(tmp_path):
 
 
 @pytest.mark.slow
-def test_vit_l_mae_config_runs_a_step_on_cpu(tmp_path):
+@pytest.mark.parametrize("config,params,low,high", [
+    # norm-pix MSE of an untrained MAE is near 1-2.
+    ("vit_l_mae", "329,239,296 parameters", 0.5, 5.0),
+    # DINOv2 at init: cross-entropies near log(131072) ~ 11.8 per term.
+    ("vit_l_dinov2", None, 5.0, 40.0)])
+def test_vit_l_config_runs_a_step_on_cpu(tmp_path, config, params, low, high):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
              JAX_PLATFORMS="cpu")
   res = subprocess.run(
-      [sys.executable, "main.py", "--config=configs/vit_l_mae.py", f"--workdir={tmp_path}",
+      [sys.executable, "main.py", f"--config=configs/{config}.py", f"--workdir={tmp_path}",
        "--config.data.shards=mini", "--config.batch_size=2", "--config.num_train_steps=1"],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
   assert res.returncode == 0, res.stderr[-3000:]
-  assert "329,239,296 parameters" in res.stderr
+  if params:
+    assert params in res.stderr
   loss = losses(tmp_path)[1]
-  assert 0.5 < loss < 5, loss  # norm-pix MSE of an untrained model is near 1-2
+  assert low < loss < high, loss

@@ -43,7 +43,8 @@ def test_weight_decay_only_on_matrices(scan):
   c.model.scan_layers = scan
   c.model.layerscale_init = 1e-5
   mesh = shd.make_mesh({"data": 1}, devices=jax.devices()[:1])
-  spec = ModelSpec(get_objective(c).init_model, 0, mesh, shd.DEFAULT_RULES)
+  objective = get_objective(c, total_steps=10, steps_per_epoch=5)
+  spec = ModelSpec(objective.init_model, 0, mesh, shd.DEFAULT_RULES)
   flat = {"/".join(p): v for p, v in _flatten(spec.decay_mask)}
   decayed = {k for k, v in flat.items() if v}
   assert decayed and all(k.endswith("kernel") for k in decayed), decayed
@@ -51,7 +52,8 @@ def test_weight_decay_only_on_matrices(scan):
   assert any("mask_token" in k for k in flat) and any("gamma" in k or "layerscale" in k.lower()
                                                      for k in flat)
   # One AdamW step with zero gradients: only decayed weights move, by lr * wd * w.
-  tx = optim.make_optimizer(c, lambda step: 1.0, spec.decay_mask)
+  tx = optim.make_optimizer(c, lambda step: 1.0, spec.decay_mask, params=spec.abstract_params,
+                            depth=2, total_steps=10, steps_per_epoch=5)
   params = jax.tree.map(lambda x: jnp.ones(x.shape, x.dtype), spec.abstract_params)
   updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
   moved = {"/".join(p): round(float(jnp.abs(u).max()), 6) for p, u in _flatten(updates)}
@@ -132,3 +134,45 @@ def test_grad_accumulation_trains(tmp_path):
   c.optim.grad_accum_steps = 2
   out = loop.train(c, str(tmp_path))
   assert np.isfinite(out["loss"]) and out["loss"] > 0
+
+
+def test_dinov2_optimizer_recipe():
+  """sqrt lr scaling, cosine weight decay, layer-wise decay, patch-embed x0.2,
+  and the frozen last layer, checked on one hand-made parameter tree."""
+  from configs import vit_b_dinov2
+  c = vit_b_dinov2.get_config()
+  c.batch_size = 4096
+  assert optim.peak_lr(c) == pytest.approx(4e-3 * 2.0)
+  wd = optim.wd_schedule(c, total_steps=100)
+  assert float(wd(0)) == pytest.approx(0.04) and float(wd(100)) == pytest.approx(0.4)
+  assert float(wd(50)) == pytest.approx(0.22)
+  params = {"backbone": {"patch_embed": {"kernel": jnp.ones((4, 4))},
+                         "cls_token": jnp.ones((4,)),
+                         "blocks": {"layers": {"0": {"fc": {"kernel": jnp.ones((4, 4))}},
+                                               "1": {"fc": {"kernel": jnp.ones((4, 4))}}}}},
+            "dino_head": {"last_layer": {"kernel": jnp.ones((4, 8))}}}
+  mults = optim.lr_multipliers(params, depth=2, layer_decay=0.9, patch_embed_mult=0.2)
+  assert mults["backbone"]["patch_embed"]["kernel"] == pytest.approx(0.9 ** 3 * 0.2)
+  assert mults["backbone"]["cls_token"] == pytest.approx(0.9 ** 3)
+  blocks = mults["backbone"]["blocks"]["layers"]
+  assert blocks["0"]["fc"]["kernel"] == pytest.approx(0.9 ** 2)
+  assert blocks["1"]["fc"]["kernel"] == pytest.approx(0.9)
+  assert mults["dino_head"]["last_layer"]["kernel"] == 1.0
+  # Scanned stack: one factor per layer along the leading axis.
+  scanned = optim.lr_multipliers({"blocks": {"layers": {"k": jnp.ones((3, 4, 4))}}},
+                                 depth=3, layer_decay=0.5, patch_embed_mult=1.0)
+  np.testing.assert_allclose(scanned["blocks"]["layers"]["k"].ravel(), [0.125, 0.25, 0.5])
+
+  mask = jax.tree.map(lambda x: x.ndim > 1, params)
+  tx = optim.make_optimizer(c, lambda step: 1.0, mask, params=params, depth=2,
+                            total_steps=100, steps_per_epoch=2)
+  grads = jax.tree.map(jnp.ones_like, params)
+  state = tx.init(params)
+  for step in range(3):
+    updates, state = tx.update(grads, state, params)
+    last = float(jnp.abs(updates["dino_head"]["last_layer"]["kernel"]).max())
+    assert (last == 0.0) == (step < 2), (step, last)  # frozen for the first epoch
+    # Block 1 moves 0.9x, block 0 0.81x: the lr multipliers reach the update.
+    b0 = updates["backbone"]["blocks"]["layers"]["0"]["fc"]["kernel"]
+    b1 = updates["backbone"]["blocks"]["layers"]["1"]["fc"]["kernel"]
+    np.testing.assert_allclose(b0 / b1, 0.9, rtol=1e-5)

@@ -36,6 +36,7 @@ VIT_SIZES: dict[str, dict[str, Any]] = {
 }
 
 _POS_EMBEDS = ("sincos", "learned")
+_INITS = ("mae", "dinov2")
 _FFNS = ("mlp", "swiglu")
 _ATTENTION_IMPLS = ("xla", "cudnn", None)
 
@@ -62,6 +63,8 @@ class ViTConfig:
   attention_impl: str | None = "xla"  # jax.nn.dot_product_attention(implementation=)
   remat_policy: str = "none"         # see layers.REMAT_POLICIES
   scan_layers: bool = False
+  mask_token: bool = False           # learnable token for masked patches (iBOT)
+  init: str = "mae"                  # 'mae' (xavier) | 'dinov2' (see _dinov2_init)
 
   def __post_init__(self):
     def bad(key, msg):
@@ -89,6 +92,8 @@ class ViTConfig:
       bad("drop_path_rate", "must be in [0, 1)")
     if self.attention_impl not in _ATTENTION_IMPLS:
       bad("attention_impl", f"must be one of {_ATTENTION_IMPLS}")
+    if self.init not in _INITS:
+      bad("init", f"must be one of {_INITS}")
     if self.remat_policy not in layers.REMAT_POLICIES:
       bad("remat_policy", f"must be one of {layers.REMAT_POLICIES}")
     for key in ("dtype", "param_dtype"):
@@ -191,8 +196,31 @@ class VisionTransformer(nnx.Module):
       self.pos_embed = layers.param(rngs, layers.normal02, (n, d), (None, "embed"), pdt)
     else:
       self.pos_embed = None  # fixed sin-cos, computed from the grid
+    # Zeros, as DINOv2's mask token; absent unless configured (MAE sizes unchanged).
+    self.mask_token = (layers.param(rngs, layers.zeros, (d,), ("embed",), pdt)
+                       if cfg.mask_token else None)
     self.blocks = layers.BlockStack(cfg, rngs=rngs)
     self.norm = layers.LayerNorm(d, param_dtype=pdt, dtype=self.dtype, rngs=rngs)
+    if cfg.init == "dinov2":
+      self._dinov2_init(rngs)
+
+  def _dinov2_init(self, rngs: nnx.Rngs) -> None:
+    """Re-initialises as DINOv2 does: every transformer linear
+    trunc_normal(std=.02) (torch truncates at +-2 absolute, i.e. 100 std: a
+    plain normal), biases zero; the patch embedding keeps torch's Conv2d
+    default U(+-1/sqrt(fan_in)) for kernel and bias; cls and registers
+    N(0, 1e-6); learned positions stay N(0, .02); mask token zero."""
+    fan_in = self.patch_embed.kernel.shape[0]
+    bound = 1.0 / fan_in ** 0.5
+    for var in (self.patch_embed.kernel, self.patch_embed.bias):
+      var.set_value(jax.random.uniform(rngs.params(), var.shape, var.dtype,
+                                       -bound, bound))
+    for var in (self.cls_token, self.register_tokens):
+      if var is not None:
+        var.set_value(1e-6 * jax.random.normal(rngs.params(), var.shape, var.dtype))
+    for path, node in nnx.iter_graph(self.blocks):
+      if isinstance(node, nnx.Param) and path and str(path[-1]).endswith("kernel"):
+        node.set_value(0.02 * jax.random.normal(rngs.params(), node.shape, node.dtype))
 
   @property
   def num_prefix_tokens(self) -> int:
@@ -207,11 +235,14 @@ class VisionTransformer(nnx.Module):
     table = self.pos_embed[...][int(cfg.class_token):]
     return _interp_pos(table, (cfg.grid_size, cfg.grid_size), tuple(grid))
 
-  def embed_patches(self, images: jax.Array) -> jax.Array:
+  def embed_patches(self, images: jax.Array,
+                    masks: jax.Array | None = None) -> jax.Array:
     """(B, H, W, C) float images -> (B, N, D) patch tokens + position embedding.
 
     Any H, W divisible by the patch size work: sin-cos tables are computed
-    for the grid, learned tables are resized.
+    for the grid, learned tables are resized. `masks` (B, N) bool, True =
+    masked: those patch embeddings are replaced by the mask token before the
+    position is added (DINOv2/iBOT); needs config.model.mask_token=True.
     """
     cfg = self.config
     if images.ndim != 4 or images.shape[-1] != cfg.in_channels:
@@ -222,6 +253,12 @@ class VisionTransformer(nnx.Module):
     x = patchify(images, p)
     x = constrain(x, ("batch", "length", None))
     x = self.patch_embed(x)
+    if masks is not None:
+      if self.mask_token is None:
+        raise ValueError("masks given but config.model.mask_token is False")
+      if masks.shape != x.shape[:2]:
+        raise ValueError(f"masks shape {masks.shape} != (batch, patches) {x.shape[:2]}")
+      x = jnp.where(masks[..., None], self.mask_token[...].astype(x.dtype), x)
     x = x + self.patch_pos_embed(grid).astype(self.dtype)
     return constrain(x, _ACT)
 
@@ -258,8 +295,9 @@ class VisionTransformer(nnx.Module):
     x = self.blocks(x, rng=rng, deterministic=deterministic)
     return constrain(self.norm(x), _ACT)
 
-  def __call__(self, images: jax.Array, *, rng: jax.Array | None = None,
-               deterministic: bool = True) -> jax.Array:
-    """(B, H, W, C) -> (B, num_prefix_tokens + N, D) normalised tokens."""
-    return self.encode_tokens(self.embed_patches(images), rng=rng,
+  def __call__(self, images: jax.Array, *, masks: jax.Array | None = None,
+               rng: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
+    """(B, H, W, C) -> (B, num_prefix_tokens + N, D) normalised tokens.
+    `masks`: see embed_patches."""
+    return self.encode_tokens(self.embed_patches(images, masks), rng=rng,
                               deterministic=deterministic)

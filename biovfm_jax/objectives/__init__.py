@@ -1,10 +1,21 @@
 """Self-supervised objectives. The train loop knows only this registry."""
 
 
-def get_objective(config):
-  """config.objective -> objective instance (init_model, loss, flops_per_example)."""
+def get_objective(config, *, total_steps: int, steps_per_epoch: int):
+  """config.objective -> the objective. Each offers:
+
+    init_model(rngs) -> nnx.Module         the trainable model
+    init_extra(params) -> pytree           non-trainable state (EMA teacher, centers)
+    loss(model, batch, rng, step, extra) -> (loss, aux scalars, new extra)
+    after_update(params, extra, step) -> extra   (e.g. the EMA teacher update)
+    flops_per_example() -> float           analytic training FLOPs, for MFU
+    visualize(model, batch, rng, extra) -> uint8 image grid for TensorBoard
+  """
   name = config.objective
   if name == "mae":
     from biovfm_jax.objectives.mae import MAEObjective
     return MAEObjective(config)
-  raise ValueError(f"config.objective={name!r} is unknown; known: 'mae'")
+  if name == "dinov2":
+    from biovfm_jax.objectives.dinov2 import DINOv2Objective
+    return DINOv2Objective(config, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+  raise ValueError(f"config.objective={name!r} is unknown; known: 'mae', 'dinov2'")

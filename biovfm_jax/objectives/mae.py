@@ -88,7 +88,11 @@ class MAEObjective:
   (ImageNet's when absent); only `visualize` uses them.
   """
 
-  def __init__(self, config):
+  # The encoder (not the decoder) is what gets evaluated and exported.
+  backbone_path = ("params", "encoder")
+
+  def __init__(self, config, **unused):
+    del unused  # total_steps, steps_per_epoch: MAE has no schedule of its own
     self.config = config
     self.vit = vit_config_from(config.model)
     mae = config.get("mae", None) or {}
@@ -114,20 +118,32 @@ class MAEObjective:
         decoder_heads=self.decoder_heads, decoder_mlp_dim=self.decoder_mlp_dim,
         rngs=rngs)
 
+  def init_extra(self, params) -> dict:
+    """MAE keeps no state besides its parameters."""
+    del params
+    return {}
+
+  def after_update(self, params, extra, step):
+    del params, step
+    return extra
+
   def _noise(self, rng, images):
     p = self.vit.patch_size
     n = (images.shape[1] // p) * (images.shape[2] // p)
     return jax.random.uniform(rng, (images.shape[0], n), jnp.float32)
 
-  def loss(self, model: MaskedAutoencoder, batch, rng: jax.Array, step=None):
-    """(loss, aux). Masking noise is uniform from fold_in(rng, 0); drop path
-    (if configured) uses fold_in(rng, 1). `step` is unused."""
+  def loss(self, model: MaskedAutoencoder, batch, rng: jax.Array, step=None,
+           extra=None):
+    """(loss, aux, extra). Masking noise is uniform from fold_in(rng, 0); drop
+    path (if configured) uses fold_in(rng, 1). `step` is unused; `extra` is
+    returned unchanged ({} when None)."""
     images = batch["image"]
     noise = self._noise(jax.random.fold_in(rng, 0), images)
     pred, mask = model(images, noise, mask_ratio=self.mask_ratio,
                        rng=jax.random.fold_in(rng, 1), deterministic=False)
     loss = mae_loss(images, pred, mask, self.vit.patch_size, self.norm_pix_loss)
-    return loss, {"mae_loss": loss, "mask_ratio": mask.mean()}
+    aux = {"mae_loss": loss, "mask_ratio": mask.mean()}
+    return loss, aux, ({} if extra is None else extra)
 
   def flops_per_example(self) -> float:
     """Analytic training FLOPs per image = 3 x forward matmul FLOPs
@@ -147,15 +163,16 @@ class MAEObjective:
                     patch_size=self.vit.patch_size, image_size=self.vit.image_size)
     return mae_flops(self.vit, dec, self.mask_ratio)
 
-  def visualize(self, model: MaskedAutoencoder, batch, rng: jax.Array,
+  def visualize(self, model: MaskedAutoencoder, batch, rng: jax.Array, extra=None,
                 n: int = 4) -> np.ndarray:
     """uint8 (n, H, 3*W, 3): [input | masked input | reconstruction with the
-    visible patches pasted in], as the MAE demo shows them.
+    visible patches pasted in], as the MAE demo shows them. `extra` is unused.
 
     With norm_pix_loss the prediction is in per-patch standardised units;
     it is mapped back with the target patch's own mean/std (the demo's
     approach) before undoing the dataset normalisation.
     """
+    del extra
     images = jnp.asarray(batch["image"][:n], jnp.float32)
     p = self.vit.patch_size
     grid = (images.shape[1] // p, images.shape[2] // p)

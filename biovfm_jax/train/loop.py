@@ -21,6 +21,7 @@ from clu import metric_writers
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from biovfm_jax import sharding as shd
+from biovfm_jax.models.vit import vit_config_from
 from biovfm_jax.objectives import get_objective
 from biovfm_jax.train import checkpoint as ckpt_lib
 from biovfm_jax.train import metrics as metrics_lib
@@ -47,10 +48,10 @@ def build_train_step(config, spec: state_lib.ModelSpec, objective, tx, schedule,
   base_key = jax.random.key(config.seed)
   constants = spec.constants()
 
-  def loss_fn(params, batch, rng, step):
+  def loss_fn(params, batch, rng, step, extra):
     model = spec.merge(params, constants)
-    loss, aux = objective.loss(model, batch, rng, step)
-    return loss, aux
+    loss, aux, new_extra = objective.loss(model, batch, rng, step, extra)
+    return loss, (aux, new_extra)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -59,7 +60,7 @@ def build_train_step(config, spec: state_lib.ModelSpec, objective, tx, schedule,
     rng = jax.random.fold_in(base_key, state.step)
     with shd.use_mesh(mesh, rules):
       if accum == 1:
-        (loss, aux), grads = grad_fn(state.params, batch, rng, state.step)
+        (loss, (aux, extra)), grads = grad_fn(state.params, batch, rng, state.step, state.extra)
       else:
         # Micro-batch j takes examples j, j+accum, ...: every device keeps a share.
         micro = jax.tree.map(
@@ -68,24 +69,31 @@ def build_train_step(config, spec: state_lib.ModelSpec, objective, tx, schedule,
         micro = jax.tree.map(lambda x: shd.constrain(x, (None, "batch") + (None,) * (x.ndim - 2)),
                              micro)
 
+        # The objective's state (e.g. DINOv2 centers) is threaded through the
+        # micro-batches in order, as consecutive small steps would update it.
         def body(carry, xs):
+          sums, ex = carry
           j, mb = xs
-          (l, a), g = grad_fn(state.params, mb, jax.random.fold_in(rng, j), state.step)
-          return jax.tree.map(jnp.add, carry, (l, a, g)), None
+          (l, (a, ex)), g = grad_fn(state.params, mb, jax.random.fold_in(rng, j),
+                                    state.step, ex)
+          return (jax.tree.map(jnp.add, sums, (l, a, g)), ex), None
 
-        zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(
-            grad_fn, state.params, jax.tree.map(lambda x: x[0], micro), rng, state.step))
-        zero = (zero[0][0], zero[0][1], zero[1])
-        (loss, aux, grads), _ = jax.lax.scan(body, zero, (jnp.arange(accum), micro))
+        out = jax.eval_shape(grad_fn, state.params, jax.tree.map(lambda x: x[0], micro),
+                             rng, state.step, state.extra)
+        zero = jax.tree.map(jnp.zeros_like, (out[0][0], out[0][1][0], out[1]))
+        ((loss, aux, grads), extra), _ = jax.lax.scan(
+            body, (zero, state.extra), (jnp.arange(accum), micro))
         loss, aux, grads = jax.tree.map(lambda x: x / accum, (loss, aux, grads))
       grads = jax.lax.with_sharding_constraint(grads, shardings.params)
       updates, opt_state = tx.update(grads, state.opt_state, state.params)
       params = optax.apply_updates(state.params, updates)
+      extra = objective.after_update(params, extra, state.step)  # e.g. the EMA teacher
     metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
                "lr": schedule(state.step), **aux}
     if "skipped" in batch:
       metrics["skipped_records"] = jnp.sum(batch["skipped"])
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                              extra=extra)
     return new_state, metrics
 
   return jax.jit(step_fn, in_shardings=(shardings, batch_sharding),
@@ -139,15 +147,17 @@ def build(config, num_records: int | None = None) -> Setup:
   mesh = shd.make_mesh(dict(config.mesh))
   rules = shd.rules_from_config(config.sharding_rules)
   validate_config(config, mesh)
-  objective = get_objective(config)
   if num_records is None:
     num_records = loader_lib.num_records(config.data)
   steps_per_epoch = config.steps_per_epoch or max(1, num_records // config.batch_size)
   total_steps = config.num_train_steps or int(config.total_epochs * steps_per_epoch)
+  objective = get_objective(config, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
   spec = state_lib.ModelSpec(objective.init_model, config.seed, mesh, rules)
   schedule = optim.lr_schedule(config, total_steps, steps_per_epoch)
-  tx = optim.make_optimizer(config, schedule, spec.decay_mask)
-  shardings = state_lib.state_shardings(spec, tx)
+  tx = optim.make_optimizer(config, schedule, spec.decay_mask, params=spec.abstract_params,
+                            depth=vit_config_from(config.model).depth,
+                            total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+  shardings = state_lib.state_shardings(spec, tx, objective)
   batch_sharding = shd.named_sharding(("batch",), mesh, rules)
   train_step = build_train_step(config, spec, objective, tx, schedule, shardings,
                                 batch_sharding, mesh, rules)
@@ -174,10 +184,13 @@ def train(config, workdir: str) -> dict:
                                keep=config.checkpoint.keep,
                                async_save=config.checkpoint.async_save)
   facts = _run_facts(config)
+  # Not checked on resume: tells evaluation and export which weights are the backbone.
+  run_info = {**facts, "objective": config.objective,
+              "backbone": "/".join(objective.backbone_path)}
   if ckpt.latest_step() is not None:
-    state, _ = ckpt.restore(state_lib.abstract_state(spec, tx, shardings), facts)
+    state, _ = ckpt.restore(state_lib.abstract_state(spec, tx, objective, shardings), facts)
   else:
-    state = state_lib.create_state(spec, tx, shardings)
+    state = state_lib.create_state(spec, tx, objective, shardings)
   start_step = int(state.step)
   if start_step:
     logging.info("Resuming from step %d.", start_step)
@@ -242,11 +255,12 @@ def train(config, workdir: str) -> dict:
       if step % config.checkpoint.every_steps == 0 or step == total_steps or stop:
         check_and_log(*pending)
         pending = None
-        ckpt.save(step, state, facts)
+        ckpt.save(step, state, run_info)
       if config.image_every_steps and step % config.image_every_steps == 0 and is_chief:
         chrono.pause()
         grid = objective.visualize(spec.merge(state.params), batch,
-                                   jax.random.fold_in(jax.random.key(config.seed), step))
+                                   jax.random.fold_in(jax.random.key(config.seed), step),
+                                   state.extra)
         writer.write_images(step, {f"{config.objective}/samples": grid})
         chrono.resume()
       if stop:

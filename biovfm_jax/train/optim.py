@@ -1,11 +1,29 @@
-"""Optimiser and learning-rate schedule for pretraining (MAE recipe)."""
+"""Optimiser and schedules, covering the MAE and DINOv2 recipes from config.
+
+AdamW written out as a chain so each recipe feature is one visible piece:
+  clip -> freeze -> adam -> + wd(step) * p (masked) -> x lr multiplier -> x -lr(step) -> freeze
+which is p <- p - lr(step) * mult * (adam + wd(step) * p), torch's AdamW per
+parameter group, with `mult` = layer-wise decay x patch-embedding factor.
+"""
 from __future__ import annotations
 
+import math
+import re
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
 import optax
 
 
 def peak_lr(config) -> float:
-  return config.optim.base_lr * config.batch_size / config.optim.lr_batch_base
+  """lr = base_lr x batch / lr_batch_base (MAE, 'linear') or x sqrt(...) (DINOv2)."""
+  ratio = config.batch_size / config.optim.lr_batch_base
+  scaling = config.optim.get("lr_scaling", "linear")
+  if scaling not in ("linear", "sqrt"):
+    raise ValueError(f"config.optim.lr_scaling={scaling!r}: 'linear' or 'sqrt'")
+  return config.optim.base_lr * (ratio if scaling == "linear" else math.sqrt(ratio))
 
 
 def lr_schedule(config, total_steps: int, steps_per_epoch: int) -> optax.Schedule:
@@ -16,11 +34,118 @@ def lr_schedule(config, total_steps: int, steps_per_epoch: int) -> optax.Schedul
       decay_steps=max(total_steps, warmup + 1), end_value=config.optim.min_lr)
 
 
-def make_optimizer(config, schedule: optax.Schedule, decay_mask) -> optax.GradientTransformation:
-  """AdamW; `decay_mask` (a tree of bools like the params) picks what decays."""
+def wd_schedule(config, total_steps: int) -> optax.Schedule:
+  """Constant weight decay (MAE), or a cosine to weight_decay_end (DINOv2)."""
+  start, end = config.optim.weight_decay, config.optim.get("weight_decay_end", None)
+  if end is None or end == start:
+    return optax.constant_schedule(start)
+  n = max(total_steps, 1)
+  return lambda step: end + (start - end) * 0.5 * (1 + jnp.cos(jnp.pi * jnp.minimum(step, n) / n))
+
+
+# Parameters before the first block (layer 0 of layer-wise decay).
+_EMBEDDING = ("patch_embed", "cls_token", "pos_embed", "register", "mask_token")
+
+
+def _path_names(path) -> list[str]:
+  return [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+
+
+def lr_multipliers(params, *, depth: int, layer_decay: float, patch_embed_mult: float):
+  """Per-parameter lr factors: layer_decay ** (depth + 1 - layer) (BEiT/DINOv2
+  layer-wise decay: embeddings are layer 0, block i is i + 1, everything after
+  the encoder is depth + 1) times patch_embed_mult on the patch embedding.
+  A scanned block stack ('blocks/layers', leading axis = layer) gets an array."""
+
+  def mult(path, leaf):
+    names = _path_names(path)
+    joined = "/".join(names)
+    if "blocks" in names:
+      # blocks/layers/<i>/... (a loop) or blocks/layers/... (scanned: axis 0 is the layer)
+      rest = [n for n in names[names.index("blocks") + 1:] if n != "layers"]
+      if rest and rest[0].isdigit():
+        return float(layer_decay ** (depth - int(rest[0])))
+      per_layer = layer_decay ** (depth - np.arange(depth, dtype=np.float32))
+      return per_layer.reshape((depth,) + (1,) * (len(leaf.shape) - 1))
+    if any(e in joined for e in _EMBEDDING):
+      m = layer_decay ** (depth + 1)
+      return float(m * (patch_embed_mult if "patch_embed" in joined else 1.0))
+    return 1.0
+
+  return jax.tree_util.tree_map_with_path(mult, params)
+
+
+class _StepState(NamedTuple):
+  count: jax.Array
+
+
+def _scheduled_decay(schedule, mask) -> optax.GradientTransformation:
+  """updates + wd(step) * params on the masked leaves."""
+
+  def init(params):
+    del params
+    return _StepState(jnp.zeros((), jnp.int32))
+
+  def update(updates, state, params):
+    wd = schedule(state.count)
+    updates = jax.tree.map(lambda u, p, m: u + wd * p if m else u, updates, params, mask)
+    return updates, _StepState(state.count + 1)
+
+  return optax.GradientTransformation(init, update)
+
+
+def _scale_tree(mults) -> optax.GradientTransformation:
+  return optax.stateless(lambda updates, params: jax.tree.map(
+      lambda u, m: u if isinstance(m, float) and m == 1.0 else u * jnp.asarray(m, u.dtype),
+      updates, mults))
+
+
+def _freeze_early(frozen, steps: int) -> optax.GradientTransformation:
+  """Zeroes the `frozen` leaves for the first `steps` steps (DINOv2 keeps the
+  head's last layer fixed for the first epoch). Used twice: on the gradients
+  (so Adam's moments see zeros, where torch skips them: a small, known gap)
+  and on the final update (so weight decay does not move them either)."""
+
+  def init(params):
+    del params
+    return _StepState(jnp.zeros((), jnp.int32))
+
+  def update(updates, state, params=None):
+    del params
+    keep = (state.count >= steps).astype(jnp.float32)
+    updates = jax.tree.map(lambda u, f: u * keep.astype(u.dtype) if f else u, updates, frozen)
+    return updates, _StepState(state.count + 1)
+
+  return optax.GradientTransformation(init, update)
+
+
+def make_optimizer(config, schedule: optax.Schedule, decay_mask, *, params,
+                   depth: int, total_steps: int, steps_per_epoch: int
+                   ) -> optax.GradientTransformation:
+  """The recipe's AdamW. `decay_mask` (bools like params) picks what decays;
+  `params` (abstract is fine) gives paths and shapes for per-parameter factors."""
+  o = config.optim
   parts = []
-  if config.optim.grad_clip_norm:
-    parts.append(optax.clip_by_global_norm(config.optim.grad_clip_norm))
-  parts.append(optax.adamw(schedule, b1=config.optim.b1, b2=config.optim.b2,
-                           weight_decay=config.optim.weight_decay, mask=decay_mask))
+  if o.grad_clip_norm:
+    parts.append(optax.clip_by_global_norm(o.grad_clip_norm))
+  freeze_steps = int(o.get("freeze_last_layer_epochs", 0) * steps_per_epoch)
+  if freeze_steps:
+    pattern = re.compile(o.get("freeze_pattern", "last_layer"))
+    frozen = jax.tree_util.tree_map_with_path(
+        lambda p, _: bool(pattern.search("/".join(_path_names(p)))), params)
+    if not any(jax.tree.leaves(frozen)):
+      raise ValueError(f"config.optim.freeze_pattern={pattern.pattern!r} matches no parameter")
+    parts.append(_freeze_early(frozen, freeze_steps))
+  else:
+    frozen = None
+  parts.append(optax.scale_by_adam(b1=o.b1, b2=o.b2, eps=o.get("eps", 1e-8)))
+  parts.append(_scheduled_decay(wd_schedule(config, total_steps), decay_mask))
+  layer_decay = o.get("layer_decay", 1.0)
+  patch_mult = o.get("patch_embed_lr_mult", 1.0)
+  if layer_decay != 1.0 or patch_mult != 1.0:
+    parts.append(_scale_tree(lr_multipliers(params, depth=depth, layer_decay=layer_decay,
+                                            patch_embed_mult=patch_mult)))
+  parts.append(optax.scale_by_learning_rate(schedule))
+  if frozen is not None:
+    parts.append(_freeze_early(frozen, freeze_steps))
   return optax.chain(*parts)

@@ -22,8 +22,9 @@ from biovfm_jax.models.layers import no_decay
 @flax.struct.dataclass
 class TrainState:
   step: jax.Array
-  params: Any
+  params: Any     # trainable (the student, for DINOv2)
   opt_state: Any
+  extra: Any      # the objective's non-trainable state: EMA teacher, centers ({} for MAE)
 
 
 class ModelSpec:
@@ -79,26 +80,30 @@ def _shard_like_params(tree, params_treedef, param_shardings, replicated):
                       tree, is_leaf=is_params)
 
 
-def state_shardings(spec: ModelSpec, tx: optax.GradientTransformation):
-  abstract_opt = jax.eval_shape(tx.init, spec.abstract_params)
+def state_shardings(spec: ModelSpec, tx: optax.GradientTransformation, objective):
+  """Optimiser moments and an EMA teacher (same tree as the params) are sharded
+  like the params; counters and centers are replicated."""
   treedef = jax.tree.structure(spec.abstract_params)
+  like_params = lambda tree: _shard_like_params(  # noqa: E731
+      tree, treedef, spec.param_shardings, spec.replicated)
   return TrainState(
       step=spec.replicated, params=spec.param_shardings,
-      opt_state=_shard_like_params(abstract_opt, treedef, spec.param_shardings,
-                                   spec.replicated))
+      opt_state=like_params(jax.eval_shape(tx.init, spec.abstract_params)),
+      extra=like_params(jax.eval_shape(objective.init_extra, spec.abstract_params)))
 
 
-def abstract_state(spec: ModelSpec, tx, shardings: TrainState) -> TrainState:
-  abstract = jax.eval_shape(lambda: _fresh_state(spec, tx))
+def abstract_state(spec: ModelSpec, tx, objective, shardings: TrainState) -> TrainState:
+  abstract = jax.eval_shape(lambda: _fresh_state(spec, tx, objective))
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                       abstract, shardings)
 
 
-def _fresh_state(spec: ModelSpec, tx) -> TrainState:
+def _fresh_state(spec: ModelSpec, tx, objective) -> TrainState:
   params = spec.init_params()
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    extra=objective.init_extra(params))
 
 
-def create_state(spec: ModelSpec, tx, shardings: TrainState) -> TrainState:
+def create_state(spec: ModelSpec, tx, objective, shardings: TrainState) -> TrainState:
   """Initialises the state directly into its shardings (no host copy)."""
-  return jax.jit(lambda: _fresh_state(spec, tx), out_shardings=shardings)()
+  return jax.jit(lambda: _fresh_state(spec, tx, objective), out_shardings=shardings)()

@@ -39,8 +39,19 @@ def validate_config(config, mesh) -> None:
       value = value[part]
     if value <= 0:
       raise ValueError(f"config.{key}={value} must be positive")
-  scale = tuple(config.data.crop_scale)
-  if not (len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1):
-    raise ValueError(f"config.data.crop_scale={scale} must be (low, high) in (0, 1]")
+  for key in ("crop_scale", "global_crop_scale", "local_crop_scale"):
+    if config.data.get(key) is not None:
+      scale = tuple(config.data[key])
+      if not (len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1):
+        raise ValueError(f"config.data.{key}={scale} must be (low, high) in (0, 1]")
+  if config.data.get("crops", "single") == "multicrop":
+    patch = vit_config_from(config.model).patch_size
+    for key in ("global_crop_size", "local_crop_size"):
+      if config.data[key] % patch:
+        raise ValueError(f"config.data.{key}={config.data[key]} is not divisible by "
+                         f"the patch size {patch}")
+    if config.data.get("patch_size") not in (None, patch):
+      raise ValueError(f"config.data.patch_size={config.data.patch_size} differs from the "
+                       f"model's patch size {patch}")
   if len(config.data.mean) != 3 or len(config.data.std) != 3 or min(np.abs(config.data.std)) == 0:
     raise ValueError("config.data.mean and config.data.std must be 3 values, std nonzero")

@@ -1,0 +1,330 @@
+"""DINOv2 objective (Oquab et al. 2023): self-distillation from an EMA teacher
+with a DINO cls loss on multi-crops, an iBOT masked-patch loss and KoLeo.
+
+The loss maths live in dino_losses (pure functions); `DINOv2Objective`
+binds them to a config, the student model and the non-trainable state
+(`extra`: EMA teacher parameters and the two centers) for the trainer.
+Each step is assembled as PAPER.md ("How the reference DINOv2 assembles its
+loss each step") describes.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from biovfm_jax.models.dino_head import DINOv2Model
+from biovfm_jax.models.vit import ViTConfig, vit_config_from
+from biovfm_jax.objectives import dino_losses as L
+from biovfm_jax.objectives.mae import IMAGENET_MEAN, IMAGENET_STD, _block_flops, _to_uint8
+
+__all__ = ["DINOv2Objective", "dinov2_flops"]
+
+_CENTERINGS = ("softmax", "sinkhorn_knopp")
+
+_DEFAULTS = dict(
+    head_hidden=2048, head_bottleneck=256, head_layers=3, num_prototypes=65536,
+    separate_ibot_head=False, ibot_num_prototypes=None, student_temp=0.1,
+    teacher_temp=0.07, warmup_teacher_temp=0.04, warmup_teacher_temp_epochs=30,
+    centering="softmax", center_momentum=0.9, sinkhorn_iterations=3, koleo_weight=0.1,
+    dino_weight=1.0, ibot_weight=1.0, teacher_momentum=0.992, teacher_momentum_end=1.0,
+    n_local_crops=8,
+    # Not in the stock list (optional): the iBOT slot cap per image as a
+    # fraction of the patches (None: the upper end of config.data.mask_ratio,
+    # else 0.5, the reference's), and the KoLeo group (the reference uses
+    # each GPU's local batch; None = the global batch).
+    ibot_max_masked_fraction=None, koleo_group_size=None)
+
+
+def _vit_forward_flops(vit: ViTConfig, image_size: int) -> float:
+  n = (image_size // vit.patch_size) ** 2
+  t = vit.num_prefix_tokens + n
+  return 2.0 * n * vit.patch_size ** 2 * vit.in_channels * vit.width + \
+      vit.depth * _block_flops(t, vit.width, vit.mlp_dim, vit.ffn)
+
+
+def dinov2_flops(vit: ViTConfig, *, global_size: int, local_size: int, n_local: int,
+                 head_dims: list[int], num_prototypes: int, patch_prototypes: int,
+                 patch_rows: int) -> float:
+  """Training FLOPs per image; see DINOv2Objective.flops_per_example."""
+  head_mlp = sum(2.0 * a * b for a, b in zip(head_dims[:-1], head_dims[1:]))
+  head = lambda rows, k: rows * (head_mlp + 2.0 * head_dims[-1] * k)  # noqa: E731
+  backbone_g = _vit_forward_flops(vit, global_size)
+  student = (2 * backbone_g + n_local * _vit_forward_flops(vit, local_size)
+             + head(2 + n_local, num_prototypes) + head(patch_rows, patch_prototypes))
+  teacher = 2 * backbone_g + head(2, num_prototypes) + head(patch_rows, patch_prototypes)
+  return 3.0 * student + teacher
+
+
+class DINOv2Objective:
+  """DINOv2 for the generic trainer.
+
+  config.model: the backbone (see models.vit.vit_config_from); the objective
+  always adds the iBOT mask token, and uses DINOv2's init unless
+  config.model.init says otherwise. config.dinov2: see _DEFAULTS (a missing
+  or None field takes the default). config.data: mean/std (visualize),
+  global_crop_size (= model.image_size), local_crop_size, mask_ratio (only
+  its upper end, for the iBOT slot count).
+
+  extra = {"teacher": params-shaped EMA, "center": (1, K), "patch_center":
+  (1, K_patch)}, float32 centers. Batches: global_crops (B, 2, G, G, C),
+  local_crops (B, L, l, l, C), masks (B, 2, (G/p)^2) bool, True = masked.
+  """
+
+  # Where the backbone to evaluate and export lives in the train state: the
+  # EMA teacher's, as in the reference. Recorded in every checkpoint.
+  backbone_path = ("extra", "teacher", "backbone")
+
+  def __init__(self, config, *, total_steps: int, steps_per_epoch: int):
+    self.config = config
+    model = dict(config.model.to_dict() if hasattr(config.model, "to_dict")
+                 else config.model)
+    if model.get("init") is None:
+      model["init"] = "dinov2"
+    model["mask_token"] = True
+    self.vit = vit_config_from(model)
+    if not self.vit.class_token:
+      raise ValueError("config.model.class_token must be True for DINOv2 (cls loss)")
+    d = config.get("dinov2", None) or {}
+    get = lambda k: _DEFAULTS[k] if d.get(k, None) is None else d.get(k)  # noqa: E731
+    self.head_hidden = int(get("head_hidden"))
+    self.head_bottleneck = int(get("head_bottleneck"))
+    self.head_layers = int(get("head_layers"))
+    self.num_prototypes = int(get("num_prototypes"))
+    self.separate_ibot_head = bool(get("separate_ibot_head"))
+    self.patch_prototypes = (int(get("ibot_num_prototypes") or self.num_prototypes)
+                             if self.separate_ibot_head else self.num_prototypes)
+    self.student_temp = float(get("student_temp"))
+    self.teacher_temp = float(get("teacher_temp"))
+    self.warmup_teacher_temp = float(get("warmup_teacher_temp"))
+    self.warmup_temp_steps = int(float(get("warmup_teacher_temp_epochs")) * steps_per_epoch)
+    self.centering = str(get("centering"))
+    self.center_momentum = float(get("center_momentum"))
+    self.sinkhorn_iterations = int(get("sinkhorn_iterations"))
+    self.koleo_weight = float(get("koleo_weight"))
+    self.dino_weight = float(get("dino_weight"))
+    self.ibot_weight = float(get("ibot_weight"))
+    self.momentum_base = float(get("teacher_momentum"))
+    self.momentum_end = float(get("teacher_momentum_end"))
+    self.n_local_crops = int(get("n_local_crops"))
+    self.koleo_group_size = get("koleo_group_size")
+    self.total_steps = int(total_steps)
+    self.steps_per_epoch = int(steps_per_epoch)
+    if self.centering not in _CENTERINGS:
+      raise ValueError(f"config.dinov2.centering={self.centering!r} must be one of "
+                       f"{_CENTERINGS}")
+    data = config.get("data", None) or {}
+    frac = get("ibot_max_masked_fraction")
+    if frac is None:
+      frac = max(data.get("mask_ratio", None) or (0.5,))
+    frac = float(frac)
+    if not 0.0 < frac <= 1.0:
+      raise ValueError(f"config.dinov2.ibot_max_masked_fraction={frac} must be in (0, 1]")
+    n = self.vit.num_patches
+    # iBOT slots per global-crop image: masked patches are gathered into a
+    # fixed n_max slots (static shape), so the head runs on n_max rows per
+    # image instead of all N; +1 covers int() rounding of the mask size.
+    self.ibot_slots = min(n, int(frac * n) + 1)
+    self.global_size = int(data.get("global_crop_size", None) or self.vit.image_size)
+    self.local_size = int(data.get("local_crop_size", None) or 96)
+    if self.global_size != self.vit.image_size:
+      raise ValueError(f"config.data.global_crop_size={self.global_size} must equal "
+                       f"config.model.image_size={self.vit.image_size} (the learned "
+                       "position table is sized for the global crops)")
+    for key, size in (("global_crop_size", self.global_size),
+                      ("local_crop_size", self.local_size)):
+      if size % self.vit.patch_size:
+        raise ValueError(f"config.data.{key}={size} is not divisible by "
+                         f"config.model.patch_size={self.vit.patch_size}")
+    self.mean = tuple(data.get("mean", None) or IMAGENET_MEAN)
+    self.std = tuple(data.get("std", None) or IMAGENET_STD)
+
+  # --- model and state ---------------------------------------------------------
+
+  def init_model(self, rngs: nnx.Rngs) -> DINOv2Model:
+    return DINOv2Model(
+        self.vit, num_prototypes=self.num_prototypes, hidden_dim=self.head_hidden,
+        bottleneck_dim=self.head_bottleneck, nlayers=self.head_layers,
+        separate_ibot_head=self.separate_ibot_head,
+        ibot_num_prototypes=self.patch_prototypes, rngs=rngs)
+
+  def init_extra(self, params) -> dict:
+    """{"teacher": a copy of the student params, "center": (1, K) zeros,
+    "patch_center": (1, K_patch) zeros}."""
+    params = _pure(params)
+    return {"teacher": jax.tree.map(jnp.copy, params),
+            "center": jnp.zeros((1, self.num_prototypes), jnp.float32),
+            "patch_center": jnp.zeros((1, self.patch_prototypes), jnp.float32)}
+
+  def teacher_temperature(self, step):
+    return L.teacher_temperature(step, self.warmup_teacher_temp, self.teacher_temp,
+                                 self.warmup_temp_steps)
+
+  def teacher_momentum(self, step):
+    return L.teacher_momentum(step, self.momentum_base, self.momentum_end,
+                              self.total_steps)
+
+  def after_update(self, params, extra, step) -> dict:
+    """EMA teacher = m * teacher + (1 - m) * params, m = teacher_momentum(step)
+    with `step` the index of the update just applied (0 for the first)."""
+    teacher = L.ema_update(extra["teacher"], _pure(params), self.teacher_momentum(step))
+    return {**extra, "teacher": teacher}
+
+  def teacher(self, model: DINOv2Model, extra) -> DINOv2Model:
+    """The student's module structure with the EMA parameters."""
+    graphdef, _, rest = nnx.split(model, nnx.Param, ...)
+    return nnx.merge(graphdef, nnx.State(extra["teacher"]), rest)
+
+  # --- loss --------------------------------------------------------------------
+
+  def _ibot_slots(self, masks):
+    """masks (I, N) bool -> slot patch indices (I, n_max), slot validity
+    (I, n_max) and masked count (I,). Masked patches come first, in patch
+    order; slots past the count are padding (weight 0)."""
+    order = jnp.argsort((~masks).astype(jnp.int32), axis=1, stable=True)
+    idx = order[:, :self.ibot_slots]
+    count = masks.sum(axis=1).astype(jnp.int32)
+    valid = jnp.arange(self.ibot_slots)[None, :] < count[:, None]
+    return idx, valid, count
+
+  def loss(self, model: DINOv2Model, batch, rng: jax.Array, step, extra):
+    """(loss, aux, new_extra). Drop path uses fold_in(rng, 0) (global crops)
+    and fold_in(rng, 1) (local crops); the teacher is deterministic."""
+    gc, lc = batch["global_crops"], batch["local_crops"]
+    b, n_global = gc.shape[:2]
+    n_local = lc.shape[1]
+    if n_global != 2:
+      raise ValueError(f"DINOv2 needs 2 global crops, the batch has {n_global}")
+    # Image-major rows (row = image * crops + crop): merging the sharded batch
+    # axis with the crop axis keeps every row on its device.
+    xg = gc.reshape((b * n_global,) + gc.shape[2:])
+    xl = lc.reshape((b * n_local,) + lc.shape[2:])
+    masks = batch.get("masks")
+    if masks is None:
+      masks = jnp.zeros((b, n_global, (gc.shape[2] // self.vit.patch_size) *
+                         (gc.shape[3] // self.vit.patch_size)), bool)
+    masks = masks.astype(bool).reshape(b * n_global, -1)
+    idx, valid, count = self._ibot_slots(masks)
+    do_ibot = self.ibot_weight > 0
+    temp = self.teacher_temperature(step)
+    crops_first = lambda x, n: jnp.swapaxes(x.reshape((b, n) + x.shape[1:]), 0, 1)  # noqa: E731
+
+    # Teacher: global crops, unmasked, no drop path; no gradient.
+    teacher = self.teacher(model, extra)
+    t_cls, t_patch = teacher.encode(xg)
+    t_logits = jax.lax.stop_gradient(teacher.dino_head(t_cls))            # (2B, K)
+    new_extra = dict(extra)
+    if self.centering == "softmax":
+      t_probs = L.softmax_center_teacher(t_logits, extra["center"], temp)
+      new_extra["center"] = L.update_center(extra["center"], t_logits, self.center_momentum)
+    else:
+      t_probs = L.sinkhorn_knopp(t_logits, temp, self.sinkhorn_iterations)
+    if do_ibot:
+      t_sel = jnp.take_along_axis(t_patch, idx[..., None], axis=1)
+      t_patch_logits = jax.lax.stop_gradient(teacher.patch_head()(t_sel))  # (2B, n_max, K')
+      if self.centering == "softmax":
+        t_patch_probs = L.softmax_center_teacher(t_patch_logits, extra["patch_center"], temp)
+        new_extra["patch_center"] = L.update_center(
+            extra["patch_center"], t_patch_logits, self.center_momentum,
+            weights=valid.reshape(-1))
+      else:
+        t_patch_probs = L.sinkhorn_knopp(t_patch_logits, temp, self.sinkhorn_iterations,
+                                         weights=valid.reshape(-1))
+      t_patch_probs = jax.lax.stop_gradient(t_patch_probs)
+    t_probs = jax.lax.stop_gradient(t_probs)
+
+    # Student: masked global crops and local crops, with drop path.
+    s_cls, s_patch = model.encode(xg, masks=masks, rng=jax.random.fold_in(rng, 0),
+                                  deterministic=False)
+    s_global = model.dino_head(s_cls)
+    if n_local:
+      s_local_cls, _ = model.encode(xl, rng=jax.random.fold_in(rng, 1), deterministic=False)
+      s_local = crops_first(model.dino_head(s_local_cls), n_local)
+    else:
+      s_local = jnp.zeros((0, b, self.num_prototypes), jnp.float32)
+    dino_local, dino_global = L.dino_loss_terms(
+        crops_first(s_global, n_global), s_local, crops_first(t_probs, n_global),
+        self.student_temp)
+
+    # KoLeo on each global crop's backbone cls tokens, summed over the crops.
+    cls_by_crop = crops_first(s_cls, n_global)
+    koleo = sum(L.koleo(cls_by_crop[c], group_size=self.koleo_group_size)
+                for c in range(n_global))
+
+    if do_ibot:
+      s_sel = jnp.take_along_axis(s_patch, idx[..., None], axis=1)
+      ibot = L.ibot_patch_loss(model.patch_head()(s_sel), t_patch_probs, valid,
+                               self.student_temp, n_masked=count, n_global_crops=n_global)
+    else:
+      ibot = jnp.zeros((), jnp.float32)
+    # Share of masked patches beyond the slots (left out of iBOT): should be 0;
+    # if not, raise config.dinov2.ibot_max_masked_fraction.
+    truncated = (jnp.maximum(count - self.ibot_slots, 0).sum()
+                 / jnp.maximum(count.sum(), 1)).astype(jnp.float32)
+
+    loss = (self.dino_weight * (dino_local + dino_global) + self.koleo_weight * koleo
+            + self.ibot_weight * ibot)
+    aux = dict(
+        ibot_truncated=truncated, dino_local=dino_local, dino_global=dino_global, koleo=koleo, ibot=ibot,
+        teacher_entropy=L.teacher_entropy(t_probs),
+        center_norm=jnp.linalg.norm(new_extra["center"]),
+        teacher_temp=jnp.asarray(temp, jnp.float32),
+        teacher_momentum=jnp.asarray(self.teacher_momentum(step), jnp.float32),
+        ibot_masked_fraction=masks.mean(dtype=jnp.float32))
+    return loss, aux, new_extra
+
+  # --- reporting ---------------------------------------------------------------
+
+  def flops_per_example(self) -> float:
+    """Analytic training FLOPs per image (2*m*n*k per matmul; norms, softmax,
+    GELU, the losses ignored):
+
+      backbone(S) = 2*n*P*D + depth*block(prefix + n, D, M), n = (S/p)^2,
+        P = p*p*C, block as in MAEObjective.flops_per_example
+      head(r, K) = r * (2*sum_i d_i*d_{i+1} over the MLP + 2*bottleneck*K)
+      student = 2*backbone(G) + L*backbone(l) + head(2 + L, K) + head(2*n_max, K')
+      teacher = 2*backbone(G) + head(2, K) + head(2*n_max, K')
+      total   = 3 * student (forward + backward) + teacher (forward only)
+
+    n_max = iBOT slots per global crop (the head runs on all of them; 0 when
+    ibot_weight is 0).
+    """
+    dims = [self.vit.width] + [self.head_hidden] * (self.head_layers - 1) + \
+        [self.head_bottleneck]
+    return dinov2_flops(
+        self.vit, global_size=self.global_size, local_size=self.local_size,
+        n_local=self.n_local_crops, head_dims=dims, num_prototypes=self.num_prototypes,
+        patch_prototypes=self.patch_prototypes,
+        patch_rows=2 * self.ibot_slots if self.ibot_weight > 0 else 0)
+
+  def visualize(self, model: DINOv2Model, batch, rng: jax.Array, extra=None,
+                n: int = 4) -> np.ndarray:
+    """uint8 (n, H, 2*W, 3): [first global crop | first 3 PCA components of the
+    teacher's patch features (fitted jointly over the n images), each scaled
+    to [0, 1], upsampled to the image]. Uses the student without `extra`."""
+    del rng
+    images = jnp.asarray(batch["global_crops"][:n, 0], jnp.float32)
+    net = model if extra is None else self.teacher(model, extra)
+    _, patches = net.encode(images)
+    feats = np.asarray(jax.device_get(patches), np.float32)
+    k, npatch, dim = feats.shape
+    flat = feats.reshape(-1, dim)
+    flat = flat - flat.mean(axis=0)
+    _, _, vt = np.linalg.svd(flat, full_matrices=False)
+    comps = flat @ vt[:3].T
+    if comps.shape[1] < 3:
+      comps = np.pad(comps, ((0, 0), (0, 3 - comps.shape[1])))
+    lo, hi = comps.min(axis=0), comps.max(axis=0)
+    comps = (comps - lo) / np.where(hi > lo, hi - lo, 1.0)
+    p = self.vit.patch_size
+    gh, gw = images.shape[1] // p, images.shape[2] // p
+    pca = comps.reshape(k, gh, gw, 3).repeat(p, axis=1).repeat(p, axis=2)
+    pca = np.round(pca * 255).astype(np.uint8)
+    inputs = _to_uint8(np.asarray(jax.device_get(images)), self.mean, self.std)
+    return np.concatenate([inputs, pca], axis=2)
+
+
+def _pure(params):
+  """Params as a pure dict of arrays (accepts an nnx.State)."""
+  return nnx.to_pure_dict(params) if isinstance(params, nnx.State) else params

@@ -1,0 +1,82 @@
+"""Fields every pretraining config has; the objective bases (mae_base.py,
+dinov2_base.py) set the recipe on top. Not run directly."""
+from ml_collections import config_dict
+
+from biovfm_jax.sharding import DEFAULT_RULES
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def get_config(size: str | None) -> config_dict.ConfigDict:
+  c = config_dict.ConfigDict()
+  c.objective = ""
+  c.seed = 0
+  image_size = config_dict.FieldReference(224)
+  c.image_size = image_size  # one value feeds the model and the input pipeline
+
+  # Encoder: a ViT of PAPER.md's sizes; explicit fields override the size.
+  c.model = config_dict.ConfigDict()
+  c.model.size = size
+  c.model.image_size = image_size
+  c.model.patch_size = config_dict.placeholder(int)  # default: the size's (16; 14 for H, g)
+  c.model.width = config_dict.placeholder(int)
+  c.model.depth = config_dict.placeholder(int)
+  c.model.num_heads = config_dict.placeholder(int)
+  c.model.mlp_dim = config_dict.placeholder(int)
+  c.model.pos_embed = "sincos"
+  c.model.class_token = True
+  c.model.num_registers = 0
+  c.model.layerscale_init = config_dict.placeholder(float)
+  c.model.drop_path_rate = 0.0
+  c.model.ffn = "mlp"
+  c.model.dtype = "bfloat16"        # compute dtype
+  c.model.param_dtype = "float32"
+  c.model.attention_impl = "xla"    # or "cudnn" on GPU
+  c.model.remat_policy = "none"     # none | full | dots_saveable | ...
+  c.model.scan_layers = False
+
+  c.data = config_dict.ConfigDict()
+  c.data.shards = "mini"            # "mini", a directory, a glob or a comma list
+  c.data.cache_dir = config_dict.placeholder(str)
+  c.data.crops = "single"           # "single" (MAE) or "multicrop" (DINOv2)
+  c.data.image_size = image_size
+  c.data.mean = IMAGENET_MEAN
+  c.data.std = IMAGENET_STD
+  c.data.num_workers = 0            # grain worker processes (0: in-process)
+  c.data.prefetch_buffer = 4
+  c.data.read_threads = 2
+
+  c.batch_size = 1024               # global, over all devices and hosts
+  c.total_epochs = 100
+  c.num_train_steps = config_dict.placeholder(int)   # overrides total_epochs
+  c.steps_per_epoch = config_dict.placeholder(int)   # default: records // batch
+
+  c.optim = config_dict.ConfigDict()
+  c.optim.base_lr = 1e-3
+  c.optim.lr_batch_base = 256
+  c.optim.lr_scaling = "linear"     # lr = base_lr x batch / lr_batch_base, or x sqrt(...)
+  c.optim.min_lr = 0.0
+  c.optim.warmup_epochs = 10
+  c.optim.weight_decay = 0.05       # none on biases, norms, tokens, position embeddings
+  c.optim.weight_decay_end = config_dict.placeholder(float)  # cosine to it, if set
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.grad_clip_norm = 0.0      # 0 disables
+  c.optim.grad_accum_steps = 1      # micro-batches per step (same maths, less memory)
+  c.optim.layer_decay = 1.0         # layer-wise lr decay (1: none)
+  c.optim.patch_embed_lr_mult = 1.0
+  c.optim.freeze_last_layer_epochs = 0
+
+  c.mesh = config_dict.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  c.sharding_rules = [list(r) for r in DEFAULT_RULES]
+
+  c.checkpoint = config_dict.ConfigDict()
+  c.checkpoint.every_steps = 1000
+  c.checkpoint.keep = 3
+  c.checkpoint.async_save = True
+
+  c.log_every_steps = 50
+  c.image_every_steps = 2000        # TensorBoard sample grid; 0 disables
+  c.peak_tflops_per_device = config_dict.placeholder(float)  # for MFU; auto if unset
+  return c

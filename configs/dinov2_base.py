@@ -1,0 +1,78 @@
+"""The DINOv2 recipe of Oquab et al. (PAPER.md), over configs/common.py.
+
+Not run directly: the thin per-size files (vit_b_dinov2.py, ...) set the size.
+ViT-L and g use the reference's large-model settings (131,072 prototypes, a
+separate iBOT head, Sinkhorn-Knopp centering, EMA 0.994, drop-path 0.4,
+base lr 2e-4, 80 warmup epochs, weight decay to 0.2, 500 epochs).
+"""
+from ml_collections import config_dict
+
+from configs import common
+
+_LARGE = ("L", "g")
+
+
+def get_config(size: str | None = "B") -> config_dict.ConfigDict:
+  c = common.get_config(size)
+  c.objective = "dinov2"
+  large = size in _LARGE
+  patch = 14 if size in ("H", "g") else 16
+
+  c.model.patch_size = patch
+  c.model.pos_embed = "learned"
+  c.model.layerscale_init = 1e-5
+  c.model.drop_path_rate = 0.4 if size in ("L", "H", "g") else 0.3
+  c.model.num_registers = 0
+  c.model.ffn = "swiglu" if size in ("H", "g") else "mlp"
+  c.model.mask_token = True         # iBOT replaces masked patch embeddings
+  c.model.init = "dinov2"
+
+  n_local = config_dict.FieldReference(8)
+  c.dinov2 = config_dict.ConfigDict()
+  c.dinov2.head_layers = 3
+  c.dinov2.head_hidden = 2048
+  c.dinov2.head_bottleneck = 256
+  c.dinov2.num_prototypes = 131072 if large else 65536
+  c.dinov2.separate_ibot_head = large
+  c.dinov2.ibot_num_prototypes = c.dinov2.get_ref("num_prototypes")
+  c.dinov2.student_temp = 0.1
+  c.dinov2.teacher_temp = 0.07
+  c.dinov2.warmup_teacher_temp = 0.04
+  c.dinov2.warmup_teacher_temp_epochs = 30
+  c.dinov2.centering = "sinkhorn_knopp" if large else "softmax"
+  c.dinov2.center_momentum = 0.9
+  c.dinov2.sinkhorn_iterations = 3
+  c.dinov2.koleo_weight = 0.1
+  c.dinov2.dino_weight = 1.0
+  c.dinov2.ibot_weight = 1.0
+  c.dinov2.teacher_momentum = 0.994 if large else 0.992
+  c.dinov2.teacher_momentum_end = 1.0
+  c.dinov2.n_local_crops = n_local
+
+  c.data.crops = "multicrop"
+  c.data.global_crop_size = c.get_ref("image_size")
+  c.data.global_crop_scale = (0.32, 1.0)
+  c.data.local_crop_size = 98 if patch == 14 else 96
+  c.data.local_crop_scale = (0.05, 0.32)
+  c.data.num_local_crops = n_local
+  c.data.mask_probability = 0.5     # share of global crops with iBOT masks
+  c.data.mask_ratio = (0.1, 0.5)
+  c.data.patch_size = c.model.get_ref("patch_size")
+
+  c.batch_size = 1024
+  c.steps_per_epoch = 1250          # the reference's "epoch" is 1,250 iterations
+  c.total_epochs = 500 if large else 100
+  c.optim.base_lr = 2e-4 if large else 4e-3   # lr = base_lr * sqrt(batch / 1024)
+  c.optim.lr_batch_base = 1024
+  c.optim.lr_scaling = "sqrt"
+  c.optim.min_lr = 1e-6
+  c.optim.warmup_epochs = 80 if large else 10
+  c.optim.weight_decay = 0.04
+  c.optim.weight_decay_end = 0.2 if large else 0.4
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.grad_clip_norm = 3.0
+  c.optim.layer_decay = 0.9
+  c.optim.patch_embed_lr_mult = 0.2
+  c.optim.freeze_last_layer_epochs = 1
+  return c

@@ -1,0 +1,130 @@
+"""DINOv2 multi-crop views of one image, with the iBOT masks of its global crops.
+
+The reference recipe (DINOv2's DataAugmentationDINO), per image:
+  global crop 1: random resized crop 224, scale (0.32, 1), flip p=0.5,
+                 colour jitter p=0.8, grey p=0.2, blur p=1.0
+  global crop 2: the same, but blur p=0.1, then solarise p=0.2
+  local crops:   random resized crop 96, scale (0.05, 0.32), flip, colour
+                 jitter, grey, blur p=0.5
+then ToTensor and normalise. Crops are bicubic with aspect ratio (3/4, 4/3).
+
+Medical images are often grey. A grey image means three equal channels, and
+every op here treats the channels alike, so it stays grey through the whole
+chain (saturation and hue jitter change nothing on it). That makes the three
+channels redundant: a grey image (H, W), or RGB with equal channels, is
+augmented as one channel and repeated to three at the end, which gives the
+same bytes as augmenting the three-channel image (tested) at a third the cost.
+
+Randomness: the caller passes the example's generator; each crop and the masks
+draw from their own child of it (`Generator.spawn`), so changing the number of
+local crops leaves the global crops and masks of an example unchanged. The
+masks are drawn per example (see data_pipeline/masking.py for how that differs
+from the reference's per-batch draw, and why).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from data_pipeline import masking, transforms
+
+CROP_RATIO = (3 / 4, 4 / 3)
+BLUR_SIGMA = (0.1, 2.0)
+# The reference probabilities, per global crop (1, 2) and for local crops.
+GLOBAL_BLUR_P = (1.0, 0.1)
+GLOBAL_SOLARIZE_P = (0.0, 0.2)
+LOCAL_BLUR_P = 0.5
+LOCAL_SOLARIZE_P = 0.0
+HFLIP_P = 0.5
+JITTER_P = 0.8
+GREY_P = 0.2
+SOLARIZE_THRESHOLD = 128
+
+
+def augment(pixels: np.ndarray, rng: np.random.Generator, *, size: int,
+            scale: Sequence[float], blur_p: float, solarize_p: float) -> np.ndarray:
+  """One crop of uint8 `pixels`, (H, W, 3) or grey (H, W): geometry, then
+  colour, blur, solarise. Returns uint8 (size, size, 3).
+  """
+  box = transforms.sample_crop_box(pixels.shape[0], pixels.shape[1], scale, CROP_RATIO, rng)
+  img = transforms.resized_crop(pixels, box, size)
+  img = transforms.random_hflip(img, rng, HFLIP_P)
+  img = transforms.color_jitter(img, rng, p=JITTER_P)
+  img = transforms.random_grayscale(img, rng, p=GREY_P)
+  img = transforms.random_gaussian_blur(img, rng, blur_p, BLUR_SIGMA)
+  img = transforms.random_solarize(img, rng, solarize_p, SOLARIZE_THRESHOLD)
+  return transforms.to_rgb(img)
+
+
+def as_grey_or_rgb(pixels: np.ndarray) -> np.ndarray:
+  """(H, W) for grey images (also RGB with equal channels), else (H, W, 3)."""
+  if pixels.ndim == 3 and pixels.shape[-1] == 1:
+    pixels = pixels[..., 0]
+  if pixels.ndim == 2:
+    return pixels
+  rgb = transforms.to_rgb(pixels)
+  return np.ascontiguousarray(rgb[..., 0]) if transforms.is_grey(rgb) else rgb
+
+
+class MultiCrop:
+  """pixels (H, W) or (H, W, 3) uint8, generator -> {
+       "global_crops": float32 (2, G, G, 3),
+       "local_crops": float32 (n_local, l, l, 3),
+       "masks": bool (2, (G // patch_size)**2)}  (True = masked patch).
+
+  Picklable (grain ships it to worker processes).
+  """
+
+  def __init__(self, *, global_crop_size: int = 224,
+               global_crop_scale: Sequence[float] = (0.32, 1.0),
+               local_crop_size: int = 96,
+               local_crop_scale: Sequence[float] = (0.05, 0.32),
+               num_local_crops: int = 8, mask_probability: float = 0.5,
+               mask_ratio: Sequence[float] = (0.1, 0.5), patch_size: int = 16,
+               mean: Sequence[float] = transforms.IMAGENET_MEAN,
+               std: Sequence[float] = transforms.IMAGENET_STD):
+    self.global_crop_size = int(global_crop_size)
+    self.global_crop_scale = tuple(float(x) for x in global_crop_scale)
+    self.local_crop_size = int(local_crop_size)
+    self.local_crop_scale = tuple(float(x) for x in local_crop_scale)
+    self.num_local_crops = int(num_local_crops)
+    self.mask_probability = float(mask_probability)
+    self.mask_ratio = tuple(float(x) for x in mask_ratio)
+    self.patch_size = int(patch_size)
+    self.mean = tuple(float(x) for x in mean)
+    self.std = tuple(float(x) for x in std)
+    if self.patch_size < 1 or self.global_crop_size % self.patch_size:
+      raise ValueError(f"global_crop_size {self.global_crop_size} is not a multiple "
+                       f"of patch_size {self.patch_size}")
+    if self.num_local_crops < 0 or self.local_crop_size < 1:
+      raise ValueError(f"bad local crops: {self.num_local_crops} of size "
+                       f"{self.local_crop_size}")
+    if not 0 <= self.mask_probability <= 1:
+      raise ValueError(f"mask_probability {self.mask_probability} not in [0, 1]")
+    if not 0 <= self.mask_ratio[0] <= self.mask_ratio[1] <= 1:
+      raise ValueError(f"mask_ratio {self.mask_ratio} is not a range within [0, 1]")
+    self.grid = self.global_crop_size // self.patch_size
+
+  def __call__(self, pixels: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    img = as_grey_or_rgb(pixels)
+    global_rngs = rng.spawn(2)
+    mask_rng, = rng.spawn(1)
+    local_rngs = rng.spawn(self.num_local_crops) if self.num_local_crops else []
+
+    globals_ = [
+        augment(img, r, size=self.global_crop_size, scale=self.global_crop_scale,
+                blur_p=GLOBAL_BLUR_P[i], solarize_p=GLOBAL_SOLARIZE_P[i])
+        for i, r in enumerate(global_rngs)]
+    locals_ = [
+        augment(img, r, size=self.local_crop_size, scale=self.local_crop_scale,
+                blur_p=LOCAL_BLUR_P, solarize_p=LOCAL_SOLARIZE_P)
+        for r in local_rngs]
+    masks = [masking.crop_mask(self.grid, self.grid, mask_rng, self.mask_probability,
+                               self.mask_ratio) for _ in range(2)]
+
+    size = self.local_crop_size
+    local_u8 = np.stack(locals_) if locals_ else np.zeros((0, size, size, 3), np.uint8)
+    return {"global_crops": transforms.normalize(np.stack(globals_), self.mean, self.std),
+            "local_crops": transforms.normalize(local_u8, self.mean, self.std),
+            "masks": np.stack(masks)}
