@@ -3,9 +3,7 @@ dinov2_base.py) set the recipe on top. Not run directly."""
 from ml_collections import config_dict
 
 from biovfm_jax.sharding import DEFAULT_RULES
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from data_pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 
 def get_config(size: str | None) -> config_dict.ConfigDict:

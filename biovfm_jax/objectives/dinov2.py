@@ -17,7 +17,8 @@ from flax import nnx
 from biovfm_jax.models.dino_head import DINOv2Model
 from biovfm_jax.models.vit import ViTConfig, vit_config_from
 from biovfm_jax.objectives import dino_losses as L
-from biovfm_jax.objectives.mae import IMAGENET_MEAN, IMAGENET_STD, _block_flops, _to_uint8
+from biovfm_jax.objectives.mae import _block_flops, _to_uint8
+from data_pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["DINOv2Objective", "dinov2_flops"]
 

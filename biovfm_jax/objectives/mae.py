@@ -14,12 +14,11 @@ from biovfm_jax.models.layers import no_decay  # noqa: F401  (re-exported)
 from biovfm_jax.models.mae import MaskedAutoencoder
 from biovfm_jax.models.patches import patchify, random_masking, unpatchify
 from biovfm_jax.models.vit import ViTConfig, vit_config_from
+from data_pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["patchify", "unpatchify", "random_masking", "patch_stats", "mae_loss",
            "MAEObjective", "mae_flops", "no_decay"]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def patch_stats(target: jax.Array, eps: float = 1e-6):

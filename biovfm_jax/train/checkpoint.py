@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 
-import jax
 import orbax.checkpoint as ocp
 
 # Run facts that define the input stream; a resume must not change them.
@@ -57,8 +56,3 @@ class Checkpointer:
     self.manager.wait_until_finished()
     self.manager.close()
 
-
-def abstract_like(tree, shardings):
-  """ShapeDtypeStructs carrying target shardings, for restore."""
-  return jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)

@@ -244,10 +244,7 @@ def train(config, workdir: str) -> dict:
       if step == start_step + 1:
         jax.block_until_ready(metrics)
         logging.info("First step (compile + run) took %.1f s.", time.perf_counter() - t0)
-        chrono = metrics_lib.Throughput(
-            total_steps=total_steps, batch_size=config.batch_size,
-            flops_per_example=chrono.flops_per_example, num_devices=chrono.num_devices,
-            peak=chrono.peak, start_step=step)
+        chrono.restart(step)
       if pending is not None:
         check_and_log(*pending)
       pending = (step, metrics)

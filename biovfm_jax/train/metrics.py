@@ -49,6 +49,10 @@ class Throughput:
     self._t = time.perf_counter()
     self._step = start_step
 
+  def restart(self, step: int):
+    """Starts a new measuring window at `step` (e.g. after the compile step)."""
+    self._t, self._step = time.perf_counter(), step
+
   def pause(self):
     """Excludes time spent outside training (checkpoint waits, image logs)."""
     self._paused = time.perf_counter()

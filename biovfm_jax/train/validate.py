@@ -45,11 +45,7 @@ def validate_config(config, mesh) -> None:
       if not (len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1):
         raise ValueError(f"config.data.{key}={scale} must be (low, high) in (0, 1]")
   if config.data.get("crops", "single") == "multicrop":
-    patch = vit_config_from(config.model).patch_size
-    for key in ("global_crop_size", "local_crop_size"):
-      if config.data[key] % patch:
-        raise ValueError(f"config.data.{key}={config.data[key]} is not divisible by "
-                         f"the patch size {patch}")
+    patch = vit_config_from(config.model).patch_size  # crop sizes: DINOv2Objective checks
     if config.data.get("patch_size") not in (None, patch):
       raise ValueError(f"config.data.patch_size={config.data.patch_size} differs from the "
                        f"model's patch size {patch}")
