@@ -11,6 +11,7 @@ complete, so a killed or failed write never leaves a step that restores.
 from __future__ import annotations
 
 import logging
+import os
 
 import orbax.checkpoint as ocp
 
@@ -56,3 +57,76 @@ class Checkpointer:
     self.manager.wait_until_finished()
     self.manager.close()
 
+
+
+# --- Reading checkpoints outside training (evaluation, export, imports).
+
+def save_params(workdir: str, params, run: dict, step: int = 0) -> str:
+  """Writes a params-only checkpoint in the layout `train` uses
+  (`workdir/checkpoints/<step>/{state,run}`, state = {"params": params}):
+  imported weights become a checkpoint like any other. Returns the step dir."""
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=1, async_save=False)
+  try:
+    ckpt.save(step, {"params": params}, run)
+  finally:
+    ckpt.close()
+  return os.path.join(workdir, "checkpoints", str(step))
+
+
+def find_step_dir(path: str, step: int | None = None) -> str:
+  """A workdir, its `checkpoints/` folder or one step's folder -> that step's
+  folder (the latest finished step unless `step` is given)."""
+  path = os.fspath(path).rstrip("/")
+  if _is_step_dir(path):
+    if step is not None and int(os.path.basename(path)) != step:
+      raise ValueError(f"{path} is the checkpoint of step {os.path.basename(path)}, "
+                       f"not of the requested step {step}")
+    return path
+  for root in (os.path.join(path, "checkpoints"), path):
+    if not os.path.isdir(root):
+      continue
+    steps = sorted(int(d) for d in os.listdir(root)
+                   if d.isdigit() and _is_step_dir(os.path.join(root, d)))
+    if not steps:
+      continue
+    if step is None:
+      return os.path.join(root, str(steps[-1]))
+    if step not in steps:
+      raise ValueError(f"no checkpoint of step {step} in {root}; it holds steps {steps}")
+    return os.path.join(root, str(step))
+  raise FileNotFoundError(
+      f"no finished checkpoint under {path} (expected <workdir>/checkpoints/<step>/state "
+      "as written by main.py or `python -m biovfm_jax.interop import`)")
+
+
+def _is_step_dir(path: str) -> bool:
+  # Orbax renames a step's temporary folder only once the write has finished.
+  return (os.path.basename(path).isdigit() and os.path.isdir(os.path.join(path, "state"))
+          and os.path.isdir(os.path.join(path, "run")))
+
+
+def read_run(step_dir: str) -> dict:
+  """The run JSON saved beside the state (seed, objective, backbone, encoder ...)."""
+  return dict(ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(
+      os.path.join(step_dir, "run")) or {})
+
+
+def state_metadata(step_dir: str):
+  """The saved state's tree of array metadata (shape, dtype), read without loading."""
+  return ocp.PyTreeCheckpointer().metadata(os.path.join(step_dir, "state")).item_metadata.tree
+
+
+def restore_subtree(step_dir: str, path: tuple[str, ...], target):
+  """Restores only the sub-tree at `path` (e.g. ("params", "encoder")) of the
+  saved state into `target` (a tree of jax.ShapeDtypeStruct with shardings),
+  without reading the rest (optimiser moments, decoder ...)."""
+  item = target
+  for key in reversed(path):
+    item = {key: item}
+  restored = ocp.PyTreeCheckpointer().restore(
+      os.path.join(step_dir, "state"), args=ocp.args.PyTreeRestore(
+          item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+          partial_restore=True))
+  for key in path:
+    restored = restored[key]
+  return restored

@@ -186,7 +186,8 @@ def train(config, workdir: str) -> dict:
   facts = _run_facts(config)
   # Not checked on resume: tells evaluation and export which weights are the backbone.
   run_info = {**facts, "objective": config.objective,
-              "backbone": "/".join(objective.backbone_path)}
+              "backbone": "/".join(objective.backbone_path),
+              "encoder": dataclasses.asdict(vit_config_from(config.model))}
   if ckpt.latest_step() is not None:
     state, _ = ckpt.restore(state_lib.abstract_state(spec, tx, objective, shardings), facts)
   else:

@@ -1,0 +1,1 @@
+"""Scoring encoders on benchmarks: features, probes, kNN, fine-tuning, metrics, reports."""
