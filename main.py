@@ -6,7 +6,6 @@
 
 Running it again with the same --workdir resumes from the latest checkpoint.
 """
-import logging as pylogging
 import os
 import sys
 
@@ -19,23 +18,15 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and s
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def _quiet_libraries(record) -> bool:
-  """Keeps library INFO chatter (orbax, grain, clu) off the progress console."""
-  if record.levelno >= pylogging.WARNING:
-    return True
-  return not any(f"/{lib}/" in record.pathname for lib in ("orbax", "grain", "clu"))
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
   import jax  # after absl parsed flags: lets XLA_FLAGS / JAX_* env settle first
+  from biovfm_jax import console
   from biovfm_jax.train.loop import NonFiniteLossError, train
 
-  handler = logging.get_absl_handler()
-  handler.setFormatter(pylogging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-  handler.addFilter(_quiet_libraries)
+  console.setup()
   logging.info("JAX %s, %d process(es), %d device(s): %s", jax.__version__,
                jax.process_count(), jax.device_count(), jax.devices()[0].device_kind)
   try:

@@ -77,4 +77,7 @@ def get_config(size: str | None) -> config_dict.ConfigDict:
   c.log_every_steps = 50
   c.image_every_steps = 2000        # TensorBoard sample grid; 0 disables
   c.peak_tflops_per_device = config_dict.placeholder(float)  # for MFU; auto if unset
+  # Benchmarks scored while pretraining (biovfm_jax/evaluate/during_training.py):
+  # name -> dict(type=knn|fast|biovfm|finetune, every_steps=N, <eval config keys>).
+  c.evals = config_dict.ConfigDict()
   return c

@@ -32,4 +32,6 @@ def get_config(arg=None):
   c.log_every_steps = 10
   c.checkpoint.every_steps = 50
   c.image_every_steps = 100
+  # kNN modality classification on the mini corpus, logged as eval/knn_mini/*.
+  c.evals.knn_mini = dict(type="knn", every_steps=150, benchmarks="mini", image_size=64)
   return c

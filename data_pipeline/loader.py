@@ -201,6 +201,22 @@ def num_records(data_cfg: Any) -> int:
   return len(grain.sources.ArrayRecordDataSource(paths))
 
 
+def process_share(global_batch: int, process_index: int | None,
+                  process_count: int | None, what: str) -> tuple[int, int]:
+  """(process_index, local batch size): each process reads a contiguous share
+  of every global batch. Indices default to jax's."""
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=import-outside-toplevel
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  if global_batch < 1 or global_batch % process_count:
+    raise ValueError(f"{what} {global_batch} must be a positive multiple of the "
+                     f"process count {process_count}")
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+  return process_index, global_batch // process_count
+
+
 def make_pretrain_loader(data_cfg: Any, *, global_batch_size: int, seed: int,
                          start_step: int = 0, process_index: int | None = None,
                          process_count: int | None = None):
@@ -217,18 +233,10 @@ def make_pretrain_loader(data_cfg: Any, *, global_batch_size: int, seed: int,
   worker processes. With num_workers > 0 the calling program needs an
   `if __name__ == "__main__":` guard (workers are spawned).
   """
-  if process_index is None or process_count is None:
-    import jax  # pylint: disable=import-outside-toplevel
-    process_index = jax.process_index() if process_index is None else process_index
-    process_count = jax.process_count() if process_count is None else process_count
-  if global_batch_size < 1 or global_batch_size % process_count:
-    raise ValueError(f"global batch {global_batch_size} must be a positive multiple "
-                     f"of the process count {process_count}")
-  if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+  process_index, local_batch = process_share(global_batch_size, process_index,
+                                             process_count, "global batch")
   if seed < 0 or start_step < 0:
     raise ValueError(f"seed and start_step must be >= 0, got {seed}, {start_step}")
-  local_batch = global_batch_size // process_count
   example = make_example(data_cfg, seed)
 
   ds = (grain.MapDataset.range(_ENDLESS_STEPS * local_batch)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import glob
 import hashlib
 import json
@@ -160,3 +161,20 @@ def resolve_shards(spec: str | os.PathLike | Sequence[str], cache_dir: str | Non
           "(expected 'mini', a directory, a glob, a file or a comma-separated list)")
     paths.extend(found)
   return paths
+
+
+@contextlib.contextmanager
+def file_lock(path: str):
+  """An exclusive lock across processes (a no-op where fcntl is missing: the
+  final rename still keeps the corpus whole, two builds just waste time)."""
+  try:
+    import fcntl  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    yield
+    return
+  with open(path, "a") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)

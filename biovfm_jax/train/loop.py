@@ -21,6 +21,7 @@ from clu import metric_writers
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from biovfm_jax import sharding as shd
+from biovfm_jax.evaluate import during_training
 from biovfm_jax.models.vit import vit_config_from
 from biovfm_jax.objectives import get_objective
 from biovfm_jax.train import checkpoint as ckpt_lib
@@ -137,6 +138,7 @@ class Setup:
   total_steps: int
   steps_per_epoch: int
   num_records: int
+  evaluators: list
 
 
 def build(config, num_records: int | None = None) -> Setup:
@@ -147,6 +149,7 @@ def build(config, num_records: int | None = None) -> Setup:
   mesh = shd.make_mesh(dict(config.mesh))
   rules = shd.rules_from_config(config.sharding_rules)
   validate_config(config, mesh)
+  evaluators = during_training.build_evaluators(config)
   if num_records is None:
     num_records = loader_lib.num_records(config.data)
   steps_per_epoch = config.steps_per_epoch or max(1, num_records // config.batch_size)
@@ -162,7 +165,7 @@ def build(config, num_records: int | None = None) -> Setup:
   train_step = build_train_step(config, spec, objective, tx, schedule, shardings,
                                 batch_sharding, mesh, rules)
   return Setup(mesh, rules, objective, spec, tx, schedule, shardings, batch_sharding,
-               train_step, total_steps, steps_per_epoch, num_records)
+               train_step, total_steps, steps_per_epoch, num_records, evaluators)
 
 
 def train(config, workdir: str) -> dict:
@@ -260,6 +263,18 @@ def train(config, workdir: str) -> dict:
                                    jax.random.fold_in(jax.random.key(config.seed), step),
                                    state.extra)
         writer.write_images(step, {f"{config.objective}/samples": grid})
+        chrono.resume()
+      due = [e for e in s.evaluators if e.due(step)]
+      if due:  # every process takes part: feature extraction is sharded
+        chrono.pause()
+        encoder = during_training.backbone_encoder(config, state, objective.backbone_path,
+                                                   s.mesh, s.rules)
+        for evaluator in due:
+          scores = evaluator.run(encoder)
+          writer.write_scalars(step, scores)
+          if jsonl:
+            jsonl.write(json.dumps({"step": step, **scores}) + "\n")
+            jsonl.flush()
         chrono.resume()
       if stop:
         logging.warning("Stopped for preemption at step %d (checkpoint saved).", step)

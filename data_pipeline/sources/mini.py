@@ -17,7 +17,6 @@ interrupted builds never leave half a corpus.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import os
 import shutil
@@ -173,23 +172,6 @@ def _complete_shards(path: str) -> list[str] | None:
   return files if files and all(os.path.isfile(f) for f in files) else None
 
 
-@contextlib.contextmanager
-def _lock(path: str):
-  """An exclusive lock across processes (a no-op where fcntl is missing: the
-  final rename still keeps the corpus whole, two builds just waste time)."""
-  try:
-    import fcntl  # pylint: disable=import-outside-toplevel
-  except ImportError:
-    yield
-    return
-  with open(path, "a") as f:
-    fcntl.flock(f, fcntl.LOCK_EX)
-    try:
-      yield
-    finally:
-      fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def build_mini_corpus(cache_dir: str | os.PathLike | None = None,
                       force: bool = False) -> list[str]:
   """Build (first call) or load the "mini" corpus; returns its shard paths."""
@@ -198,7 +180,7 @@ def build_mini_corpus(cache_dir: str | os.PathLike | None = None,
     return found
   parent = os.path.dirname(final)
   os.makedirs(parent, exist_ok=True)
-  with _lock(os.path.join(parent, f".{VERSION}.lock")):
+  with shards.file_lock(os.path.join(parent, f".{VERSION}.lock")):
     if not force and (found := _complete_shards(final)):
       return found  # another process built it while we waited
     tmp = tempfile.mkdtemp(prefix=f".{VERSION}.tmp-", dir=parent)

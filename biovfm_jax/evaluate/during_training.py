@@ -1,0 +1,79 @@
+"""Evaluators that score the backbone while it pretrains (as big_vision's
+registry): each entry of `config.evals` names a protocol and how often.
+
+  config.evals.knn_mini = dict(type="knn", every_steps=500, benchmarks="mini",
+                               image_size=64, knn=dict(k=20))
+
+Every key besides `type` and `every_steps` overrides the evaluation config of
+that protocol (configs/eval/common.py), so whatever evaluate.py accepts works
+here. Unknown keys fail when the run starts, before anything compiles.
+Scores are logged as `eval/<name>/<benchmark>/auc` (and acc, and the mean
+over benchmarks).
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+
+from biovfm_jax.evaluate import protocols
+from biovfm_jax.evaluate.encoder import Encoder
+from biovfm_jax.models.vit import vit_config_from
+from configs.eval import common as eval_common
+
+
+class Evaluator:
+
+  def __init__(self, name: str, entry: dict):
+    entry = dict(entry)
+    self.name = name
+    kind = entry.pop("type", None)
+    if kind not in protocols.PROTOCOLS:
+      raise ValueError(f"config.evals.{name}.type={kind!r}; known: {protocols.PROTOCOLS}")
+    self.every_steps = int(entry.pop("every_steps", 0))
+    if self.every_steps <= 0:
+      raise ValueError(f"config.evals.{name}.every_steps must be a positive integer")
+    self.config = eval_common.get_config(kind)
+    self.config.features.cache = False   # the features change as the model trains
+    self.config.lock()                   # nested update, unknown keys refused
+    try:
+      self.config.update(entry)
+    except (KeyError, AttributeError) as e:
+      raise ValueError(f"config.evals.{name}: unknown key {e}") from None
+    self.benchmarks = protocols.benchmark_names(self.config.benchmarks)
+    self._splits = {}
+
+  def due(self, step: int) -> bool:
+    return step % self.every_steps == 0
+
+  def run(self, encoder: Encoder) -> dict[str, float]:
+    t0 = time.perf_counter()
+    scalars = {}
+    for bench in self.benchmarks:
+      if bench not in self._splits:
+        self._splits[bench] = protocols.load_splits(bench, self.config)
+      result = protocols.run_protocol(encoder, self._splits[bench], self.config)
+      del result["test_scores"]
+      for metric in ("auc", "acc"):
+        scalars[f"eval/{self.name}/{bench}/{metric}"] = float(result[metric])
+    for metric in ("auc", "acc"):
+      scalars[f"eval/{self.name}/mean/{metric}"] = float(np.mean(
+          [scalars[f"eval/{self.name}/{b}/{metric}"] for b in self.benchmarks]))
+    logging.info("eval %s: mean AUC %.2f (%.0f s)", self.name,
+                 100 * scalars[f"eval/{self.name}/mean/auc"], time.perf_counter() - t0)
+    return scalars
+
+
+def build_evaluators(config) -> list[Evaluator]:
+  evals = config.get("evals") or {}
+  return [Evaluator(name, entry.to_dict() if hasattr(entry, "to_dict") else entry)
+          for name, entry in evals.items()]
+
+
+def backbone_encoder(config, state, backbone_path, mesh, rules) -> Encoder:
+  """The backbone inside a train state, as an Encoder on the training mesh."""
+  tree = {"params": state.params, "extra": state.extra}
+  for key in backbone_path:
+    tree = tree[key]
+  return Encoder(vit_config_from(config.model), tree, mesh=mesh, rules=rules)

@@ -1,0 +1,23 @@
+"""Offline demo benchmark: modality classification on the built-in mini corpus
+(CT, MR, microscopy, histology, fundus ...), 64 px, no download.
+
+  python main.py --config=configs/quickstart.py --workdir=/tmp/quickstart
+  python evaluate.py --config=configs/eval/mini.py --checkpoint=/tmp/quickstart \
+      --out_dir=/tmp/eval/quickstart
+
+Any protocol works: --config.protocol=biovfm|fast|knn|finetune.
+"""
+from configs.eval import common
+
+
+def get_config(arg=None):
+  del arg
+  c = common.get_config("fast")
+  c.benchmarks = "mini"
+  c.image_size = 64
+  c.probe.epochs = 30
+  c.probe.batch_size = 64
+  c.finetune.epochs = 5
+  c.finetune.warmup_epochs = 1
+  c.finetune.batch_size = 64
+  return c

@@ -1,0 +1,215 @@
+"""The evaluation binary's protocols on generated MedMNIST-format npz files and
+on the mini corpus, with tiny encoders saved as real checkpoints."""
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+import evaluate as evaluate_bin
+from biovfm_jax.evaluate import features as feat_lib
+from biovfm_jax.evaluate.encoder import load_encoder
+from biovfm_jax.evaluate.protocols import load_splits
+from biovfm_jax.models.vit import VisionTransformer, vit_config
+from biovfm_jax.train import checkpoint as ckpt_lib
+from configs.eval import common
+from data_pipeline.sources import medmnist
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = dict(width=32, depth=2, num_heads=2, mlp_dim=64, patch_size=4, image_size=28)
+BENCHMARKS = "breastmnist,chestmnist"   # binary 1-channel, multi-label 14 labels
+
+
+def save_encoder(path, *, blind: bool = False, seed: int = 0):
+  """A random tiny ViT as an 'imported' checkpoint. `blind`: the patch
+  embedding is zeroed, so its features do not depend on the image."""
+  cfg = vit_config(None, **TINY)
+  model = VisionTransformer(cfg, rngs=nnx.Rngs(seed))
+  params = nnx.to_pure_dict(nnx.split(model, nnx.Param, ...)[1])
+  if blind:
+    params["patch_embed"] = jax.tree.map(np.zeros_like, params["patch_embed"])
+  ckpt_lib.save_params(str(path), params, {"objective": "test", "backbone": "params",
+                                           "encoder": dataclasses.asdict(cfg)})
+  return model, params
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+  root = tmp_path_factory.mktemp("medmnist")
+  for flag in BENCHMARKS.split(","):
+    medmnist.make_synthetic_npz(medmnist.npz_path(root / "npz", flag, 28), flag, 28,
+                                counts=(256, 64, 96), seed=1)
+  return {"npz_dir": str(root / "npz"), "data_dir": str(root / "tfds")}
+
+
+@pytest.fixture(scope="module")
+def encoders(tmp_path_factory):
+  root = tmp_path_factory.mktemp("encoders")
+  save_encoder(root / "good")
+  save_encoder(root / "blind", blind=True)
+  return {"good": str(root / "good"), "blind": str(root / "blind")}
+
+
+def eval_config(protocol, data, checkpoint, out_dir, benchmarks=BENCHMARKS):
+  c = common.get_config(protocol)
+  c.benchmarks = benchmarks
+  c.image_size = 28
+  c.npz_dir, c.data_dir = data["npz_dir"], data["data_dir"]
+  c.features.batch_size = 64
+  c.probe.batch_size = 32
+  c.probe.epochs = 4
+  c.knn.k = 10
+  c.finetune.update(batch_size=32, epochs=3, warmup_epochs=1, base_lr=3e-2)
+  return evaluate_bin.resolve_config(c, checkpoint=checkpoint, out_dir=str(out_dir))
+
+
+def reference_metrics(npz_path):
+  """AUC/ACC recomputed from the saved test scores by MedMNIST's own evaluator."""
+  from medmnist.evaluator import getACC, getAUC
+  saved = np.load(npz_path)
+  task = str(saved["task"])
+  return getAUC(saved["labels"], saved["scores"], task), getACC(saved["labels"],
+                                                                 saved["scores"], task)
+
+
+def test_load_encoder_gives_the_saved_weights_and_the_model_features(tmp_path):
+  model, params = save_encoder(tmp_path / "ckpt", seed=3)
+  enc = load_encoder(str(tmp_path / "ckpt"))
+  assert enc.config == model.config
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(enc.params), params)
+  images = np.random.default_rng(0).normal(size=(8, 28, 28, 3)).astype(np.float32)
+  out = enc(images)
+  tokens = np.asarray(model(images))
+  np.testing.assert_allclose(out["cls"], tokens[:, 0], atol=1e-5)
+  np.testing.assert_allclose(out["patch_tokens"], tokens[:, 1:], atol=1e-5)
+  assert out["patch_tokens"].shape == (8, 49, 32)
+  with pytest.raises(ValueError, match="does not divide"):
+    enc(images[:3])
+  with pytest.raises(FileNotFoundError, match="no finished checkpoint"):
+    load_encoder(str(tmp_path / "nothing"))
+
+
+@pytest.mark.parametrize("protocol", ["fast", "knn", "biovfm", "finetune"])
+def test_protocol_report_matches_medmnist_evaluator(protocol, data, encoders, tmp_path):
+  config = eval_config(protocol, data, encoders["good"], tmp_path)
+  results = evaluate_bin.run(config)
+  report = json.load(open(tmp_path / "report.json"))
+  assert os.path.exists(tmp_path / "report.md") and os.path.exists(tmp_path / "report.csv")
+  for flag in BENCHMARKS.split(","):
+    auc, acc = reference_metrics(tmp_path / "scores" / f"{flag}.npz")
+    assert results[flag]["auc"] == pytest.approx(auc, abs=1e-9)
+    assert results[flag]["acc"] == pytest.approx(acc, abs=1e-9)
+    row = report["results"][flag]
+    assert row["auc"] == pytest.approx(auc, abs=1e-9)
+  # The synthetic classes are learnable: every protocol clears chance on the binary task.
+  assert results["breastmnist"]["auc"] > 0.6, results
+
+
+def test_biovfm_and_fast_rank_two_encoders_alike(data, encoders, tmp_path):
+  aucs = {}
+  for protocol in ("biovfm", "fast"):
+    for name in ("good", "blind"):
+      config = eval_config(protocol, data, encoders[name], tmp_path / protocol / name,
+                           benchmarks="breastmnist")
+      aucs[protocol, name] = evaluate_bin.run(config)["breastmnist"]["auc"]
+  # The blind encoder's features are constant: its scores carry no information.
+  assert aucs["fast", "blind"] == pytest.approx(0.5, abs=0.02)
+  assert aucs["biovfm", "blind"] == pytest.approx(0.5, abs=0.02)
+  assert aucs["fast", "good"] > aucs["fast", "blind"] + 0.1
+  assert aucs["biovfm", "good"] > aucs["biovfm", "blind"] + 0.1
+
+
+def test_knn_scores_match_a_numpy_reference(data, encoders, tmp_path):
+  config = eval_config("knn", data, encoders["good"], tmp_path, benchmarks="breastmnist")
+  evaluate_bin.run(config)
+  enc = load_encoder(encoders["good"])
+  splits = load_splits("breastmnist", config)
+  train = feat_lib.extract(enc, splits["train"], batch_size=64)
+  test = feat_lib.extract(enc, splits["test"], batch_size=64)
+  # Cosine similarity, top k, weights exp(sim / T), normalised class votes.
+  a = train / np.linalg.norm(train, axis=1, keepdims=True)
+  q = test / np.linalg.norm(test, axis=1, keepdims=True)
+  sim = q @ a.T
+  top = np.argsort(-sim, axis=1)[:, :10]
+  w = np.exp(np.take_along_axis(sim, top, 1) / 0.07)
+  onehot = np.eye(2)[splits["train"].labels[:, 0]]
+  expected = np.einsum("qk,qkc->qc", w, onehot[top]) / w.sum(1, keepdims=True)
+  saved = np.load(tmp_path / "scores" / "breastmnist.npz")
+  np.testing.assert_allclose(saved["scores"], expected, atol=1e-4)
+  np.testing.assert_array_equal(saved["labels"], splits["test"].labels)
+
+
+def test_feature_cache_is_reused(data, encoders, tmp_path):
+  config = eval_config("fast", data, encoders["good"], tmp_path, benchmarks="breastmnist")
+  first = evaluate_bin.run(config)["breastmnist"]
+  cached = sorted(os.listdir(tmp_path / "features"))
+  assert len(cached) == 3  # train, val, test
+  mtimes = [os.path.getmtime(tmp_path / "features" / f) for f in cached]
+  second = evaluate_bin.run(config)["breastmnist"]
+  assert [os.path.getmtime(tmp_path / "features" / f) for f in cached] == mtimes
+  assert second["auc"] == first["auc"]
+
+
+def test_bad_eval_configs_fail_with_the_key(encoders, tmp_path):
+  c = common.get_config("fast")
+  with pytest.raises(ValueError, match="config.checkpoint"):
+    evaluate_bin.resolve_config(c, out_dir=str(tmp_path))
+  with pytest.raises(ValueError, match="config.benchmarks"):
+    evaluate_bin.resolve_config(common.get_config("fast"), checkpoint=encoders["good"],
+                                out_dir=str(tmp_path), benchmarks="imagenet")
+  with pytest.raises(ValueError, match="config.image_size"):
+    evaluate_bin.resolve_config(common.get_config("fast"), checkpoint=encoders["good"],
+                                out_dir=str(tmp_path), image_size=32)
+
+
+@pytest.mark.slow
+def test_cli_scores_the_mini_benchmark(encoders, tmp_path):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+             JAX_PLATFORMS="cpu")
+  cmd = [sys.executable, "evaluate.py", "--config=configs/eval/mini.py",
+         f"--checkpoint={encoders['good']}", f"--out_dir={tmp_path / 'out'}",
+         "--config.protocol=knn", f"--config.data_dir={tmp_path / 'tfds'}"]
+  r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "mini_modality" in r.stdout and "| mean |" in r.stdout.lower().replace("**", "")
+  report = json.load(open(tmp_path / "out" / "report.json"))
+  auc, _ = reference_metrics(tmp_path / "out" / "scores" / "mini_modality.npz")
+  assert report["results"]["mini_modality"]["auc"] == pytest.approx(auc, abs=1e-9)
+  assert auc > 0.7  # modality is easy to tell even from random features
+  bad = subprocess.run(cmd[:3] + [f"--checkpoint={tmp_path / 'missing'}",
+                                  f"--out_dir={tmp_path / 'o2'}"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert bad.returncode == 2 and "no finished checkpoint" in bad.stderr
+
+
+@pytest.mark.slow
+def test_pretraining_logs_the_evaluator_scores(tmp_path, monkeypatch):
+  sys.path.insert(0, os.path.dirname(__file__))
+  from test_train_e2e import run_main
+  monkeypatch.setenv("BIOVFM_DATA", str(tmp_path / "data"))  # the evaluator's tfds folder
+  r = run_main(tmp_path / "run", "--config.num_train_steps=4", "--config.batch_size=16",
+               "--config.evals.knn_mini.every_steps=2", devices=2)
+  assert r.returncode == 0, r.stderr[-3000:]
+  rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+  scores = [row for row in rows if "eval/knn_mini/mini_modality/auc" in row]
+  assert [row["step"] for row in scores] == [2, 4]
+  assert all(0.5 < row["eval/knn_mini/mean/auc"] <= 1.0 for row in scores)
+
+
+def test_evaluator_entries_are_checked_before_training():
+  from biovfm_jax.evaluate.during_training import Evaluator
+  with pytest.raises(ValueError, match="config.evals.x: unknown key"):
+    Evaluator("x", {"type": "knn", "every_steps": 1, "knn": {"kk": 3}})
+  with pytest.raises(ValueError, match="config.evals.x.type"):
+    Evaluator("x", {"type": "linear", "every_steps": 1})
+  with pytest.raises(ValueError, match="every_steps"):
+    Evaluator("x", {"type": "knn"})
+  ev = Evaluator("x", {"type": "fast", "every_steps": 5, "benchmarks": "derma,mini",
+                       "probe": {"epochs": 3}})
+  assert ev.benchmarks == ["dermamnist", "mini_modality"] and ev.config.probe.epochs == 3
+  assert ev.due(10) and not ev.due(11)
