@@ -31,7 +31,7 @@ setup(
     description=__doc__,
     python_requires=">=3.11",
     packages=find_packages(include=["biovfm_jax*", "data_pipeline*", "configs*"]),
-    py_modules=["main", "evaluate"],
+    py_modules=["main"],
     install_requires=INSTALL_REQUIRES,
     extras_require={
         "cuda": ["jax[cuda12]>=0.10.2,<0.11"],

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import evaluate as evaluate_bin
+from biovfm_jax.evaluate import runner as evaluate_bin
 from biovfm_jax.evaluate import features as feat_lib
 from biovfm_jax.evaluate.encoder import load_encoder
 from biovfm_jax.evaluate.protocols import load_splits

@@ -1,0 +1,115 @@
+"""Command line for weight conversion.
+
+  python -m biovfm_jax.interop import --format=timm --src=vit.safetensors --out=/tmp/vit --model=S
+  python -m biovfm_jax.interop export --format=timm --src=/tmp/run --out=/tmp/vit.safetensors
+
+`import` writes a checkpoint (workdir/checkpoints/0/) that evaluation
+(load_encoder) reads like any other and pretraining can start from; `export`
+writes the encoder of any checkpoint in timm's layout.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+IMPORT_FORMATS = ("timm", "mae", "dinov2")
+EXPORT_FORMATS = ("timm",)
+
+
+def _parser() -> argparse.ArgumentParser:
+  ap = argparse.ArgumentParser(prog="python -m biovfm_jax.interop", description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = ap.add_subparsers(dest="command", required=True)
+  imp = sub.add_parser("import", help="PyTorch weights -> a checkpoint here")
+  imp.add_argument("--format", required=True, choices=IMPORT_FORMATS)
+  imp.add_argument("--src", required=True,
+                   help=".safetensors, .pth, .pt or .bin weight file")
+  imp.add_argument("--out", required=True, help="workdir to write the checkpoint in")
+  imp.add_argument("--model", default=None,
+                   help="size ('T','S','B','L','H','g'): gives the number of heads")
+  imp.add_argument("--num-heads", type=int, default=None,
+                   help="number of heads, instead of --model")
+  imp.add_argument("--image-size", type=int, default=None,
+                   help="image size of the config (timm, dinov2); the learned "
+                   "position table is resized when it differs from the file's")
+  imp.add_argument("--decoder-heads", type=int, default=None,
+                   help="MAE decoder heads (default 16, as every MAE release)")
+  imp.add_argument("--key", default=None,
+                   help="checkpoint key holding the weights (default: found)")
+  exp = sub.add_parser("export", help="a checkpoint's encoder -> PyTorch weights")
+  exp.add_argument("--format", required=True, choices=EXPORT_FORMATS)
+  exp.add_argument("--src", required=True,
+                   help="workdir, its checkpoints/ folder or one step's folder")
+  exp.add_argument("--out", required=True, help="output .safetensors file")
+  exp.add_argument("--step", type=int, default=None, help="default: the latest")
+  return ap
+
+
+def run_import(args) -> dict:
+  from biovfm_jax.interop import convert, torch_files
+  from biovfm_jax.train.checkpoint import save_params
+  if args.decoder_heads is not None and args.format != "mae":
+    raise SystemExit("--decoder-heads only applies to --format=mae")
+  ckpts = os.path.join(args.out, "checkpoints")
+  if os.path.isdir(ckpts) and os.listdir(ckpts):
+    raise SystemExit(f"{ckpts} already holds checkpoints; choose a new --out")
+  sd = torch_files.load_state_dict(args.src, key=args.key)
+  heads = dict(size=args.model, num_heads=args.num_heads)
+  run = {"objective": args.format, "backbone": "params",
+         "source": {"path": os.path.abspath(args.src), "format": args.format}}
+  if args.format == "mae":
+    if args.image_size is not None:
+      raise SystemExit("--image-size does not apply to --format=mae (fixed "
+                       "sin-cos positions follow the image size at run time)")
+    config, params, decoder = convert.from_mae(
+        sd, **heads, decoder_heads=args.decoder_heads or convert.MAE_DECODER_HEADS)
+    run.update(backbone="params/encoder", decoder=decoder)
+  else:
+    fn = convert.from_timm if args.format == "timm" else convert.from_dinov2
+    config, params = fn(sd, **heads, image_size=args.image_size)
+  run["encoder"] = dataclasses.asdict(config)
+  step_dir = save_params(args.out, params, run, step=0)
+  return {"checkpoint": step_dir, **run}
+
+
+def run_export(args) -> dict:
+  import jax
+  from safetensors.numpy import save_file
+
+  from biovfm_jax.evaluate.encoder import load_encoder
+  from biovfm_jax.interop import convert
+  if not args.out.endswith(".safetensors"):
+    raise SystemExit(f"--out={args.out} must end in .safetensors")
+  enc = load_encoder(args.src, step=args.step)
+  config = enc.config
+  sd = convert.to_timm(config, jax.device_get(enc.params))
+  kwargs = convert.timm_model_kwargs(config)
+  meta = {"format": "pt", "source": enc.source or args.src,
+          "timm_kwargs": json.dumps(kwargs)}
+  try:
+    meta["timm_model"] = convert.timm_model_name(config)
+  except convert.ConversionError:
+    pass  # no named timm architecture; the kwargs still build one
+  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+  save_file(sd, args.out, metadata=meta)
+  return {"out": args.out, "timm_model": meta.get("timm_model"),
+          "timm_kwargs": kwargs, "tensors": len(sd)}
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = _parser().parse_args(argv)
+  try:
+    result = run_import(args) if args.command == "import" else run_export(args)
+  except (ValueError, FileNotFoundError, ImportError) as e:
+    # Bad inputs (layouts, shapes, refused files) end in one line, not a traceback.
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(json.dumps(result, indent=1, default=str))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

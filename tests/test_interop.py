@@ -1,0 +1,557 @@
+"""PyTorch interop: timm / MAE / DINOv2 weights in, timm weights out.
+
+Parity is checked against the torch models themselves (timm's
+forward_features) on random weights, so a transposed or mis-ordered tensor
+shows up as a large error, not just a shape mismatch.
+"""
+import argparse
+import functools
+import json
+import os
+
+import numpy as np
+import pytest
+import safetensors.numpy
+import safetensors.torch
+import timm
+import torch
+from flax import nnx
+from timm.layers import SwiGLU, SwiGLUPacked
+from torch import nn
+
+from biovfm_jax.interop import (ConversionError, create_timm_model, from_dinov2,
+                                from_mae, from_timm, load_state_dict,
+                                timm_model_kwargs, timm_model_name, to_timm)
+from biovfm_jax.interop.__main__ import main as cli_main
+from biovfm_jax.models import MaskedAutoencoder, VisionTransformer, vit_config
+
+TOL = 1e-4
+_T = dict(embed_dim=192, num_heads=3)  # shrink the S-named models to T width
+
+# name, timm kwargs, how the file is saved, whether to_timm gives back the
+# same state dict (registers inside the position table are folded away).
+TIMM_CASES = {
+    "plain": ("vit_tiny_patch16_224", dict(img_size=32), ".safetensors", True),
+    "reg_in_table_ls": ("vit_tiny_patch16_224",
+                        dict(img_size=32, reg_tokens=2, init_values=1e-5), ".pth", False),
+    "reg4_dinov2": ("vit_small_patch14_reg4_dinov2", dict(img_size=28, **_T), ".pth", True),
+    "swiglu_packed": ("vit_small_patch14_dinov2",
+                      dict(img_size=28, mlp_layer=SwiGLUPacked, act_layer="silu",
+                           mlp_ratio=2.66667 * 2, **_T), ".safetensors", True),
+    "swiglu_split": ("vit_tiny_patch16_224",
+                     dict(img_size=32, mlp_layer=SwiGLU, act_layer="silu",
+                          mlp_ratio=512 / 192), ".safetensors", False),
+    "no_cls": ("vit_tiny_patch16_224",
+               dict(img_size=32, class_token=False, global_pool="avg", fc_norm=False),
+               ".safetensors", True),
+}
+
+
+def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
+  """Random weights of a moderate scale everywhere (norm scales and
+  LayerScale around 1), so every tensor matters for the output."""
+  g = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      base = 1.0 if name.endswith(("norm1.weight", "norm2.weight", "norm.weight",
+                                   "gamma")) else 0.0
+      p.copy_(base + 0.05 * torch.randn(p.shape, generator=g))
+  return model.eval()
+
+
+def timm_model(name, seed=0, depth=2, **kw):
+  return randomize(timm.create_model(name, pretrained=False, num_classes=0,
+                                     depth=depth, **kw), seed)
+
+
+def numpy_sd(model) -> dict:
+  return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+
+
+def images(size, n=2, seed=0):
+  return np.random.default_rng(seed).normal(size=(n, size, size, 3)).astype(np.float32)
+
+
+def torch_features(model, x):
+  with torch.no_grad():
+    return model.forward_features(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
+
+
+def merged(build, params):
+  """A model holding `params`, built without a random init."""
+  graphdef, state, rest = nnx.split(nnx.eval_shape(build), nnx.Param, ...)
+  nnx.replace_by_pure_dict(state, params)
+  return nnx.merge(graphdef, state, rest)
+
+
+def vit(config, params):
+  return merged(lambda: VisionTransformer(config, rngs=nnx.Rngs(0)), params)
+
+
+def our_features(config, params, x):
+  return np.asarray(vit(config, params)(x))
+
+
+def max_err(a, b):
+  assert a.shape == b.shape, (a.shape, b.shape)
+  return float(np.abs(a - b).max())
+
+
+def save(sd: dict, path, nest=None):
+  """numpy state dict -> .safetensors, or .pth (optionally under sd[nest])."""
+  path = str(path)
+  if path.endswith(".safetensors"):
+    safetensors.numpy.save_file(sd, path)
+  else:
+    tensors = {k: torch.from_numpy(v) for k, v in sd.items()}
+    torch.save(tensors if nest is None else {nest: tensors, "epoch": 3}, path)
+  return path
+
+
+def load_timm(model, sd: dict):
+  model.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=True)
+  return model.eval()
+
+
+# --- timm -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", sorted(TIMM_CASES))
+def test_from_timm_parity_and_back(case, tmp_path):
+  name, kw, ext, exact = TIMM_CASES[case]
+  model = timm_model(name, **kw)
+  sd = numpy_sd(model)
+  loaded = load_state_dict(save(sd, tmp_path / f"w{ext}"))
+  config, params = from_timm(loaded, size="T")
+  assert config.pos_embed == "learned" and config.depth == 2
+  x = images(kw["img_size"])
+  ref = torch_features(model, x)
+  err = max_err(our_features(config, params, x), ref)
+  print(f"{case}: max |ours - timm| = {err:.2e}")
+  assert err < TOL
+  # Back to timm: strict load into the architecture timm_model_kwargs gives,
+  # same features; bit-identical tensors where timm's layout round-trips.
+  back = to_timm(config, params)
+  if exact:
+    assert sorted(back) == sorted(sd)
+    for k in sd:
+      np.testing.assert_array_equal(back[k], sd[k], err_msg=k)
+  assert max_err(torch_features(load_timm(create_timm_model(config), back), x), ref) < TOL
+
+
+def test_from_timm_reads_architecture():
+  sd = numpy_sd(timm_model("vit_small_patch14_reg4_dinov2", img_size=28, **_T))
+  config, _ = from_timm(sd, num_heads=3)
+  assert (config.width, config.depth, config.num_heads, config.patch_size,
+          config.image_size, config.num_registers, config.layerscale_init,
+          config.ffn, config.mlp_dim) == (192, 2, 3, 14, 28, 4, 1e-5, "mlp", 768)
+  name, kw = TIMM_CASES["swiglu_packed"][:2]
+  sd = numpy_sd(timm_model(name, **kw))
+  config, params = from_timm(sd, size="T")
+  assert config.ffn == "swiglu" and config.mlp_dim == 512
+  assert params["blocks"]["layers"][0]["mlp"]["w12_kernel"].shape == (192, 2, 512)
+
+
+def test_from_timm_resizes_table_like_the_model():
+  sd = numpy_sd(timm_model("vit_tiny_patch16_224", img_size=32))
+  config, params = from_timm(sd, size="T")
+  big_config, big_params = from_timm(sd, size="T", image_size=64)
+  assert big_config.image_size == 64 and big_params["pos_embed"].shape == (17, 192)
+  x = images(64)
+  # Same as the 32px model resizing its table at run time.
+  assert max_err(our_features(big_config, big_params, x),
+                 our_features(config, params, x)) < 1e-5
+
+
+def test_from_timm_errors():
+  sd = numpy_sd(timm_model("vit_tiny_patch16_224", img_size=32))
+  with pytest.raises(ConversionError, match="heads cannot be read"):
+    from_timm(sd)
+  with pytest.raises(ConversionError, match="size='S' has width 384"):
+    from_timm(sd, size="S")
+  bad = dict(sd)
+  bad["blocks.1.attn.qkv.weight"] = bad["blocks.1.attn.qkv.weight"][:-3]
+  with pytest.raises(ConversionError, match=r"'blocks\.1\.attn\.qkv\.weight' has shape"):
+    from_timm(bad, size="T")
+  extra = {**sd, "blocks.0.attn.q_norm.weight": np.ones(64, np.float32)}
+  with pytest.raises(ConversionError, match=r"unexpected keys \['blocks\.0\.attn\.q_norm"):
+    from_timm(extra, size="T")
+  missing = {k: v for k, v in sd.items() if not k.startswith("norm.")}
+  with pytest.raises(ConversionError, match="missing key 'norm.weight'"):
+    from_timm(missing, size="T")
+  gap = {k: v for k, v in sd.items() if not k.startswith("blocks.0.")}
+  with pytest.raises(ConversionError, match=r"blocks\.0\.\* is missing"):
+    from_timm(gap, size="T")
+  with pytest.raises(ConversionError, match="pos_embed has 6 rows, which fits no"):
+    from_timm({**sd, "pos_embed": np.zeros((1, 6, 192), np.float32)}, size="T")
+  # A classifier head is fine.
+  from_timm({**sd, "head.weight": np.ones((10, 192), np.float32),
+             "head.bias": np.ones(10, np.float32)}, size="T")
+
+
+def test_from_timm_ambiguous_table():
+  # 9 rows with cls + 4 registers: 3x3 patches (no_embed_class, timm's
+  # register models) or 2x2 patches + 5 prefix rows; image_size decides.
+  model = timm_model("vit_tiny_patch16_224", depth=1, img_size=32, reg_tokens=4)
+  sd = numpy_sd(model)
+  assert from_timm(sd, size="T")[0].image_size == 48
+  config, params = from_timm(sd, size="T", image_size=32)
+  x = images(32)
+  assert config.image_size == 32
+  assert max_err(our_features(config, params, x), torch_features(model, x)) < TOL
+
+
+# --- MAE --------------------------------------------------------------------
+
+
+def mae_sincos(width, grid):
+  """The reference MAE table written out from its definition: cls row zero,
+  first half of the channels [sin, cos] of the column, second half of the row."""
+  def one_axis(dim, pos):
+    omega = 1.0 / 10000 ** (np.arange(dim // 2) / (dim / 2.0))
+    out = np.outer(pos, omega)
+    return np.concatenate([np.sin(out), np.cos(out)], 1)
+  rows, cols = np.meshgrid(np.arange(grid), np.arange(grid), indexing="ij")
+  table = np.concatenate([one_axis(width // 2, cols.ravel()),
+                          one_axis(width // 2, rows.ravel())], 1)
+  return np.concatenate([np.zeros((1, width)), table]).astype(np.float32)[None]
+
+
+class MaeDecoder(nn.Module):
+  """The reference MAE decoder's modules and names, for weights and a forward."""
+
+  def __init__(self, width, dwidth, depth, heads, num_patches, patch_dim):
+    super().__init__()
+    self.decoder_embed = nn.Linear(width, dwidth)
+    self.mask_token = nn.Parameter(torch.zeros(1, 1, dwidth))
+    grid = int(round(num_patches ** 0.5))
+    self.decoder_pos_embed = nn.Parameter(torch.from_numpy(mae_sincos(dwidth, grid)),
+                                          requires_grad=False)
+    block = functools.partial(timm.models.vision_transformer.Block, dwidth, heads,
+                              qkv_bias=True,
+                              norm_layer=functools.partial(nn.LayerNorm, eps=1e-6))
+    self.decoder_blocks = nn.ModuleList([block() for _ in range(depth)])
+    self.decoder_norm = nn.LayerNorm(dwidth, eps=1e-6)
+    self.decoder_pred = nn.Linear(dwidth, patch_dim)
+
+  def forward(self, latent):  # all patches visible: no shuffling
+    x = self.decoder_embed(latent) + self.decoder_pos_embed
+    for blk in self.decoder_blocks:
+      x = blk(x)
+    return self.decoder_pred(self.decoder_norm(x))[:, 1:]
+
+
+@pytest.fixture(scope="module")
+def mae_checkpoint(tmp_path_factory):
+  """An MAE pretraining checkpoint as main_pretrain.py writes it: the model
+  (timm encoder with the fixed sin-cos table, decoder) under 'model', plus
+  optimizer-free extras and its argparse Namespace."""
+  encoder = timm_model("vit_tiny_patch16_224", img_size=32)
+  with torch.no_grad():
+    encoder.pos_embed.copy_(torch.from_numpy(mae_sincos(192, 2)))
+  decoder = randomize(MaeDecoder(192, 64, 1, 4, 4, 16 * 16 * 3), seed=1)
+  with torch.no_grad():  # randomize() touched the fixed table; restore it
+    decoder.decoder_pos_embed.copy_(torch.from_numpy(mae_sincos(64, 2)))
+  sd = {**encoder.state_dict(), **decoder.state_dict()}
+  path = str(tmp_path_factory.mktemp("mae") / "checkpoint-399.pth")
+  torch.save({"model": sd, "epoch": 399, "scaler": {"scale": 1024.0},
+              "args": argparse.Namespace(model="mae_vit_tiny", mask_ratio=0.75)}, path)
+  return path, encoder, decoder
+
+
+def test_from_mae_parity(mae_checkpoint):
+  path, encoder, decoder = mae_checkpoint
+  config, params, dec = from_mae(load_state_dict(path), size="T", decoder_heads=4)
+  assert config.pos_embed == "sincos" and "pos_embed" not in params["encoder"]
+  assert dec == dict(decoder_width=64, decoder_depth=1, decoder_heads=4,
+                     decoder_mlp_dim=256)
+  x = images(32)
+  ref_latent = torch_features(encoder, x)
+  err = max_err(our_features(config, params["encoder"], x), ref_latent)
+  print(f"mae encoder: max |ours - timm| = {err:.2e}")
+  assert err < TOL
+  # The decoder continues where it left off: with every patch visible the
+  # prediction equals the reference decoder on the full latent.
+  mae = merged(lambda: MaskedAutoencoder(config, **dec, rngs=nnx.Rngs(0)), params)
+  noise = np.random.default_rng(1).uniform(size=(2, 4)).astype(np.float32)
+  pred, mask = mae(x, noise, mask_ratio=0.0)
+  with torch.no_grad():
+    ref_pred = decoder(torch.from_numpy(ref_latent)).numpy()
+  err = max_err(np.asarray(pred), ref_pred)
+  print(f"mae decoder: max |ours - torch| = {err:.2e}")
+  assert err < TOL and not np.asarray(mask).any()
+  pred, mask = mae(x, noise, mask_ratio=0.75)  # the pretraining call runs too
+  assert pred.shape == (2, 4, 768) and np.asarray(mask).sum() == 2 * 3
+
+
+def test_from_mae_learned_table_and_errors(mae_checkpoint):
+  sd = load_state_dict(mae_checkpoint[0])
+  moved = {**sd, "pos_embed": sd["pos_embed"] + 0.1}
+  with pytest.warns(UserWarning, match="not the fixed sin-cos"):
+    config, params, _ = from_mae(moved, size="T", decoder_heads=4)
+  assert config.pos_embed == "learned"
+  np.testing.assert_array_equal(params["encoder"]["pos_embed"], moved["pos_embed"][0])
+  with pytest.raises(ConversionError, match="decoder_pos_embed is not"):
+    from_mae({**sd, "decoder_pos_embed": sd["decoder_pos_embed"] + 0.1}, size="T",
+             decoder_heads=4)
+  encoder_only = {k: v for k, v in sd.items() if not k.startswith(("decoder", "mask"))}
+  with pytest.raises(ConversionError, match="no decoder"):
+    from_mae(encoder_only, size="T")
+  with pytest.raises(ConversionError, match=r"unexpected keys \['extra'\]"):
+    from_mae({**sd, "extra": np.ones(3, np.float32)}, size="T", decoder_heads=4)
+
+
+# --- DINOv2 -----------------------------------------------------------------
+
+
+def to_dinov2_layout(sd: dict, *, chunks: int = 0, prefix: str = "",
+                     mask_token=None) -> dict:
+  """A timm DINOv2-style state dict renamed to facebookresearch/dinov2's:
+  register_tokens, a cls row in pos_embed, mask_token, SwiGLU as w12/w3,
+  optionally blocks in FSDP chunks blocks.<chunk>.<i> and a prefix."""
+  out = {}
+  depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+  per_chunk = depth // chunks if chunks else depth
+  swiglu = sd["blocks.0.mlp.fc1.weight"].shape[0] == 2 * sd["blocks.0.mlp.fc2.weight"].shape[1]
+  for k, v in sd.items():
+    if k == "reg_token":
+      k = "register_tokens"
+    elif k == "pos_embed" and "reg_token" in sd:  # timm: no cls row with registers
+      v = np.concatenate([np.zeros_like(v[:, :1]), v], 1)
+    elif k.startswith("blocks."):
+      _, i, rest = k.split(".", 2)
+      if swiglu:
+        rest = rest.replace("mlp.fc1.", "mlp.w12.").replace("mlp.fc2.", "mlp.w3.")
+      k = (f"blocks.{int(i) // per_chunk}.{i}.{rest}" if chunks else f"blocks.{i}.{rest}")
+    out[prefix + k] = v
+  if mask_token is not None:
+    out[prefix + "mask_token"] = mask_token
+  return out
+
+
+@pytest.mark.parametrize("case", ["hub_mlp", "teacher_reg4_swiglu_chunked"])
+def test_from_dinov2_parity(case, tmp_path):
+  d = 192
+  mask_token = np.random.default_rng(3).normal(size=(1, d)).astype(np.float32)
+  if case == "hub_mlp":
+    model = timm_model("vit_small_patch14_dinov2", img_size=42, **_T)
+    official = to_dinov2_layout(numpy_sd(model), mask_token=mask_token)
+    path = save(official, tmp_path / "dinov2_vits14.pth")
+  else:
+    model = timm_model("vit_small_patch14_reg4_dinov2", depth=4, img_size=42,
+                       mlp_layer=SwiGLUPacked, act_layer="silu", mlp_ratio=2.66667 * 2,
+                       **_T)
+    official = to_dinov2_layout(numpy_sd(model), chunks=2, prefix="backbone.",
+                                mask_token=mask_token)
+    assert "backbone.blocks.1.3.mlp.w12.weight" in official
+    heads = {"dino_head.mlp.0.weight": np.ones((8, d), np.float32),
+             "ibot_head.last_layer.weight_g": np.ones((8, 1), np.float32)}
+    path = save({**official, **heads}, tmp_path / "teacher_checkpoint.pth",
+                nest="teacher")
+  config, params = from_dinov2(load_state_dict(path), size="T")
+  assert config.image_size == 42 and config.mask_token and config.init == "dinov2"
+  np.testing.assert_array_equal(params["mask_token"], mask_token[0])
+  x = images(42)
+  err = max_err(our_features(config, params, x), torch_features(model, x))
+  print(f"dinov2 {case}: max |ours - timm| = {err:.2e}")
+  assert err < TOL
+
+
+def test_from_dinov2_full_training_checkpoint():
+  """{'model': {'student.backbone.*', 'teacher.backbone.*', heads}}: the teacher."""
+  sd = to_dinov2_layout(numpy_sd(timm_model("vit_small_patch14_dinov2", img_size=28,
+                                            **_T)))
+  student = {f"student.backbone.{k}": v + 1 for k, v in sd.items()}
+  teacher = {f"teacher.backbone.{k}": v for k, v in sd.items()}
+  heads = {"teacher.dino_head.last_layer.weight_v": np.ones((8, 4), np.float32)}
+  config, params = from_dinov2({**student, **teacher, **heads}, size="T")
+  want = from_dinov2(sd, size="T")[1]
+  for k, v in _flat(want).items():
+    np.testing.assert_array_equal(_flat(params)[k], v, err_msg=k)
+
+
+def test_from_dinov2_errors():
+  sd = numpy_sd(timm_model("vit_small_patch14_dinov2", img_size=28, **_T))
+  official = to_dinov2_layout(sd, chunks=2)
+  official["blocks.0.1.norm1.weight"] = official["blocks.1.1.norm1.weight"]
+  with pytest.raises(ConversionError, match="block 1 appears in chunks"):
+    from_dinov2(official, size="T")
+  with pytest.raises(ConversionError, match="no patch_embed.proj.weight"):
+    from_dinov2({"teacher.x": np.ones(1, np.float32)}, size="T")
+  with pytest.raises(ConversionError, match=r"pos_embed has 6 rows"):
+    from_dinov2({**to_dinov2_layout(sd), "pos_embed": np.zeros((1, 6, 192), np.float32)},
+                size="T")
+
+
+# --- export -----------------------------------------------------------------
+
+
+def random_params(config, seed=0):
+  """Our init plus noise (so LayerScale and zero biases matter too)."""
+  model = VisionTransformer(config, rngs=nnx.Rngs(seed))
+  _, state, _ = nnx.split(model, nnx.Param, ...)
+  rng = np.random.default_rng(seed)
+  noise = lambda a: np.asarray(a) + 0.05 * rng.normal(size=a.shape).astype(np.float32)
+  return _map(nnx.to_pure_dict(state), noise)
+
+
+def _map(tree, fn):
+  return {k: _map(v, fn) if isinstance(v, dict) else fn(v) for k, v in tree.items()}
+
+
+EXPORT_CASES = {
+    # MAE-style: fixed sin-cos table, scanned layers.
+    "sincos_scanned": dict(size="T", depth=2, image_size=32, scan_layers=True),
+    # DINOv2-style at T width (no named timm architecture: built from kwargs).
+    "reg_ls_swiglu_mask": dict(size="T", depth=2, patch_size=14, image_size=28,
+                               pos_embed="learned", num_registers=2,
+                               layerscale_init=1e-5, ffn="swiglu", mask_token=True),
+    "no_cls_learned": dict(size="T", depth=1, image_size=32, pos_embed="learned",
+                           class_token=False),
+}
+
+
+@pytest.mark.parametrize("case", sorted(EXPORT_CASES))
+def test_to_timm_loads_strict_and_matches(case):
+  kw = dict(EXPORT_CASES[case])
+  config = vit_config(kw.pop("size"), **kw)
+  params = random_params(config)
+  sd = to_timm(config, params)
+  if config.ffn == "mlp":  # the plain timm call works with these kwargs
+    model = timm.create_model(timm_model_name(config), pretrained=False,
+                              **timm_model_kwargs(config))
+  else:
+    model = create_timm_model(config)
+  model = load_timm(model, sd)
+  x = images(config.image_size)
+  err = max_err(torch_features(model, x), our_features(config, params, x))
+  print(f"export {case}: max |timm - ours| = {err:.2e}")
+  assert err < TOL
+  # Re-import: the same function, and the same tensors where layouts agree.
+  config2, params2 = from_timm(sd, size="T")
+  assert max_err(our_features(config2, params2, x), our_features(config, params, x)) < TOL
+  if case == "no_cls_learned":
+    assert config2 == config
+    for k, v in _flat(params).items():
+      np.testing.assert_array_equal(_flat(params2)[k], v, err_msg=k)
+
+
+def _flat(tree, prefix=""):
+  out = {}
+  for k, v in tree.items():
+    out.update(_flat(v, f"{prefix}{k}/") if isinstance(v, dict) else {prefix + str(k): v})
+  return out
+
+
+def test_to_timm_round_trips_exactly():
+  config = vit_config("T", depth=2, image_size=32, pos_embed="learned",
+                      layerscale_init=1e-5)
+  params = random_params(config, seed=4)
+  config2, params2 = from_timm(to_timm(config, params), size="T")
+  assert config2 == config
+  want, got = _flat(params), _flat(params2)
+  assert sorted(got) == sorted(want)
+  for k in want:
+    np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+def test_timm_model_name():
+  assert timm_model_name(vit_config("T")) == "vit_tiny_patch16_224"
+  assert timm_model_name(vit_config("B", patch_size=8)) == "vit_base_patch8_224"
+  assert timm_model_name(vit_config("H")) == "vit_huge_patch14_224"
+  assert timm_model_name(vit_config("S", patch_size=14, layerscale_init=1e-5)) == (
+      "vit_small_patch14_dinov2")
+  assert timm_model_name(vit_config("L", patch_size=14, num_registers=4,
+                                    layerscale_init=1e-5)) == "vit_large_patch14_reg4_dinov2"
+  assert timm_model_name(vit_config("g")) == "vit_giant_patch14_dinov2"
+  with pytest.raises(ConversionError):  # timm's giant is SwiGLU
+    timm_model_name(vit_config("g", ffn="mlp"))
+  with pytest.raises(ConversionError, match="no timm vit_\\* architecture"):
+    timm_model_name(vit_config("T", patch_size=14, image_size=28))
+  with pytest.raises(ConversionError, match=r"params\['encoder'\]"):
+    to_timm(vit_config("T"), {"encoder": {}})
+
+
+# --- files ------------------------------------------------------------------
+
+
+class NotATensor:
+  """Stands for any pickled object weights_only must refuse."""
+
+
+def test_load_state_dict_files(tmp_path):
+  (tmp_path / "w.npz").write_bytes(b"")
+  with pytest.raises(ValueError, match="unknown weight file extension '.npz'"):
+    load_state_dict(tmp_path / "w.npz")
+  with pytest.raises(FileNotFoundError):
+    load_state_dict(tmp_path / "missing.pth")
+  evil = str(tmp_path / "evil.pth")
+  torch.save({"model": {"a.weight": torch.ones(2)}, "obj": NotATensor()}, evil)
+  with pytest.raises(ValueError, match="evil.pth: refused"):
+    load_state_dict(evil)
+  # Nested keys, bfloat16 -> float32, explicit key.
+  torch.save({"state_dict": {"a": {"weight": torch.ones(2, dtype=torch.bfloat16)}},
+              "step": 7}, tmp_path / "nested.pt")
+  got = load_state_dict(tmp_path / "nested.pt")
+  assert list(got) == ["a.weight"] and got["a.weight"].dtype == np.float32
+  with pytest.raises(ValueError, match="has no key 'model'"):
+    load_state_dict(tmp_path / "nested.pt", key="model")
+  safetensors.torch.save_file({"b": torch.full((3,), 1.5, dtype=torch.bfloat16)},
+                              str(tmp_path / "bf16.safetensors"))
+  got = load_state_dict(tmp_path / "bf16.safetensors")
+  assert got["b"].dtype == np.float32 and (got["b"] == 1.5).all()
+
+
+# --- command line -----------------------------------------------------------
+
+
+def test_cli_import_timm_then_export(tmp_path, capsys):
+  from biovfm_jax.evaluate.encoder import load_encoder
+  from biovfm_jax.train.checkpoint import find_step_dir, read_run
+  model = timm_model("vit_small_patch14_reg4_dinov2", img_size=28, **_T)
+  src = save(numpy_sd(model), tmp_path / "vit.safetensors")
+  out = str(tmp_path / "imported")
+  assert cli_main(["import", "--format=timm", f"--src={src}", f"--out={out}",
+                   "--model=T"]) == 0
+  run = read_run(find_step_dir(out))
+  assert run["objective"] == "timm" and run["backbone"] == "params"
+  assert run["source"] == {"path": os.path.abspath(src), "format": "timm"}
+  enc = load_encoder(out)
+  x = images(28, n=8)
+  ref = torch_features(model, x)
+  feats = enc(x)
+  assert max_err(np.asarray(feats["cls"]), ref[:, 0]) < TOL
+  assert max_err(np.asarray(feats["patch_tokens"]), ref[:, 5:]) < TOL
+  # Refuses to write over it.
+  with pytest.raises(SystemExit, match="already holds checkpoints"):
+    cli_main(["import", "--format=timm", f"--src={src}", f"--out={out}", "--model=T"])
+
+  dst = str(tmp_path / "export" / "vit.safetensors")
+  capsys.readouterr()
+  assert cli_main(["export", "--format=timm", f"--src={out}", f"--out={dst}"]) == 0
+  printed = json.loads(capsys.readouterr().out)
+  assert printed["timm_model"] is None  # T width at patch 14: kwargs only
+  exported = {k: v.numpy() for k, v in safetensors.torch.load_file(dst).items()}
+  again = load_timm(create_timm_model(enc.config), exported)
+  assert max_err(torch_features(again, x), ref) < TOL
+  # Bad input: one line on stderr, exit code 2.
+  assert cli_main(["import", "--format=dinov2", f"--src={src}",
+                   f"--out={tmp_path / 'x'}", "--model=T"]) == 2
+  assert "DINOv2 state dict" in capsys.readouterr().err
+
+
+def test_cli_import_mae(mae_checkpoint, tmp_path):
+  from biovfm_jax.evaluate.encoder import load_encoder
+  from biovfm_jax.train.checkpoint import find_step_dir, read_run
+  path, encoder, _ = mae_checkpoint
+  out = str(tmp_path / "mae")
+  assert cli_main(["import", "--format=mae", f"--src={path}", f"--out={out}",
+                   "--model=T", "--decoder-heads=4"]) == 0
+  run = read_run(find_step_dir(out))
+  assert run["objective"] == "mae" and run["backbone"] == "params/encoder"
+  assert run["decoder"] == dict(decoder_width=64, decoder_depth=1, decoder_heads=4,
+                                decoder_mlp_dim=256)
+  assert run["encoder"]["pos_embed"] == "sincos"
+  x = images(32, n=8)
+  ref = torch_features(encoder, x)
+  assert max_err(np.asarray(load_encoder(out)(x)["patch_tokens"]), ref[:, 1:]) < TOL
