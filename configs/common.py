@@ -10,6 +10,9 @@ def get_config(size: str | None) -> config_dict.ConfigDict:
   c = config_dict.ConfigDict()
   c.objective = ""
   c.seed = 0
+  # A checkpoint whose params start the run (e.g. an imported MAE, decoder included:
+  # python -m biovfm_jax.interop import --format=mae ...); optimiser and step start fresh.
+  c.init_from = ""
   image_size = config_dict.FieldReference(224)
   c.image_size = image_size  # one value feeds the model and the input pipeline
 

@@ -555,3 +555,35 @@ def test_cli_import_mae(mae_checkpoint, tmp_path):
   x = images(32, n=8)
   ref = torch_features(encoder, x)
   assert max_err(np.asarray(load_encoder(out)(x)["patch_tokens"]), ref[:, 1:]) < TOL
+
+
+@pytest.mark.slow
+def test_pretraining_continues_from_an_imported_mae(mae_checkpoint, tmp_path):
+  """main.py --config.init_from takes the imported encoder and decoder; a
+  model that does not fit is refused before training, naming the key."""
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  path, _, _ = mae_checkpoint
+  out = str(tmp_path / "mae")
+  assert cli_main(["import", "--format=mae", f"--src={path}", f"--out={out}",
+                   "--model=T", "--decoder-heads=4"]) == 0
+  flags = ["--config=configs/quickstart.py", "--config.image_size=32",
+           "--config.model.patch_size=16", "--config.model.width=192",
+           "--config.model.depth=2", "--config.model.num_heads=3",
+           "--config.model.mlp_dim=768", "--config.mae.decoder_width=64",
+           "--config.mae.decoder_heads=4", "--config.num_train_steps=2",
+           "--config.batch_size=8", f"--config.init_from={out}"]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+
+  def run(workdir, *extra):
+    return subprocess.run([sys.executable, "main.py", f"--workdir={workdir}", *flags, *extra],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=600)
+
+  ok = run(tmp_path / "run", "--config.mae.decoder_depth=1")
+  assert ok.returncode == 0, ok.stderr[-3000:]
+  assert "Initialised from" in ok.stderr
+  losses = [json.loads(line)["loss"] for line in open(tmp_path / "run" / "metrics.jsonl")]
+  assert len(losses) == 2 and all(np.isfinite(losses))
+  bad = run(tmp_path / "bad", "--config.mae.decoder_depth=2")
+  assert bad.returncode == 2 and "config.init_from" in bad.stderr

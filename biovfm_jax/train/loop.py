@@ -194,7 +194,8 @@ def train(config, workdir: str) -> dict:
   if ckpt.latest_step() is not None:
     state, _ = ckpt.restore(state_lib.abstract_state(spec, tx, objective, shardings), facts)
   else:
-    state = state_lib.create_state(spec, tx, objective, shardings)
+    state = state_lib.create_state(spec, tx, objective, shardings,
+                                   params=_initial_params(config, spec))
   start_step = int(state.step)
   if start_step:
     logging.info("Resuming from step %d.", start_step)
@@ -291,6 +292,31 @@ def train(config, workdir: str) -> dict:
     if close:
       close()
   return last
+
+
+def _initial_params(config, spec: state_lib.ModelSpec):
+  """The params of checkpoint `config.init_from` (e.g. an imported MAE with its
+  decoder) to start from, or None for the model's own init. Optimiser state and
+  step start fresh."""
+  if not config.get("init_from"):
+    return None
+  step_dir = ckpt_lib.find_step_dir(config.init_from)
+  saved = _shapes(ckpt_lib.state_metadata(step_dir).get("params", {}))
+  wanted = _shapes(spec.abstract_params)
+  if saved != wanted:
+    diff = sorted(set(saved.items()) ^ set(wanted.items()))[:4]
+    raise ValueError(f"config.init_from={config.init_from!r}: its params do not fit this "
+                     f"config's model (first differences, path and shape: {diff})")
+  target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        spec.abstract_params, spec.param_shardings)
+  params = ckpt_lib.restore_subtree(step_dir, ("params",), target)
+  logging.info("Initialised from %s.", step_dir)
+  return params
+
+
+def _shapes(tree) -> dict[str, tuple]:
+  return {"/".join(str(getattr(k, "key", k)) for k in path): tuple(x.shape)
+          for path, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

@@ -98,12 +98,15 @@ def abstract_state(spec: ModelSpec, tx, objective, shardings: TrainState) -> Tra
                       abstract, shardings)
 
 
-def _fresh_state(spec: ModelSpec, tx, objective) -> TrainState:
-  params = spec.init_params()
+def _fresh_state(spec: ModelSpec, tx, objective, params=None) -> TrainState:
+  params = spec.init_params() if params is None else params
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                     extra=objective.init_extra(params))
 
 
-def create_state(spec: ModelSpec, tx, objective, shardings: TrainState) -> TrainState:
-  """Initialises the state directly into its shardings (no host copy)."""
-  return jax.jit(lambda: _fresh_state(spec, tx, objective), out_shardings=shardings)()
+def create_state(spec: ModelSpec, tx, objective, shardings: TrainState,
+                 params=None) -> TrainState:
+  """Initialises the state directly into its shardings (no host copy); from
+  given `params` (e.g. imported weights) instead of the model's init if set."""
+  return jax.jit(lambda p: _fresh_state(spec, tx, objective, p),
+                 out_shardings=shardings)(params)
