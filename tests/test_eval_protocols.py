@@ -168,6 +168,25 @@ def test_bad_eval_configs_fail_with_the_key(encoders, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("protocol", ["fast", "biovfm", "finetune"])
+def test_protocols_on_the_mini_corpus(protocol, encoders, tmp_path, tmp_path_factory):
+  """Modality classification on real images (kNN: the CLI test below)."""
+  from configs.eval import mini
+  c = mini.get_config()
+  c.protocol = protocol
+  c.data_dir = str(tmp_path_factory.getbasetemp() / "mini_tfds")  # shared by the three
+  c.probe.epochs, c.finetune.epochs = 3, 1
+  c = evaluate_bin.resolve_config(c, checkpoint=encoders["good"], out_dir=str(tmp_path))
+  result = evaluate_bin.run(c)["mini_modality"]
+  auc, acc = reference_metrics(tmp_path / "scores" / "mini_modality.npz")
+  assert result["auc"] == pytest.approx(auc, abs=1e-9)
+  assert result["acc"] == pytest.approx(acc, abs=1e-9)
+  assert json.load(open(tmp_path / "report.json"))["results"]["mini_modality"]["auc"] == \
+      pytest.approx(auc, abs=1e-9)
+  assert auc > 0.6
+
+
+@pytest.mark.slow
 def test_cli_scores_the_mini_benchmark(encoders, tmp_path):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
              JAX_PLATFORMS="cpu")

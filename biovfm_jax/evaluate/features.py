@@ -77,12 +77,20 @@ class Progress:
                    self.total, rate, eta // 60, eta % 60)
 
 
+def _jitted(encoder, how: str):
+  """One compiled feature function per (encoder, pooling), reused across splits."""
+  cache = encoder.__dict__.setdefault("_pooled_jit", {})
+  if how not in cache:
+    cache[how] = jax.jit(pooled_fn(encoder, how), static_argnames=("deterministic",))
+  return cache[how]
+
+
 def extract(encoder, split, *, batch_size: int, how: str = "mean_patch",
             image_size: int | None = None, augment: bool = False, seed: int = 42,
             epoch: int = 0, rng=None) -> np.ndarray:
   """(N, D') float32 features of every example of `split`, in example order.
   `rng` turns on the encoder's stochastic layers (drop path)."""
-  fn = jax.jit(pooled_fn(encoder, how), static_argnames=("deterministic",))
+  fn = _jitted(encoder, how)
   feats = None
   progress = Progress(f"features {split.name}/{split.split}", split.num_examples)
   for i, batch in enumerate(split.batches(
