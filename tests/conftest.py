@@ -6,6 +6,13 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+# triton (pulled in by torch, used by the interop tests' timm) segfaults when its
+# native library loads after TensorFlow's (which clu and tfds bring in): load it first.
+try:
+  import triton  # noqa: E402,F401
+except ImportError:
+  pass
+
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
