@@ -62,8 +62,15 @@ def _features(encoder, splits, config, names):
 
 
 def input_size(encoder, config) -> int:
-  """The size images are fed at: config.input_size, else the encoder's own."""
-  return int(config.get("input_size") or encoder.config.image_size)
+  """The size images are fed at: config.input_size if set; else the stored
+  size (config.image_size) when the patch size divides it, as the reference
+  probes MedMNIST+ at 224 whatever size the encoder was trained at; else the
+  encoder's own size (e.g. 28 px images for a patch-16 encoder)."""
+  if config.get("input_size"):
+    return int(config.input_size)
+  if int(config.image_size) % encoder.config.patch_size == 0:
+    return int(config.image_size)
+  return int(encoder.config.image_size)
 
 
 def run_protocol(encoder, splits: dict, config) -> dict:

@@ -12,7 +12,8 @@ def get_config(protocol: str):
   c.name = ""                        # the run's column in reports; default: checkpoint folder
   c.benchmarks = "all"               # 'all', 'mini' or MedMNIST flags: 'derma,breast'
   c.image_size = 224                 # which MedMNIST+ files: 28, 64, 128 or 224
-  c.input_size = ml_collections.FieldReference(None, field_type=int)  # fed to the encoder; None: its own size
+  # Size fed to the encoder; None: image_size if the patch divides it, else the encoder's.
+  c.input_size = ml_collections.FieldReference(None, field_type=int)
   c.npz_dir = os.path.join(os.environ.get("BIOVFM_DATA", "~/.cache/biovfm_jax"), "medmnist")
   c.download = False                 # fetch missing npz files from MedMNIST's servers
   c.data_dir = os.path.join(os.environ.get("BIOVFM_DATA", "~/.cache/biovfm_jax"), "tfds")
