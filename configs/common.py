@@ -38,7 +38,11 @@ def get_config(size: str | None) -> config_dict.ConfigDict:
   c.model.scan_layers = False
 
   c.data = config_dict.ConfigDict()
-  c.data.shards = "mini"            # "mini", a directory, a glob or a comma list
+  c.data.shards = "mini"            # "mini", a directory, a glob, a comma list, or a
+                                    # subset file <dir>/subsets/<name>.subset.json
+  # Sampling weights per modality or source, e.g. weights="ultrasound:0.5,CT:0.3,MR:0.2"
+  # (or a dict); empty: every record alike. See data_pipeline/selection.py.
+  c.data.mixture = config_dict.ConfigDict({"by": "modality", "weights": ""})
   c.data.cache_dir = config_dict.placeholder(str)
   c.data.crops = "single"           # "single" (MAE) or "multicrop" (DINOv2)
   c.data.image_size = image_size

@@ -28,8 +28,8 @@ import grain
 import numpy as np
 
 from data_pipeline import multicrop, transforms
+from data_pipeline import selection as selection_lib
 from data_pipeline.records import CorruptRecordError
-from data_pipeline.shards import resolve_shards
 
 MAX_SKIP = 16
 # The example stream is "endless": 2**40 batches is more than any run takes
@@ -57,6 +57,7 @@ DEFAULTS = {
     # both
     "mean": transforms.IMAGENET_MEAN,
     "std": transforms.IMAGENET_STD,
+    "mixture": None,   # dict(by="modality"|"source", weights={name: w}); see selection.py
     "num_workers": 0,
     "prefetch_buffer": 2,
     "read_threads": 2,
@@ -91,7 +92,8 @@ class _Example:
   worker processes); the ArrayRecord readers are opened lazily in each process.
   """
 
-  def __init__(self, paths: list[str], spec: str, seed: int):
+  def __init__(self, paths: list[str], spec: str, seed: int,
+               chosen: selection_lib.Selection | None = None):
     self.source = grain.sources.ArrayRecordDataSource(paths)
     self.num_records = len(self.source)
     if self.num_records == 0:
@@ -99,21 +101,23 @@ class _Example:
     if self.num_records >= 2**32:
       raise ValueError("more than 2**32 records: index_shuffle takes 32-bit indices")
     self.spec, self.seed = spec, seed
+    # Which record a position reads: all of them, a subset, or a mixture.
+    self.chosen = chosen or selection_lib.Selection(self.num_records)
 
   def read(self, e: int) -> tuple[np.ndarray, int]:
     """Pixels of example `e`, and how many corrupt records were skipped."""
-    start = record_index(e, self.seed, self.num_records)
-    tries = min(MAX_SKIP, self.num_records)
+    tries = min(MAX_SKIP, self.chosen.size)
     errors = []
     for skipped in range(tries):
+      index = self.chosen.record(e, skipped, self.seed)
       try:
-        pixels, _ = transforms.decode(self.source[(start + skipped) % self.num_records])
+        pixels, _ = transforms.decode(self.source[index])
         return pixels, skipped
       except CorruptRecordError as err:
-        errors.append(str(err))
+        errors.append(f"record {index}: {err}")
     raise RuntimeError(
-        f"shard spec {self.spec!r}: none of {tries} consecutive records from index "
-        f"{start} of {self.num_records} decodes (last error: {errors[-1]})")
+        f"shard spec {self.spec!r}: none of {tries} consecutive records for example {e} "
+        f"decodes (last error: {errors[-1]})")
 
   def transform(self, pixels: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
     raise NotImplementedError
@@ -129,8 +133,8 @@ class PretrainExample(_Example):
   """One random resized crop (MAE): {"image": float32 (S, S, 3), "skipped"}."""
 
   def __init__(self, paths: list[str], spec: str, seed: int, *, image_size: int,
-               crop_scale, crop_ratio, hflip: bool, mean, std):
-    super().__init__(paths, spec, seed)
+               crop_scale, crop_ratio, hflip: bool, mean, std, chosen=None):
+    super().__init__(paths, spec, seed, chosen)
     self.image_size = int(image_size)
     self.crop_scale = tuple(float(x) for x in crop_scale)
     self.crop_ratio = tuple(float(x) for x in crop_ratio)
@@ -151,8 +155,8 @@ class MultiCropExample(_Example):
   {"global_crops": float32 (2, G, G, 3), "local_crops": float32 (n, l, l, 3),
    "masks": bool (2, (G // patch)**2), "skipped"}."""
 
-  def __init__(self, paths: list[str], spec: str, seed: int, **crop_kwargs):
-    super().__init__(paths, spec, seed)
+  def __init__(self, paths: list[str], spec: str, seed: int, chosen=None, **crop_kwargs):
+    super().__init__(paths, spec, seed, chosen)
     self.views = multicrop.MultiCrop(**crop_kwargs)
 
   def transform(self, pixels, rng):
@@ -167,16 +171,17 @@ _MULTICROP_FIELDS = ("global_crop_size", "global_crop_scale", "local_crop_size",
 def make_example(data_cfg: Any, seed: int) -> _Example:
   """The per-example function that `data_cfg.crops` asks for."""
   spec = _cfg(data_cfg, "shards")
-  paths = resolve_shards(spec, _cfg(data_cfg, "cache_dir"))
+  paths, chosen = selection_lib.resolve(spec, _cfg(data_cfg, "cache_dir"),
+                                        _cfg(data_cfg, "mixture"))
   crops = _cfg(data_cfg, "crops")
   if crops == "single":
     return PretrainExample(
         paths, str(spec), int(seed), image_size=_cfg(data_cfg, "image_size"),
         crop_scale=_cfg(data_cfg, "crop_scale"), crop_ratio=_cfg(data_cfg, "crop_ratio"),
         hflip=_cfg(data_cfg, "hflip"), mean=_cfg(data_cfg, "mean"),
-        std=_cfg(data_cfg, "std"))
+        std=_cfg(data_cfg, "std"), chosen=chosen)
   if crops == "multicrop":
-    return MultiCropExample(paths, str(spec), int(seed),
+    return MultiCropExample(paths, str(spec), int(seed), chosen,
                             **{k: _cfg(data_cfg, k) for k in _MULTICROP_FIELDS})
   raise ValueError(f"data.crops must be 'single' or 'multicrop', got {crops!r}")
 
@@ -196,9 +201,10 @@ class _GlobalPosition:
 
 
 def num_records(data_cfg: Any) -> int:
-  """How many records the config's shards hold (for epoch and step maths)."""
-  paths = resolve_shards(_cfg(data_cfg, "shards"), _cfg(data_cfg, "cache_dir"))
-  return len(grain.sources.ArrayRecordDataSource(paths))
+  """How many records the config's shards (or subset) hold, for epoch and step maths."""
+  _, chosen = selection_lib.resolve(_cfg(data_cfg, "shards"), _cfg(data_cfg, "cache_dir"),
+                                    _cfg(data_cfg, "mixture"))
+  return chosen.size
 
 
 def process_share(global_batch: int, process_index: int | None,

@@ -14,6 +14,7 @@ from data_pipeline.records import decode_record
 
 SHARD_SUFFIX = ".array_record"
 MANIFEST = "manifest.json"
+INDEX = "index.npz"
 
 
 def _sha256(path: str) -> str:
@@ -37,22 +38,158 @@ def _shard_name(prefix: str, i: int) -> str:
   return f"{prefix}-{i:05d}{SHARD_SUFFIX}"
 
 
+class ShardWriter:
+  """Appends records to shards `<prefix>-00000.array_record`, ... of at most
+  `records_per_shard` records and (when set) `max_bytes` bytes each.
+
+  A shard is written under a temporary name and renamed when complete, so a
+  crash never leaves a truncated shard behind. `write` returns the shard's
+  entry ({"file", "num_records", "bytes", "sha256"}) when a record completes a
+  shard, else None; `close` completes the last one. Per-record (source,
+  modality) from the headers are kept for the index (see write_index).
+  """
+
+  def __init__(self, out_dir: str | os.PathLike, prefix: str, *,
+               records_per_shard: int | None = None, max_bytes: int | None = None,
+               first_shard: int = 0):
+    if records_per_shard is not None and records_per_shard < 1:
+      raise ValueError(f"records_per_shard must be >= 1, got {records_per_shard}")
+    if max_bytes is not None and max_bytes < 1:
+      raise ValueError(f"max_bytes must be >= 1, got {max_bytes}")
+    self.out_dir, self.prefix = os.fspath(out_dir), prefix
+    self.records_per_shard, self.max_bytes = records_per_shard, max_bytes
+    self.next_shard = first_shard
+    self.sources: list[str] = []       # per record of the shard being written
+    self.modalities: list[str] = []
+    self._writer = self._tmp = None
+    self._count = self._bytes = 0
+    os.makedirs(self.out_dir, exist_ok=True)
+
+  def write(self, raw: bytes, n: int | None = None) -> dict[str, Any] | None:
+    from array_record.python.array_record_module import ArrayRecordWriter  # pylint: disable=import-outside-toplevel
+    try:
+      _, header = decode_record(raw)
+    except ValueError as e:
+      where = f"record {n}" if n is not None else "a record"
+      raise ValueError(f"{where} for {self.prefix!r} is not a valid record: {e}") from e
+    if self._writer is None:
+      final = os.path.join(self.out_dir, _shard_name(self.prefix, self.next_shard))
+      self._tmp = f"{final}.tmp-{os.getpid()}"
+      self._writer = ArrayRecordWriter(self._tmp, "group_size:1")
+      self.sources, self.modalities = [], []
+    self._writer.write(raw)
+    self.sources.append(str(header.get("source") or "unknown"))
+    self.modalities.append(str(header.get("modality") or "unknown"))
+    self._count += 1
+    self._bytes += len(raw)
+    if ((self.records_per_shard and self._count >= self.records_per_shard)
+        or (self.max_bytes and self._bytes >= self.max_bytes)):
+      return self._finish()
+    return None
+
+  def close(self) -> dict[str, Any] | None:
+    return self._finish() if self._writer is not None else None
+
+  def abort(self) -> None:
+    """Drops the shard being written (its records are lost, nothing else)."""
+    if self._writer is not None:
+      self._writer.close()
+      os.remove(self._tmp)
+      self._writer = None
+      self._count = self._bytes = 0
+
+  def _finish(self) -> dict[str, Any]:
+    self._writer.close()
+    final = self._tmp.rsplit(".tmp-", 1)[0]
+    os.replace(self._tmp, final)
+    entry = {"file": os.path.basename(final), "num_records": self._count,
+             "bytes": os.path.getsize(final), "sha256": _sha256(final)}
+    self._writer = None
+    self._count = self._bytes = 0
+    self.next_shard += 1
+    return entry
+
+
+def manifest_counts(sources: Sequence[str], modalities: Sequence[str]) -> dict[str, Any]:
+  """Counts per source, per modality and per (source, modality) pair."""
+  pairs: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+  for s, m in zip(sources, modalities):
+    pairs[s][m] += 1
+  return {"sources": dict(sorted(collections.Counter(sources).items())),
+          "modalities": dict(sorted(collections.Counter(modalities).items())),
+          "by_source": {s: dict(sorted(c.items())) for s, c in sorted(pairs.items())}}
+
+
+def write_index(out_dir: str | os.PathLike, shard_of: Sequence[int],
+                sources: Sequence[str], modalities: Sequence[str]) -> str:
+  """`index.npz`: per record, in shard order, its shard number, source and
+  modality (as ids into the name tables): subsets and mixtures select
+  records by these without reading the shards."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  source_names = sorted(set(sources))
+  modality_names = sorted(set(modalities))
+  s_id = {n: i for i, n in enumerate(source_names)}
+  m_id = {n: i for i, n in enumerate(modality_names)}
+  path = os.path.join(os.fspath(out_dir), INDEX)
+  tmp = f"{path}.tmp-{os.getpid()}.npz"
+  np.savez(tmp, shard=np.asarray(shard_of, np.int32),
+           source=np.asarray([s_id[s] for s in sources], np.int32),
+           modality=np.asarray([m_id[m] for m in modalities], np.int32),
+           source_names=np.asarray(source_names, str),
+           modality_names=np.asarray(modality_names, str))
+  os.replace(tmp, path)
+  return path
+
+
+def read_index(shard_dir: str | os.PathLike) -> dict[str, Any]:
+  """The arrays of `index.npz` (see write_index). Shards written before the
+  index existed get one built from their record headers (once, then saved)."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  shard_dir = os.fspath(shard_dir)
+  path = os.path.join(shard_dir, INDEX)
+  if not os.path.exists(path):
+    _index_from_headers(shard_dir)
+  with np.load(path) as z:
+    return {k: z[k] for k in z.files}
+
+
+def _index_from_headers(shard_dir: str) -> None:
+  from array_record.python.array_record_module import ArrayRecordReader  # pylint: disable=import-outside-toplevel
+  shard_of, sources, modalities = [], [], []
+  paths = sorted(glob.glob(os.path.join(glob.escape(shard_dir), f"*{SHARD_SUFFIX}")))
+  if not paths:
+    raise FileNotFoundError(f"no {SHARD_SUFFIX} files in {shard_dir}")
+  for k, path in enumerate(paths):
+    reader = ArrayRecordReader(path)
+    try:
+      for raw in reader.read_all():
+        try:
+          header = decode_record(raw)[1]
+        except ValueError:
+          header = {}
+        shard_of.append(k)
+        sources.append(str(header.get("source") or "unknown"))
+        modalities.append(str(header.get("modality") or "unknown"))
+    finally:
+      reader.close()
+  write_index(shard_dir, shard_of, sources, modalities)
+
+
 def write_shards(records: Iterable[bytes], out_dir: str | os.PathLike, prefix: str,
                  records_per_shard: int = 1024, *, overwrite: bool = False,
                  extra_manifest: dict[str, Any] | None = None) -> list[str]:
   """Write `records` into ArrayRecord shards `<prefix>-00000.array_record`, ...
 
-  Each shard is written under a temporary name and renamed when complete, so a
-  failure never leaves a truncated shard behind. `manifest.json` in `out_dir`
-  lists every shard (records, sha256) and the record counts per source and
-  modality, read from the record headers. Every record must be a valid record
-  (`records.decode_record`); a malformed one raises ValueError.
+  `manifest.json` in `out_dir` lists every shard (records, bytes, sha256) and
+  the record counts per source and modality, read from the record headers;
+  `index.npz` holds them per record. Every record must be a valid record
+  (`records.decode_record`); a malformed one raises ValueError. A failure
+  never leaves a truncated shard behind.
 
   Existing shards with this prefix raise FileExistsError unless `overwrite`, in
   which case they are replaced and any left over from a longer earlier run are
   removed. Returns the shard paths in order.
   """
-  from array_record.python.array_record_module import ArrayRecordWriter  # pylint: disable=import-outside-toplevel
   if records_per_shard < 1:
     raise ValueError(f"records_per_shard must be >= 1, got {records_per_shard}")
   out_dir = os.fspath(out_dir)
@@ -61,46 +198,28 @@ def write_shards(records: Iterable[bytes], out_dir: str | os.PathLike, prefix: s
   if old and not overwrite:
     raise FileExistsError(f"{out_dir} already holds shards named {prefix}-*{SHARD_SUFFIX}; "
                           "pass overwrite=True to replace them")
-
+  writer = ShardWriter(out_dir, prefix, records_per_shard=records_per_shard)
   shards: list[dict[str, Any]] = []
-  sources: collections.Counter = collections.Counter()
-  modalities: collections.Counter = collections.Counter()
-  pairs: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-  writer, tmp, count = None, None, 0
+  sources: list[str] = []
+  modalities: list[str] = []
+  shard_of: list[int] = []
 
-  def finish():
-    nonlocal writer, tmp, count
-    writer.close()
-    final = tmp.rsplit(".tmp-", 1)[0]
-    os.replace(tmp, final)
-    shards.append({"file": os.path.basename(final), "num_records": count,
-                   "sha256": _sha256(final)})
-    writer, tmp, count = None, None, 0
+  def done(entry):
+    shards.append(entry)
+    sources.extend(writer.sources)
+    modalities.extend(writer.modalities)
+    shard_of.extend([len(shards) - 1] * entry["num_records"])
 
   try:
     for n, raw in enumerate(records):
-      try:
-        _, header = decode_record(raw)
-      except ValueError as e:
-        raise ValueError(f"record {n} for {prefix!r} is not a valid record: {e}") from e
-      source = str(header.get("source") or "unknown")
-      modality = str(header.get("modality") or "unknown")
-      sources[source] += 1
-      modalities[modality] += 1
-      pairs[source][modality] += 1
-      if writer is None:
-        tmp = os.path.join(out_dir, _shard_name(prefix, len(shards))) + f".tmp-{os.getpid()}"
-        writer = ArrayRecordWriter(tmp, "group_size:1")
-      writer.write(raw)
-      count += 1
-      if count == records_per_shard:
-        finish()
-    if writer is not None:
-      finish()
+      entry = writer.write(raw, n)
+      if entry:
+        done(entry)
+    entry = writer.close()
+    if entry:
+      done(entry)
   except BaseException:
-    if writer is not None:
-      writer.close()
-      os.remove(tmp)
+    writer.abort()
     raise
   if not shards:
     raise ValueError(f"no records to write for {prefix!r} in {out_dir}")
@@ -108,14 +227,13 @@ def write_shards(records: Iterable[bytes], out_dir: str | os.PathLike, prefix: s
   paths = [os.path.join(out_dir, s["file"]) for s in shards]
   for stale in old - set(paths):
     os.remove(stale)
+  write_index(out_dir, shard_of, sources, modalities)
   manifest = {
       "prefix": prefix,
       "num_records": sum(s["num_records"] for s in shards),
       "num_shards": len(shards),
       "shards": shards,
-      "sources": dict(sorted(sources.items())),
-      "modalities": dict(sorted(modalities.items())),
-      "by_source": {s: dict(sorted(c.items())) for s, c in sorted(pairs.items())},
+      **manifest_counts(sources, modalities),
   }
   manifest.update(extra_manifest or {})
   write_json_atomic(os.path.join(out_dir, MANIFEST), manifest)

@@ -1,0 +1,224 @@
+"""Which records a pretraining run reads: every record of its shards, a
+subset, and optional mixture weights per source or modality.
+
+A subset is a small index over existing shards, not a copy:
+`<shard_dir>/subsets/<name>.subset.json` (what was selected, how, the counts)
+beside `<name>.npy` (the global record numbers, in shard order). Name it in a
+config as the shards: `--config.data.shards=/data/corpus/subsets/us_only.subset.json`.
+
+    python -m data_pipeline.selection --shards=/data/corpus --name=us_only --modality=ultrasound
+    python -m data_pipeline.selection --shards=/data/corpus --name=0.2M --count=0.2M
+
+Mixture weights (`config.data.mixture = dict(by="modality", weights={...})`)
+make example e draw its group with probability weight / sum(weights) and a
+record of that group uniformly, from np.random.default_rng([seed, 7, e]):
+still a pure function of (seed, e), so resuming is exact. Groups without a
+weight are not sampled; a weight for a group the data lacks is an error.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+from typing import Any
+
+import numpy as np
+
+from data_pipeline import shards as shards_lib
+
+SUBSET_SUFFIX = ".subset.json"
+
+
+def parse_count(text: str | int | float | None, total: int) -> int | None:
+  """'all' | '200000' | '200k' | '0.2M' | 0.25 (a fraction) -> a record count."""
+  if text is None or text == "all":
+    return None
+  if isinstance(text, float) or (isinstance(text, str) and re.fullmatch(r"0?\.\d+", text)):
+    frac = float(text)
+    if not 0 < frac <= 1:
+      raise ValueError(f"fraction {text!r} must be in (0, 1]")
+    return max(1, int(round(frac * total)))
+  m = re.fullmatch(r"(\d+(?:\.\d+)?)([kKmM]?)", str(text).strip())
+  if not m:
+    raise ValueError(f"count {text!r}: use an integer, '200k', '0.2M', a fraction or 'all'")
+  n = float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6}[m.group(2).lower()]
+  return int(round(n))
+
+
+def parse_weights(text: str) -> dict[str, float]:
+  """'ultrasound:0.5,CT:0.3' -> {'ultrasound': 0.5, 'CT': 0.3}."""
+  out = {}
+  for part in (p.strip() for p in text.split(",") if p.strip()):
+    name, sep, value = part.rpartition(":")
+    try:
+      if not sep or not name:
+        raise ValueError
+      out[name.strip()] = float(value)
+    except ValueError:
+      raise ValueError(f"config.data.mixture.weights: {part!r} is not name:weight") from None
+  return out
+
+
+def _mask(index: dict, key: str, names, where: str) -> np.ndarray:
+  table = [str(x) for x in index[f"{key}_names"]]
+  unknown = sorted(set(names) - set(table))
+  if unknown:
+    raise ValueError(f"{where}: no {key} named {unknown}; the shards hold {table}")
+  ids = [table.index(n) for n in names]
+  return np.isin(index[key], ids)
+
+
+def make_subset(shard_dir: str, name: str, *, count=None, modalities=None, sources=None,
+                seed: int = 0) -> str:
+  """Writes subset `name` of the records in `shard_dir` and returns its path.
+
+  Records are filtered by modality and/or source, then `count` of them (an
+  integer, '0.2M', a fraction or 'all') are drawn with np.random.default_rng(seed)
+  and kept in shard order. The same arguments always give the same subset.
+  """
+  if not re.fullmatch(r"[\w.\-]+", name):
+    raise ValueError(f"subset name {name!r}: use letters, digits, '.', '-' or '_'")
+  shard_dir = os.path.abspath(os.path.expanduser(shard_dir))
+  manifest = shards_lib.read_manifest(shard_dir)
+  index = shards_lib.read_index(shard_dir)
+  mask = np.ones(len(index["shard"]), bool)
+  if modalities:
+    mask &= _mask(index, "modality", modalities, f"subset {name!r}")
+  if sources:
+    mask &= _mask(index, "source", sources, f"subset {name!r}")
+  ids = np.flatnonzero(mask)
+  k = parse_count(count, len(ids))
+  if k is not None:
+    if k > len(ids):
+      raise ValueError(f"subset {name!r}: asks for {k} records, the selection holds {len(ids)}")
+    ids = np.sort(ids[np.random.default_rng(seed).permutation(len(ids))[:k]])
+  if len(ids) == 0:
+    raise ValueError(f"subset {name!r} selects no records")
+  out = os.path.join(shard_dir, "subsets")
+  os.makedirs(out, exist_ok=True)
+  tmp = os.path.join(out, f".{name}.tmp-{os.getpid()}.npy")
+  np.save(tmp, ids.astype(np.int64))
+  os.replace(tmp, os.path.join(out, f"{name}.npy"))
+  src = [str(index["source_names"][i]) for i in index["source"][ids]]
+  mod = [str(index["modality_names"][i]) for i in index["modality"][ids]]
+  doc = {"name": name, "shard_dir": "..", "records": f"{name}.npy",
+         "shards": [s["file"] for s in manifest["shards"]], "num_records": int(len(ids)),
+         "of_records": int(len(index["shard"])),
+         "selection": {"count": count, "modalities": modalities, "sources": sources,
+                       "seed": seed}, **shards_lib.manifest_counts(src, mod)}
+  path = os.path.join(out, name + SUBSET_SUFFIX)
+  shards_lib.write_json_atomic(path, doc)
+  return path
+
+
+class Selection:
+  """Maps global example position e (and a corrupt-record skip count) to a
+  record number in the concatenated shards; picklable for grain workers."""
+
+  def __init__(self, num_records: int, ids: np.ndarray | None = None,
+               groups: list[np.ndarray] | None = None, weights: np.ndarray | None = None):
+    self.total = int(num_records)
+    self.ids = ids
+    self.groups, self.weights = groups, weights
+
+  @property
+  def size(self) -> int:
+    """Records in play (what an epoch means for step counting)."""
+    return len(self.ids) if self.ids is not None else self.total
+
+  def record(self, e: int, skipped: int, seed: int) -> int:
+    from data_pipeline.loader import record_index  # pylint: disable=import-outside-toplevel
+    if self.groups is not None:
+      rng = np.random.default_rng([seed, 7, e])
+      g = self.groups[int(rng.choice(len(self.groups), p=self.weights))]
+      return int(g[(int(rng.integers(len(g))) + skipped) % len(g)])
+    k = (record_index(e, seed, self.size) + skipped) % self.size
+    return int(self.ids[k]) if self.ids is not None else k
+
+
+def is_subset(spec) -> bool:
+  return isinstance(spec, str) and spec.endswith(SUBSET_SUFFIX)
+
+
+def resolve(spec, cache_dir: str | None, mixture: Any = None) -> tuple[list[str], Selection]:
+  """(shard paths, Selection) for a data config's `shards` and `mixture`."""
+  ids = None
+  if is_subset(spec):
+    path = os.path.expanduser(spec)
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"config.data.shards={spec!r}: no such subset file")
+    with open(path) as f:
+      doc = json.load(f)
+    base = os.path.dirname(path)
+    shard_dir = os.path.normpath(os.path.join(base, doc["shard_dir"]))
+    paths = [os.path.join(shard_dir, s) for s in doc["shards"]]
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+      raise FileNotFoundError(f"subset {spec!r}: its shards are gone: {missing[:3]}")
+    ids = np.load(os.path.join(base, doc["records"]))
+  else:
+    paths = shards_lib.resolve_shards(spec, cache_dir)
+    shard_dir = os.path.dirname(paths[0])
+  import grain  # pylint: disable=import-outside-toplevel
+  total = len(grain.sources.ArrayRecordDataSource(paths))
+  if ids is not None and (len(ids) == 0 or ids.max() >= total):
+    raise ValueError(f"subset {spec!r} does not match its shards ({total} records)")
+  groups = weights = None
+  mixture = dict(mixture.to_dict() if hasattr(mixture, "to_dict") else mixture or {})
+  if isinstance(mixture.get("weights"), str):
+    mixture["weights"] = parse_weights(mixture["weights"])
+  if mixture.get("weights"):
+    by = mixture.get("by", "modality")
+    if by not in ("modality", "source"):
+      raise ValueError(f"config.data.mixture.by={by!r}: 'modality' or 'source'")
+    if len({os.path.dirname(p) for p in paths}) != 1:
+      raise ValueError("config.data.mixture needs the shards of one folder (its index.npz)")
+    index = shards_lib.read_index(shard_dir)
+    if len(index[by]) != total:
+      raise ValueError(f"{shard_dir}/index.npz does not match its shards")
+    members = ids if ids is not None else np.arange(total)
+    table = [str(x) for x in index[f"{by}_names"]]
+    groups, weights = [], []
+    for name, w in sorted(dict(mixture["weights"]).items()):
+      if name not in table:
+        raise ValueError(f"config.data.mixture.weights: no {by} named {name!r}; the shards "
+                         f"hold {table}")
+      if float(w) < 0:
+        raise ValueError(f"config.data.mixture.weights.{name}={w} must be >= 0")
+      group = members[index[by][members] == table.index(name)]
+      if float(w) > 0:
+        if len(group) == 0:
+          raise ValueError(f"config.data.mixture.weights.{name}: the selection has no "
+                           f"records of {by} {name!r}")
+        groups.append(group)
+        weights.append(float(w))
+    if not groups:
+      raise ValueError("config.data.mixture.weights are all zero")
+    weights = np.asarray(weights) / np.sum(weights)
+  return paths, Selection(total, ids, groups, weights)
+
+
+def main(argv=None) -> None:
+  p = argparse.ArgumentParser(prog="python -m data_pipeline.selection",
+                              description="Write a subset (an index over existing shards).")
+  p.add_argument("--shards", required=True, help="folder written by data_pipeline.ingest")
+  p.add_argument("--name", required=True)
+  p.add_argument("--count", default=None, help="records: 200000, 200k, 0.2M, 0.25 or all")
+  p.add_argument("--modality", action="append", help="keep this modality (repeatable)")
+  p.add_argument("--source", action="append", help="keep this source (repeatable)")
+  p.add_argument("--seed", type=int, default=0)
+  a = p.parse_args(argv)
+  try:
+    path = make_subset(a.shards, a.name, count=a.count, modalities=a.modality,
+                       sources=a.source, seed=a.seed)
+  except (ValueError, FileNotFoundError) as e:
+    p.error(str(e))
+  with open(path) as f:
+    doc = json.load(f)
+  print(f"{path}: {doc['num_records']} of {doc['of_records']} records; "
+        f"modalities {doc['modalities']}")
+
+
+if __name__ == "__main__":
+  main()
