@@ -36,6 +36,8 @@ setup(
     extras_require={
         "cuda": ["jax[cuda12]>=0.10.2,<0.11"],
         "tpu": ["jax[tpu]>=0.10.2,<0.11"],
+        # Video frames for ingestion (PyAV bundles its own ffmpeg).
+        "video": ["av>=14"],
         # Reading PyTorch .pth files (safetensors alone needs no torch).
         "interop": ["torch>=2.9", "safetensors>=0.4"],
         # torch/torchvision pinned to the builds this project tests against (a
@@ -43,6 +45,6 @@ setup(
         # models for the import/export parity tests; medmnist's own evaluator
         # checks our metrics.
         "test": ["pytest>=8", "pytest-xdist>=3", "torch==2.14.1", "torchvision==0.29.1",
-                 "timm>=1.0", "safetensors>=0.4", "medmnist==3.0.2"],
+                 "timm>=1.0", "safetensors>=0.4", "medmnist==3.0.2", "av>=14"],
     },
 )
