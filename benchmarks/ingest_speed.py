@@ -34,10 +34,11 @@ def main(argv):
   src = os.path.join(work, "images")
   os.makedirs(src)
   rng = np.random.default_rng(0)
-  yy, xx = np.mgrid[:_SIZE.value, :_SIZE.value]
+  from scipy.ndimage import gaussian_filter
   for i in range(_IMAGES.value):
-    f = rng.uniform(0.01, 0.1, 2)
-    img = 127 + 60 * np.sin(f[0] * xx + i) * np.cos(f[1] * yy) + rng.normal(0, 8, xx.shape)
+    # A smooth random field (distinct per image, so none is a near duplicate) plus noise.
+    field = gaussian_filter(rng.normal(size=(_SIZE.value, _SIZE.value)), sigma=12)
+    img = 127 + 60 * field / field.std() + rng.normal(0, 6, field.shape)
     Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(os.path.join(src, f"{i:05d}.png"))
   doc = {"output": {"resize_shorter": 256, "shard_mb": 64},
          "dedup": {"exact": True, "near_threshold": 4},
