@@ -119,3 +119,13 @@ def test_a_subset_named_in_the_config_feeds_main(tmp_path):
   finally:
     os.remove(path)
     os.remove(path.replace(selection.SUBSET_SUFFIX, ".npy"))
+
+
+def test_subset_command_line(corpus, capsys):
+  out, _ = corpus
+  selection.main([f"--shards={out}", "--name=cli_c", "--modality=C", "--count=0.5"])
+  printed = capsys.readouterr().out
+  assert "15 of 60 records" in printed and "'C': 15" in printed
+  with pytest.raises(SystemExit):
+    selection.main([f"--shards={out}", "--name=bad", "--modality=Z"])
+  assert "no modality named ['Z']" in capsys.readouterr().err
