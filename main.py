@@ -15,6 +15,16 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and summaries.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "HOST:PORT of process 0, for multi-process runs "
+    "(with --num_processes and --process_id; not needed under SLURM or on TPU pods).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's number.")
+_DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
+                                 "Multi-host start-up: auto-detect SLURM/MPI/TPU pods, force, "
+                                 "or skip.")
+_CPU_COLLECTIVES = flags.DEFINE_string("cpu_collectives", None, "CPU collectives across "
+                                       "processes (gloo), for multi-process CPU runs.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -23,10 +33,17 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
   import jax  # after absl parsed flags: lets XLA_FLAGS / JAX_* env settle first
-  from biovfm_jax import console
+  from biovfm_jax import console, distributed
   from biovfm_jax.train.loop import NonFiniteLossError, train
 
   console.setup()
+  try:
+    distributed.initialize(coordinator_address=_COORDINATOR.value,
+                           num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value,
+                           mode=_DISTRIBUTED.value, cpu_collectives=_CPU_COLLECTIVES.value)
+  except ValueError as e:
+    logging.error("%s", e)
+    sys.exit(2)
   logging.info("JAX %s, %d process(es), %d device(s): %s", jax.__version__,
                jax.process_count(), jax.device_count(), jax.devices()[0].device_kind)
   try:

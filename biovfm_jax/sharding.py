@@ -74,23 +74,45 @@ def logical_to_mesh(logical: Sequence[str | None] | None, rules=DEFAULT_RULES,
 
 
 def make_mesh(shape: dict | None = None, devices=None) -> Mesh:
-  """Builds a (data, fsdp, tensor) mesh; one entry may be -1 to take the rest."""
+  """Builds the (data, fsdp, tensor) mesh of `config.mesh`.
+
+  data, fsdp, tensor: sizes within one slice (ICI); one may be -1 to take the
+  rest. slices (default 1): TPU slices joined over the data-centre network
+  (DCN); the mesh's data axis is then slices x data, laid out so only data
+  parallelism crosses slices and FSDP/tensor collectives stay inside one
+  (the hybrid mesh MaxText and big_vision use for multi-slice runs).
+  """
   devices = np.asarray(jax.devices() if devices is None else devices)
   shape = dict(shape or {"data": -1})
+  unknown = sorted(set(shape) - set(MESH_AXES) - {"slices"})
+  if unknown:
+    raise ValueError(f"config.mesh: unknown axes {unknown}; known: {MESH_AXES + ('slices',)}")
+  slices = int(shape.get("slices", 1) or 1)
+  if slices < 1 or devices.size % slices:
+    raise ValueError(f"config.mesh.slices={slices} does not divide {devices.size} devices")
+  per_slice = devices.size // slices
   sizes = [int(shape.get(a, 1)) for a in MESH_AXES]
   if sizes.count(-1) > 1:
     raise ValueError(f"config.mesh: at most one axis may be -1, got {shape}")
   known = int(np.prod([s for s in sizes if s != -1]))
   if -1 in sizes:
-    if devices.size % known:
-      raise ValueError(f"config.mesh={shape}: {devices.size} devices are not "
+    if per_slice % known:
+      raise ValueError(f"config.mesh={shape}: {per_slice} devices per slice are not "
                        f"divisible by {known}")
-    sizes[sizes.index(-1)] = devices.size // known
-  if int(np.prod(sizes)) != devices.size:
-    raise ValueError(f"config.mesh={shape} needs {int(np.prod(sizes))} devices, "
+    sizes[sizes.index(-1)] = per_slice // known
+  if int(np.prod(sizes)) != per_slice:
+    raise ValueError(f"config.mesh={shape} needs {int(np.prod(sizes)) * slices} devices, "
                      f"{devices.size} are available")
-  return Mesh(devices.reshape(sizes), MESH_AXES,
-              axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+  if slices == 1:
+    grid = devices.reshape(sizes)
+  else:
+    from jax.experimental import mesh_utils  # pylint: disable=import-outside-toplevel
+    if not hasattr(devices.flat[0], "slice_index"):
+      raise ValueError(f"config.mesh.slices={slices}: these devices have no slice index "
+                       "(multi-slice meshes are for TPU slices joined over DCN)")
+    grid = mesh_utils.create_hybrid_device_mesh(
+        sizes, [slices, 1, 1], devices=list(devices.flat))
+  return Mesh(grid, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
 
 
 @contextlib.contextmanager
@@ -120,3 +142,12 @@ def constrain(x: jax.Array, logical: Iterable[str | None]) -> jax.Array:
 
 def named_sharding(logical, mesh: Mesh, rules=DEFAULT_RULES) -> NamedSharding:
   return NamedSharding(mesh, logical_to_mesh(logical, rules, mesh))
+
+
+def to_host(x) -> np.ndarray:
+  """A (possibly multi-process) jax.Array -> the whole value as numpy, on every
+  process. Collective when the array spans processes: all must call it."""
+  if getattr(x, "is_fully_addressable", True):
+    return np.asarray(jax.device_get(x))
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))

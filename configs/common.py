@@ -73,7 +73,9 @@ def get_config(size: str | None) -> config_dict.ConfigDict:
   c.optim.patch_embed_lr_mult = 1.0
   c.optim.freeze_last_layer_epochs = 0
 
-  c.mesh = config_dict.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  # Devices per slice along each axis (-1: the rest); slices > 1 joins TPU slices over
+  # DCN, data-parallel only across them (see biovfm_jax/sharding.py:make_mesh).
+  c.mesh = config_dict.ConfigDict(dict(data=-1, fsdp=1, tensor=1, slices=1))
   c.sharding_rules = [list(r) for r in DEFAULT_RULES]
 
   c.checkpoint = config_dict.ConfigDict()

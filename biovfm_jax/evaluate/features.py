@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from biovfm_jax import sharding as shd
+
 POOLS = ("mean_patch", "cls", "cls_mean_patch")
 
 
@@ -44,14 +46,6 @@ def pooled_fn(encoder, how: str):
     return pool({"cls": cls, "patch_tokens": tokens[:, split:]}, how)
 
   return fn
-
-
-def to_host(x) -> np.ndarray:
-  """A global (possibly multi-process) array -> one numpy array on every host."""
-  if jax.process_count() == 1:
-    return np.asarray(x)
-  from jax.experimental import multihost_utils
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def global_batch(encoder, local: np.ndarray):
@@ -99,9 +93,9 @@ def extract(encoder, split, *, batch_size: int, how: str = "mean_patch",
       process_count=jax.process_count())):
     images = global_batch(encoder, batch["image"])
     key = None if rng is None else jax.random.fold_in(rng, i)
-    out = to_host(fn(encoder.params, images, key, deterministic=rng is None))
-    index = to_host(global_batch(encoder, batch["index"]))
-    valid = to_host(global_batch(encoder, batch["valid"]))
+    out = shd.to_host(fn(encoder.params, images, key, deterministic=rng is None))
+    index = shd.to_host(global_batch(encoder, batch["index"]))
+    valid = shd.to_host(global_batch(encoder, batch["valid"]))
     if feats is None:
       feats = np.zeros((split.num_examples, out.shape[-1]), np.float32)
     feats[index[valid]] = out[valid]

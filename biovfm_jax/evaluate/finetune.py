@@ -22,6 +22,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from biovfm_jax import sharding as shd
 from biovfm_jax.evaluate import features as feat_lib
 from biovfm_jax.evaluate.encoder import Encoder
 from biovfm_jax.evaluate.linear_probe import MULTI_LABEL, head_scores
@@ -100,9 +101,9 @@ def finetune(encoder: Encoder, splits: dict, cfg, *, image_size: int | None) -> 
     for batch in split.batches(b, augment=False, shuffle=False, drop_last=False,
                                image_size=image_size, process_index=jax.process_index(),
                                process_count=jax.process_count()):
-      logits = feat_lib.to_host(eval_step(p, feat_lib.global_batch(enc, batch["image"])))
-      index = feat_lib.to_host(feat_lib.global_batch(enc, batch["index"]))
-      valid = feat_lib.to_host(feat_lib.global_batch(enc, batch["valid"]))
+      logits = shd.to_host(eval_step(p, feat_lib.global_batch(enc, batch["image"])))
+      index = shd.to_host(feat_lib.global_batch(enc, batch["index"]))
+      valid = shd.to_host(feat_lib.global_batch(enc, batch["valid"]))
       out[index[valid]] = logits[valid]
     return out
 

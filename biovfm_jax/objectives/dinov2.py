@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from biovfm_jax import sharding as shd
 from biovfm_jax.models.dino_head import DINOv2Model
 from biovfm_jax.models.vit import ViTConfig, vit_config_from
 from biovfm_jax.objectives import dino_losses as L
@@ -308,7 +309,7 @@ class DINOv2Objective:
     images = jnp.asarray(batch["global_crops"][:n, 0], jnp.float32)
     net = model if extra is None else self.teacher(model, extra)
     _, patches = net.encode(images)
-    feats = np.asarray(jax.device_get(patches), np.float32)
+    feats = np.asarray(shd.to_host(patches), np.float32)
     k, npatch, dim = feats.shape
     flat = feats.reshape(-1, dim)
     flat = flat - flat.mean(axis=0)
@@ -322,7 +323,7 @@ class DINOv2Objective:
     gh, gw = images.shape[1] // p, images.shape[2] // p
     pca = comps.reshape(k, gh, gw, 3).repeat(p, axis=1).repeat(p, axis=2)
     pca = np.round(pca * 255).astype(np.uint8)
-    inputs = _to_uint8(np.asarray(jax.device_get(images)), self.mean, self.std)
+    inputs = _to_uint8(shd.to_host(images), self.mean, self.std)
     return np.concatenate([inputs, pca], axis=2)
 
 

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from biovfm_jax import sharding as shd
 from biovfm_jax.models.layers import no_decay  # noqa: F401  (re-exported)
 from biovfm_jax.models.mae import MaskedAutoencoder
 from biovfm_jax.models.patches import patchify, random_masking, unpatchify
@@ -187,4 +188,4 @@ class MAEObjective:
     masked = unpatchify(target * (1 - m), p, grid, c)
     pasted = unpatchify(target * (1 - m) + pred * m, p, grid, c)
     rows = jnp.concatenate([images, masked, pasted], axis=2)
-    return _to_uint8(np.asarray(jax.device_get(rows)), self.mean, self.std)
+    return _to_uint8(shd.to_host(rows), self.mean, self.std)

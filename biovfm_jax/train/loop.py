@@ -141,12 +141,14 @@ class Setup:
   evaluators: list
 
 
-def build(config, num_records: int | None = None) -> Setup:
+def build(config, num_records: int | None = None, devices=None) -> Setup:
   """Checks the config and builds mesh, model spec, optimiser and the jitted step.
 
   Everything that can be wrong with a config fails here, before compiling.
+  `devices` (default: all of this run's) may be those of a TPU topology that is
+  not attached, to compile ahead of time (biovfm_jax/aot.py): nothing runs here.
   """
-  mesh = shd.make_mesh(dict(config.mesh))
+  mesh = shd.make_mesh(dict(config.mesh), devices)
   rules = shd.rules_from_config(config.sharding_rules)
   validate_config(config, mesh)
   evaluators = during_training.build_evaluators(config)
@@ -177,7 +179,9 @@ def train(config, workdir: str) -> dict:
   spec, tx, shardings, objective = s.spec, s.tx, s.shardings, s.objective
   total_steps, batch_sharding, train_step = s.total_steps, s.batch_sharding, s.train_step
   is_chief = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
+  remote = "://" in workdir  # gs://...: orbax and clu write there through their file systems
+  if not remote:
+    os.makedirs(workdir, exist_ok=True)
   logging.info("Model: %s parameters; mesh %s; %d records, %d steps/epoch, %d steps.",
                f"{spec.num_params():,}", dict(s.mesh.shape), s.num_records,
                s.steps_per_epoch, total_steps)
@@ -206,7 +210,8 @@ def train(config, workdir: str) -> dict:
   if start_step == 0:
     writer.write_hparams({k: v for k, v in _flat(config.to_dict()).items()
                           if isinstance(v, (int, float, str, bool))})
-  jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a") if is_chief else None
+  # metrics.jsonl is appended to, which object stores do not offer: local workdirs only.
+  jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a") if is_chief and not remote else None
   chrono = metrics_lib.Throughput(
       total_steps=total_steps, batch_size=config.batch_size,
       flops_per_example=objective.flops_per_example(), num_devices=jax.device_count(),
@@ -228,7 +233,8 @@ def train(config, workdir: str) -> dict:
     if jsonl:
       jsonl.write(json.dumps({"step": step, **host}) + "\n")
       jsonl.flush()
-    logging.info(metrics_lib.progress_line(step, total_steps, host))
+    if is_chief:  # one progress line per run, not one per process
+      logging.info(metrics_lib.progress_line(step, total_steps, host))
 
   # --- The loop. Metrics of step s are fetched after step s+1 is dispatched, so
   # the host never stalls the device; before a save they are checked at once.
@@ -258,12 +264,13 @@ def train(config, workdir: str) -> dict:
         check_and_log(*pending)
         pending = None
         ckpt.save(step, state, run_info)
-      if config.image_every_steps and step % config.image_every_steps == 0 and is_chief:
-        chrono.pause()
+      if config.image_every_steps and step % config.image_every_steps == 0:
+        chrono.pause()  # every process computes (the model spans them all); the chief writes
         grid = objective.visualize(spec.merge(state.params), batch,
                                    jax.random.fold_in(jax.random.key(config.seed), step),
                                    state.extra)
-        writer.write_images(step, {f"{config.objective}/samples": grid})
+        if is_chief:
+          writer.write_images(step, {f"{config.objective}/samples": grid})
         chrono.resume()
       due = [e for e in s.evaluators if e.due(step)]
       if due:  # every process takes part: feature extraction is sharded

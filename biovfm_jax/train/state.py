@@ -65,7 +65,12 @@ class ModelSpec:
       def build():
         _, _, rest = nnx.split(self._init_model(nnx.Rngs(self._seed)), nnx.Param, ...)
         return nnx.to_pure_dict(rest)
-      self._constants = jax.jit(build, out_shardings=self.replicated)()
+      abstract = jax.eval_shape(build)
+      # Nothing to compute (the usual case: position tables are not variables)
+      # means nothing runs on the devices, so an ahead-of-time compile for
+      # devices that are not here (biovfm_jax/aot.py) can build the step too.
+      self._constants = (abstract if not jax.tree.leaves(abstract)
+                         else jax.jit(build, out_shardings=self.replicated)())
     return self._constants
 
   def merge(self, params, constants=None) -> nnx.Module:

@@ -1,0 +1,64 @@
+"""Multi-host start-up through JAX's own multi-controller runtime.
+
+One process per host (per node under SLURM, per TPU VM worker on a pod) runs
+the same main.py; `initialize` joins them before any device is touched:
+
+  explicit   --coordinator_address=HOST:PORT --num_processes=N --process_id=I
+             (all three; any cluster, and the local multi-process runs)
+  automatic  under SLURM (SLURM_NTASKS > 1), Open MPI, or on a multi-host TPU
+             slice, jax.distributed.initialize() finds the peers itself;
+             --distributed=on forces that call, --distributed=off skips it.
+
+CPU runs need --cpu_collectives=gloo for collectives across processes.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import jax
+
+_MODES = ("auto", "on", "off")
+
+
+def _cluster_detected(env) -> str | None:
+  """What makes a no-argument jax.distributed.initialize() apt, if anything."""
+  if int(env.get("SLURM_NTASKS", "1") or 1) > 1:
+    return "SLURM"
+  if int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1:
+    return "Open MPI"
+  if "," in env.get("TPU_WORKER_HOSTNAMES", "") or env.get("MEGASCALE_COORDINATOR_ADDRESS"):
+    return "multi-host TPU"
+  return None
+
+
+def initialize(*, coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None, mode: str = "auto",
+               cpu_collectives: str | None = None, env=None) -> str:
+  """Joins this process to its peers; returns how ("single process", ...)."""
+  env = os.environ if env is None else env
+  if mode not in _MODES:
+    raise ValueError(f"--distributed={mode!r}: one of {_MODES}")
+  explicit = (coordinator_address, num_processes, process_id)
+  if any(x is not None for x in explicit) and not all(x is not None for x in explicit):
+    raise ValueError("--coordinator_address, --num_processes and --process_id go together "
+                     "(give all three, or none for automatic detection)")
+  if cpu_collectives:
+    jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
+  if mode == "off":
+    return "single process"
+  if coordinator_address is not None:
+    if not 0 <= process_id < num_processes:
+      raise ValueError(f"--process_id={process_id} must be in [0, --num_processes="
+                       f"{num_processes})")
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=num_processes, process_id=process_id)
+    how = f"process {process_id} of {num_processes} via {coordinator_address}"
+  elif mode == "on" or _cluster_detected(env):
+    jax.distributed.initialize()
+    how = f"auto ({_cluster_detected(env) or 'forced'})"
+  else:
+    return "single process"
+  logging.info("Distributed: %s; %d processes, %d devices in all, %d here.", how,
+               jax.process_count(), jax.device_count(), jax.local_device_count())
+  return how
