@@ -45,6 +45,8 @@ setup(
         # models for the import/export parity tests; medmnist's own evaluator
         # checks our metrics.
         "test": ["pytest>=8", "pytest-xdist>=3", "torch==2.14.1", "torchvision==0.29.1",
-                 "timm>=1.0", "safetensors>=0.4", "medmnist==3.0.2", "av>=14"],
+                 "timm>=1.0", "safetensors>=0.4", "medmnist==3.0.2", "av>=14",
+                 # libtpu: the ahead-of-time fit check compiles for a TPU topology on CPU.
+                 "jax[tpu]>=0.10.2,<0.11"],
     },
 )

@@ -1,0 +1,683 @@
+"""Will a config fit? Compiles the real train step for a TPU topology on this
+machine (no TPU needed), or estimates GPU memory, before the hardware is booked.
+
+  python -m biovfm_jax.aot --config=configs/vit_g_dinov2.py --topology=v5p-256 \
+      --config.mesh.data=1 --config.mesh.fsdp=-1 --config.model.scan_layers=True \
+      --config.model.remat_policy=full [--mfu=0.4,0.5] [--num_records=N] [--json]
+  python -m biovfm_jax.aot --config=configs/vit_l_mae.py --topology=h100-64
+
+TPU (needs the `tpu` extra: jax[tpu], i.e. libtpu): the topology's devices come
+from `jax.experimental.topologies.get_topology_desc`, `loop.build` makes the
+mesh, shardings and jitted step on them, and the step is lowered with abstract
+state and batch and compiled by the TPU compiler, as MaxText's train_compile
+does. Nothing runs; the process itself stays on CPU (JAX_PLATFORMS=cpu).
+
+Topologies, as users book them (verified with libtpu 0.0.42 here):
+  v4-N, v5p-N           N TensorCores = N/2 chips (one megacore device per chip),
+                        N/2 a power of two >= 4: a 3D torus, e.g. v5p-256 ->
+                        'v5p:4x4x8'; hosts of 2x2x1 chips.
+  v5e-N (v5litepod-N),  N chips in {1, 4, 8, 16, ..., 256}: a 2D torus, e.g.
+  v6e-N                 v5e-4 -> 'v5e:2x2', v6e-256 -> 'v6e:16x16'; hosts of 4
+                        chips (8 for the single-host v5e-8 / v6e-8).
+  v5p:4x4x12, v5e:4x8   an explicit chip grid (3D for v4/v5p, 2D for v5e/v6e).
+  --num_slices=S        S such slices over DCN (set --config.mesh.slices=S too).
+
+Reported per device (one device = one chip):
+  peak HBM = arguments + outputs + temporaries - aliased, from the compiled
+    step's memory_analysis(): the state and batch shards live throughout, the
+    new state is written over the donated old one (aliased, so counted once),
+    temporaries are XLA's peak of everything else (activations, gradients,
+    gathered FSDP weights). XLA's own `peak_memory_in_bytes` (its simulated
+    live-buffer peak, often lower) and the program's code size are reported
+    beside it. It fits if both are within the HBM the compiler lets a program
+    use (TPU_USABLE_GIB, a little under the chip's). A step that does not fit
+    fails to compile with RESOURCE_EXHAUSTED: that message is printed, exit
+    code 3. (The compiler first rematerialises what it can to fit, at some
+    compute cost, so a near miss compiles slowly and may still fit.)
+  FLOPs per step: the objective's analytic flops_per_example x batch (used for
+    step times), and XLA's cost analysis of the per-device program x devices
+    (it counts a scanned layer's loop body once, so it is low with
+    scan_layers=True).
+  step time at MFU m = analytic FLOPs / (devices x peak bf16 TFLOP/s x m).
+
+GPU (`--topology=h100-64`: a100|h100|h200|b200 and a GPU count): XLA offers no
+compile for GPUs that are not attached, so memory is estimated:
+  - state, exactly: every leaf of the abstract train state (fp32 params,
+    Adam's two moments, DINOv2's EMA teacher and centers) split by its
+    sharding on a same-shaped (abstract) mesh; gradients as the params.
+  - FSDP gather: two blocks' parameters unsharded over fsdp, in param dtype
+    (the block being computed and the next one prefetched).
+  - activations saved for backward, per layer and token, in elements of the
+    compute dtype (D width, M FFN hidden, H heads, T tokens, t = tensor size;
+    c = 2 for a GELU MLP, 3 for SwiGLU; c' = 1 and 2):
+      none, everything_saveable        6D + (4D + H*T + c*M) / t
+      dots_saveable, checkpoint_dots   3D + (4D + H*T + c'*M) / t
+      dots_with_no_batch_dims_saveable 3D + (3D + c'*M) / t
+      full, nothing_saveable           D (the layer input), plus one layer's
+                                       'none' set while it is recomputed
+    with the attention probabilities (H*T) in float32; over every token of a
+    device's micro-batch (MAE: visible tokens in the encoder, all in the
+    decoder; DINOv2: the student's 2 global + n local crops; the teacher's
+    forward keeps nothing).
+  - DINOv2 heads: float32 logits over the K prototypes for every head row
+    (student and teacher; cls rows of all crops, iBOT slots of the global
+    crops), 2 copies (logits and their (log-)softmax or targets), K / t per
+    device.
+  - the input batch shard, float32.
+  Usable memory: the capacity x XLA_PYTHON_CLIENT_MEM_FRACTION (JAX
+  preallocates 0.75 of it unless that is set). Not counted: cuDNN/NCCL
+  workspaces, fragmentation, and XLA fusions that keep more or less than the
+  formula: treat it as a planning figure, and compare it with the TPU compile
+  of the same mesh (launch/AOT_RESULTS.md does).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import re
+import sys
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+GIB = 2 ** 30
+
+# Per device (= per chip; v4 and v5p run as one megacore device per chip).
+TPU_HBM_GIB = {"v4": 32, "v5p": 95, "v5e": 16, "v6e": 32}
+# What the TPU compiler lets a program use ("available HBM" in its
+# out-of-memory messages, libtpu 0.0.42): the fit is judged against this.
+TPU_USABLE_GIB = {"v4": 30.75, "v5p": 95.74, "v5e": 15.75, "v6e": 31.25}
+# jax device_kind of each generation (keys of metrics.PEAK_TFLOPS).
+TPU_DEVICE_KIND = {"v4": "TPU v4", "v5p": "TPU v5", "v5e": "TPU v5 lite",
+                   "v6e": "TPU v6 lite"}
+# The accelerator type Cloud TPU names a slice by (TPU_ACCELERATOR_TYPE).
+_CLOUD_PREFIX = {"v4": "v4", "v5p": "v5p", "v5e": "v5litepod", "v6e": "v6e"}
+# Nominal memory per GPU (the 80 GB A100), GiB.
+GPU_HBM_GIB = {"a100": 80, "h100": 80, "h200": 141, "b200": 180}
+GPU_DEVICE_KIND = {"a100": "NVIDIA A100", "h100": "NVIDIA H100", "h200": "NVIDIA H200",
+                   "b200": "NVIDIA B200"}
+JAX_GPU_MEM_FRACTION = 0.75  # JAX preallocates this much unless told otherwise
+
+TOPOLOGY_FORMS = ("v4-N, v5p-N (N TensorCores: 8, 16, 32, ...), v5e-N / v5litepod-N, "
+                  "v6e-N (N chips: 1, 4, 8, 16, ..., 256), an explicit chip grid "
+                  "(v5p:4x4x12, v4:2x2x2, v5e:4x8, v6e:8x16), or a GPU count "
+                  "(a100-N, h100-N, h200-N, b200-N)")
+
+
+class DoesNotFit(Exception):
+  """The step needs more memory per device than the target has."""
+
+  def __init__(self, message: str, report: dict):
+    super().__init__(message)
+    self.report = report
+
+
+class MissingLibtpu(RuntimeError):
+  pass
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+  """Where the config is meant to run. TPU fields are get_topology_desc's."""
+  name: str                   # as given, e.g. "v5p-256"
+  platform: str               # "tpu" | "gpu"
+  generation: str             # v4 | v5p | v5e | v6e | a100 | h100 | ...
+  devices_per_slice: int
+  num_slices: int = 1
+  topology_name: str = ""     # e.g. "v5p:4x4x8"
+  chip_config_name: str = ""  # "megacore" (v4, v5p) | "default"
+  chips_per_host_bounds: tuple = ()
+
+  @property
+  def num_devices(self) -> int:
+    return self.devices_per_slice * self.num_slices
+
+  @property
+  def hbm_bytes(self) -> int:
+    table = TPU_HBM_GIB if self.platform == "tpu" else GPU_HBM_GIB
+    return table[self.generation] * GIB
+
+  @property
+  def usable_bytes(self) -> int:
+    """The compiler's limit (TPU); capacity x XLA_PYTHON_CLIENT_MEM_FRACTION (GPU)."""
+    if self.platform == "tpu":
+      return int(TPU_USABLE_GIB[self.generation] * GIB)
+    fraction = float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", JAX_GPU_MEM_FRACTION))
+    return int(self.hbm_bytes * fraction)
+
+  @property
+  def device_kind(self) -> str:
+    table = TPU_DEVICE_KIND if self.platform == "tpu" else GPU_DEVICE_KIND
+    return table[self.generation]
+
+  @property
+  def cloud_name(self) -> str:
+    if self.platform != "tpu":
+      return self.name
+    cores = 2 if self.generation in ("v4", "v5p") else 1
+    return f"{_CLOUD_PREFIX[self.generation]}-{self.devices_per_slice * cores}"
+
+
+def _torus_3d(chips: int) -> tuple[int, int, int]:
+  """Chips (a power of two >= 4) -> the standard v4/v5p slice shape: from 2x2x1,
+  double the last axis, then always the smallest (the later one on a tie):
+  8 -> 2x2x2, 64 -> 4x4x4, 128 -> 4x4x8, 256 -> 4x8x8."""
+  dims = [2, 2, 1]
+  while math.prod(dims) < chips:
+    smallest = min(dims)
+    i = max(j for j, d in enumerate(dims) if d == smallest)
+    dims[i] *= 2
+  return tuple(dims)
+
+
+_2D_SHAPES = {1: (1, 1), 4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8), 64: (8, 8),
+              128: (8, 16), 256: (16, 16)}
+
+
+def _host_bounds(dims: tuple[int, ...]) -> tuple[int, int, int]:
+  if len(dims) == 3:
+    return (2, 2, 1)
+  if dims == (1, 1):
+    return (1, 1, 1)
+  return (2, 4, 1) if dims == (2, 4) else (2, 2, 1)  # v5e-8 / v6e-8: one 8-chip host
+
+
+def parse_topology(name: str, num_slices: int = 1) -> Target:
+  """A topology as users name it (see the module docstring) -> Target.
+
+  Raises ValueError listing the supported forms for anything else."""
+  name = name.strip()
+  if num_slices < 1:
+    raise ValueError(f"--num_slices={num_slices} must be >= 1")
+  bad = ValueError(f"--topology={name!r} is not supported; use {TOPOLOGY_FORMS}")
+  m = re.fullmatch(r"(a100|h100|h200|b200)-(\d+)", name, re.IGNORECASE)
+  if m:
+    n = int(m.group(2))
+    if n < 1:
+      raise bad
+    if num_slices != 1:
+      raise ValueError("--num_slices is for TPU slices; for GPUs give the total count "
+                       f"(--topology={m.group(1).lower()}-{n * num_slices})")
+    return Target(name.lower(), "gpu", m.group(1).lower(), n)
+  m = re.fullmatch(r"(v4|v5p|v5e|v5litepod|v6e)([-:])([\dx]+)", name)
+  if not m:
+    raise bad
+  gen = "v5e" if m.group(1) == "v5litepod" else m.group(1)
+  three_d = gen in ("v4", "v5p")
+  if m.group(2) == ":":  # explicit chip grid
+    if not re.fullmatch(r"\d+(x\d+)+", m.group(3)):
+      raise bad
+    dims = tuple(int(d) for d in m.group(3).split("x"))
+    if len(dims) != (3 if three_d else 2) or min(dims) < 1:
+      raise ValueError(f"--topology={name!r}: {gen} grids have "
+                       f"{3 if three_d else 2} axes ({TOPOLOGY_FORMS})")
+  else:
+    if not m.group(3).isdigit():
+      raise bad
+    n = int(m.group(3))
+    if three_d:
+      chips = n // 2
+      if n % 2 or chips < 4 or chips & (chips - 1):
+        raise ValueError(f"--topology={name!r}: {gen}-N counts TensorCores, N/2 chips a "
+                         f"power of two >= 4 (8, 16, 32, ...); for other slices give the "
+                         f"chip grid, e.g. {gen}:4x4x12")
+      dims = _torus_3d(chips)
+    else:
+      if n not in _2D_SHAPES:
+        raise ValueError(f"--topology={name!r}: {gen}-N counts chips, one of "
+                         f"{sorted(_2D_SHAPES)}; or give the grid, e.g. {gen}:4x8")
+      dims = _2D_SHAPES[n]
+  return Target(name, "tpu", gen, math.prod(dims), num_slices,
+                topology_name=f"{gen}:{'x'.join(map(str, dims))}",
+                chip_config_name="megacore" if three_d else "default",
+                chips_per_host_bounds=_host_bounds(dims))
+
+
+@contextlib.contextmanager
+def _libtpu_env(target: Target):
+  """Defaults for loading libtpu only to compile. It takes a lock file
+  (/tmp/libtpu_lockfile) for sole use of the chips, so a second process (a
+  parallel check, a test worker) fails unless ALLOW_MULTIPLE_LIBTPU_LOAD is
+  set. It looks for the TPU VM it runs on and logs alarming errors when there
+  is none: naming the target's type and a local worker quiets it (the
+  topology itself is passed explicitly)."""
+  defaults = {"ALLOW_MULTIPLE_LIBTPU_LOAD": "1", "TPU_ACCELERATOR_TYPE": target.cloud_name,
+              "TPU_WORKER_HOSTNAMES": "localhost"}
+  saved = {k: os.environ.get(k) for k in defaults}
+  for k, v in defaults.items():
+    os.environ.setdefault(k, v)
+  try:
+    yield
+  finally:
+    for k, v in saved.items():
+      if v is None:
+        os.environ.pop(k, None)
+
+
+def tpu_devices(target: Target) -> list:
+  """The target's devices (not attached: for compiling only)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
+  try:
+    with _libtpu_env(target):
+      desc = topologies.get_topology_desc(
+          platform="tpu", topology_name=target.topology_name,
+          chip_config_name=target.chip_config_name,
+          chips_per_host_bounds=target.chips_per_host_bounds,
+          num_slices=target.num_slices)
+  except RuntimeError as e:  # JaxRuntimeError is one too
+    if not isinstance(e, jax.errors.JaxRuntimeError):
+      raise MissingLibtpu(f"compiling for TPU needs libtpu: pip install -e '.[tpu]' "
+                          f"({e})") from e
+    raise ValueError(f"--topology={target.name!r} ({target.topology_name}): "
+                     f"{str(e).splitlines()[0]}") from e
+  devices = list(desc.devices)
+  if len(devices) != target.num_devices:
+    raise RuntimeError(f"{target.topology_name} gave {len(devices)} devices, "
+                       f"expected {target.num_devices}")
+  return devices
+
+
+def batch_specs(config, sharding) -> dict:
+  """Abstract global batch of config.data.crops, as data_pipeline/loader.py
+  makes it (see make_pretrain_loader), placed with `sharding`."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  b, d = int(config.batch_size), config.data
+  crops = d.get("crops", "single")
+  if crops == "single":
+    s = int(d.image_size)
+    shapes = {"image": ((b, s, s, 3), jnp.float32)}
+  elif crops == "multicrop":
+    g, loc, n = int(d.global_crop_size), int(d.local_crop_size), int(d.num_local_crops)
+    shapes = {"global_crops": ((b, 2, g, g, 3), jnp.float32),
+              "local_crops": ((b, n, loc, loc, 3), jnp.float32),
+              "masks": ((b, 2, (g // int(d.patch_size)) ** 2), jnp.bool_)}
+  else:
+    raise ValueError(f"config.data.crops={crops!r} must be 'single' or 'multicrop'")
+  shapes["skipped"] = ((b,), jnp.int32)
+  return {k: jax.ShapeDtypeStruct(shape, dt, sharding=sharding)
+          for k, (shape, dt) in shapes.items()}
+
+
+def _check_slices(config, target: Target) -> None:
+  slices = int(config.mesh.get("slices", 1) or 1)
+  if slices != target.num_slices:
+    raise ValueError(f"config.mesh.slices={slices} but the target has {target.num_slices} "
+                     f"slice(s): pass --config.mesh.slices={target.num_slices}")
+
+
+def _state_bytes(abstract_state) -> dict[str, int]:
+  """Bytes per device of each part of the train state, from each leaf's shard."""
+  import jax  # pylint: disable=import-outside-toplevel
+  out = {}
+  for part in ("params", "opt_state", "extra"):
+    leaves = jax.tree.leaves(getattr(abstract_state, part))
+    out[part] = int(sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+                        for x in leaves))
+  return out
+
+
+def _flops(config, objective) -> float:
+  return float(objective.flops_per_example()) * int(config.batch_size)
+
+
+def _step_times(flops: float, devices: int, peak_tflops: float | None, mfus) -> dict:
+  if not peak_tflops:
+    return {}
+  return {f"{m:g}": flops / (devices * peak_tflops * 1e12 * m) for m in mfus}
+
+
+def _common(config, target: Target, mesh_shape: dict, objective, num_params: int,
+            mfus, peak: float | None) -> dict:
+  dp = mesh_shape["data"] * mesh_shape["fsdp"]
+  flops = _flops(config, objective)
+  return {
+      "topology": target.name, "platform": target.platform,
+      "device_kind": target.device_kind, "num_devices": target.num_devices,
+      "num_slices": target.num_slices, "mesh": mesh_shape,
+      "batch_size": int(config.batch_size),
+      "batch_per_device": int(config.batch_size) / dp,
+      "params": num_params, "hbm_capacity_bytes": target.hbm_bytes,
+      "usable_bytes": target.usable_bytes,
+      "flops_per_step": flops, "peak_tflops_per_device": peak,
+      "predicted_step_s": _step_times(flops, target.num_devices, peak, mfus),
+  }
+
+
+def _mesh_shape(mesh) -> dict:
+  """{data, fsdp, tensor, slices}: make_mesh folds slices into data."""
+  return {k: int(v) for k, v in mesh.shape.items()}
+
+
+def check_tpu(config, target: Target, *, num_records: int | None = None,
+              mfus=(0.4,)) -> dict:
+  """Compiles the train step for `target`; returns the report (see the module
+  docstring). Raises DoesNotFit with the compiler's message when it does not
+  fit, ValueError for config errors."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from biovfm_jax.train import loop  # pylint: disable=import-outside-toplevel
+  from biovfm_jax.train import metrics as metrics_lib  # pylint: disable=import-outside-toplevel
+  from biovfm_jax.train import state as state_lib  # pylint: disable=import-outside-toplevel
+
+  _check_slices(config, target)
+  devices = tpu_devices(target)
+  s = loop.build(config, num_records=_records(config, num_records), devices=devices)
+  state = state_lib.abstract_state(s.spec, s.tx, s.objective, s.shardings)
+  batch = batch_specs(config, s.batch_sharding)
+  peak = metrics_lib.peak_tflops(config, device=devices[0])
+  report = _common(config, target, _mesh_shape(s.mesh), s.objective, s.spec.num_params(),
+                   mfus, peak)
+  report["mesh"]["slices"] = target.num_slices
+  report["state_bytes_per_device"] = _state_bytes(state)
+  t0 = time.perf_counter()
+  try:
+    compiled = s.train_step.lower(state, batch).compile()
+  except jax.errors.JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    report.update(fits=False, compile_s=time.perf_counter() - t0, error=str(e).strip())
+    raise DoesNotFit(str(e).strip(), report) from e
+  report["compile_s"] = time.perf_counter() - t0
+  mem = compiled.memory_analysis()
+  parts = {"arguments": mem.argument_size_in_bytes, "outputs": mem.output_size_in_bytes,
+           "temporaries": mem.temp_size_in_bytes, "aliased": mem.alias_size_in_bytes,
+           "code": mem.generated_code_size_in_bytes,
+           "xla_peak": getattr(mem, "peak_memory_in_bytes", 0)}
+  peak_hbm = (parts["arguments"] + parts["outputs"] + parts["temporaries"]
+              - parts["aliased"])
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  xla_flops = float((cost or {}).get("flops", 0.0))
+  report.update(
+      memory_bytes=parts, peak_hbm_bytes=int(peak_hbm),
+      fits=max(peak_hbm, parts["xla_peak"]) <= target.usable_bytes,
+      xla_flops_per_device=xla_flops, xla_flops_per_step=xla_flops * target.num_devices)
+  if not report["fits"]:
+    raise DoesNotFit(f"peak HBM {peak_hbm / GIB:.2f} GiB per device exceeds the "
+                     f"{target.usable_bytes / GIB:.2f} GiB usable on a {target.device_kind}",
+                     report)
+  return report
+
+
+def _records(config, num_records: int | None) -> int:
+  """Only the LR schedule's step counts depend on the corpus size: it changes
+  no shape, memory or FLOPs, so a nominal size is used unless given."""
+  del config
+  return 1_000_000 if num_records is None else int(num_records)
+
+
+# --- GPU: an analytic estimate --------------------------------------------------
+
+def _mesh_sizes(mesh_cfg: dict, n: int) -> dict:
+  """config.mesh over n devices -> {data, fsdp, tensor, slices}, as make_mesh
+  resolves it (-1 takes the rest; data spans the slices)."""
+  from biovfm_jax import sharding as shd  # pylint: disable=import-outside-toplevel
+  unknown = sorted(set(mesh_cfg) - set(shd.MESH_AXES) - {"slices"})
+  if unknown:
+    raise ValueError(f"config.mesh: unknown axes {unknown}; known: "
+                     f"{shd.MESH_AXES + ('slices',)}")
+  slices = int(mesh_cfg.get("slices", 1) or 1)
+  if slices < 1 or n % slices:
+    raise ValueError(f"config.mesh.slices={slices} does not divide {n} devices")
+  per_slice = n // slices
+  sizes = {a: int(mesh_cfg.get(a, 1)) for a in shd.MESH_AXES}
+  free = [a for a, v in sizes.items() if v == -1]
+  if len(free) > 1:
+    raise ValueError(f"config.mesh: at most one axis may be -1, got {mesh_cfg}")
+  known = math.prod(v for v in sizes.values() if v != -1)
+  if free:
+    if per_slice % known:
+      raise ValueError(f"config.mesh={mesh_cfg}: {per_slice} devices per slice are not "
+                       f"divisible by {known}")
+    sizes[free[0]] = per_slice // known
+  if math.prod(sizes.values()) != per_slice:
+    raise ValueError(f"config.mesh={mesh_cfg} needs {math.prod(sizes.values()) * slices} "
+                     f"devices, {n} are available")
+  sizes["data"] *= slices
+  return {**sizes, "slices": slices}
+
+
+def activation_elements(*, width: int, mlp_dim: int, heads: int, tokens: int,
+                        ffn: str, policy: str, tensor: int = 1) -> tuple[float, float]:
+  """(compute-dtype elements, float32 elements) saved per token per layer for
+  the backward pass under remat `policy` (formulas in the module docstring)."""
+  d, m, h, t = width, mlp_dim, heads, tokens
+  c, c_dots = (3, 2) if ffn == "swiglu" else (2, 1)
+  if policy in ("none", "everything_saveable"):
+    return 6 * d + (4 * d + c * m) / tensor, h * t / tensor
+  if policy in ("dots_saveable", "checkpoint_dots"):
+    return 3 * d + (4 * d + h * t + c_dots * m) / tensor, 0.0
+  if policy in ("dots_with_no_batch_dims_saveable", "checkpoint_dots_with_no_batch_dims"):
+    return 3 * d + (3 * d + c_dots * m) / tensor, 0.0
+  if policy in ("full", "nothing_saveable"):
+    return float(d), 0.0
+  raise ValueError(f"config.model.remat_policy={policy!r} has no activation formula")
+
+
+def _stack_bytes(vit, tokens_per_seq: int, seqs: float, act_bytes: int,
+                 tensor: int) -> float:
+  """Activation bytes of one encoder/decoder stack over `seqs` sequences."""
+  kw = dict(width=vit.width, mlp_dim=vit.mlp_dim, heads=vit.num_heads,
+            tokens=tokens_per_seq, ffn=vit.ffn, tensor=tensor)
+  lo, f32 = activation_elements(policy=vit.remat_policy, **kw)
+  total = vit.depth * seqs * tokens_per_seq * (lo * act_bytes + f32 * 4)
+  if vit.remat_policy in ("full", "nothing_saveable"):  # one layer recomputed at a time
+    lo1, f32_1 = activation_elements(policy="none", **kw)
+    total += seqs * tokens_per_seq * (lo1 * act_bytes + f32_1 * 4)
+  return total
+
+
+def _activation_bytes(objective, b: float, tensor: int) -> dict[str, float]:
+  """Saved activations (and DINOv2 head logits) for b images on one device."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  vit = objective.vit
+  act = jnp.dtype(vit.dtype).itemsize
+  prefix = vit.num_prefix_tokens
+  if hasattr(objective, "decoder_width"):  # MAE
+    n = vit.num_patches
+    t_enc = prefix + int(n * (1 - objective.mask_ratio))
+    dec = dataclasses.replace(vit, width=objective.decoder_width,
+                              depth=objective.decoder_depth,
+                              num_heads=objective.decoder_heads,
+                              mlp_dim=objective.decoder_mlp_dim, ffn="mlp")
+    return {"encoder": _stack_bytes(vit, t_enc, b, act, tensor),
+            "decoder": _stack_bytes(dec, prefix + n, b, act, tensor)}
+  # DINOv2: the student's crops; the heads' float32 logits.
+  p = vit.patch_size
+  t_g = prefix + (objective.global_size // p) ** 2
+  t_l = prefix + (objective.local_size // p) ** 2
+  # Rows per image: cls of the student's crops and the teacher's globals; iBOT
+  # slots of both models' globals. Two float32 copies of each row's logits.
+  rows_cls = 2 + objective.n_local_crops + 2
+  rows_patch = 2 * 2 * objective.ibot_slots if objective.ibot_weight > 0 else 0
+  heads = 2 * 4 * b * (rows_cls * objective.num_prototypes
+                       + rows_patch * objective.patch_prototypes) / tensor
+  return {"global_crops": _stack_bytes(vit, t_g, 2 * b, act, tensor),
+          "local_crops": _stack_bytes(vit, t_l, objective.n_local_crops * b, act, tensor),
+          "heads": heads}
+
+
+def _block_param_count(abstract_params, depth: int) -> int:
+  """Parameters of one transformer block (the stack's params / depth)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  total = 0
+  for path, x in jax.tree_util.tree_leaves_with_path(abstract_params):
+    keys = [str(getattr(k, "key", k)) for k in path]
+    if "blocks" in keys or "layers" in keys:
+      total += x.size
+  return total // max(depth, 1)
+
+
+@dataclasses.dataclass
+class _Kind:
+  """Stands in for a device in metrics.peak_tflops."""
+  device_kind: str
+
+
+def estimate_gpu(config, target: Target, *, num_records: int | None = None,
+                 mfus=(0.4,)) -> dict:
+  """Analytic memory per GPU (see the module docstring). Raises DoesNotFit
+  when the estimate exceeds the usable memory, ValueError for config errors."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from jax.sharding import AbstractMesh, AxisType  # pylint: disable=import-outside-toplevel
+  from biovfm_jax import sharding as shd  # pylint: disable=import-outside-toplevel
+  from biovfm_jax.models.vit import vit_config_from  # pylint: disable=import-outside-toplevel
+  from biovfm_jax.objectives import get_objective  # pylint: disable=import-outside-toplevel
+  from biovfm_jax.train import metrics as metrics_lib  # pylint: disable=import-outside-toplevel
+  from biovfm_jax.train import optim  # pylint: disable=import-outside-toplevel
+  from biovfm_jax.train import state as state_lib  # pylint: disable=import-outside-toplevel
+  from biovfm_jax.train.validate import validate_config  # pylint: disable=import-outside-toplevel
+
+  sizes = _mesh_sizes(dict(config.mesh), target.num_devices)
+  names = shd.MESH_AXES
+  mesh = AbstractMesh(tuple(sizes[a] for a in names), names,
+                      axis_types=(AxisType.Auto,) * len(names))
+  rules = shd.rules_from_config(config.sharding_rules)
+  validate_config(config, mesh)
+  # The same objects loop.build makes, on the abstract mesh.
+  records = _records(config, num_records)
+  steps_per_epoch = config.steps_per_epoch or max(1, records // config.batch_size)
+  total_steps = config.num_train_steps or int(config.total_epochs * steps_per_epoch)
+  objective = get_objective(config, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+  spec = state_lib.ModelSpec(objective.init_model, config.seed, mesh, rules)
+  schedule = optim.lr_schedule(config, total_steps, steps_per_epoch)
+  depth = vit_config_from(config.model).depth
+  tx = optim.make_optimizer(config, schedule, spec.decay_mask, params=spec.abstract_params,
+                            depth=depth, total_steps=total_steps,
+                            steps_per_epoch=steps_per_epoch)
+  shardings = state_lib.state_shardings(spec, tx, objective)
+  state = state_lib.abstract_state(spec, tx, objective, shardings)
+
+  state_bytes = _state_bytes(state)
+  accum = int(config.optim.grad_accum_steps)
+  dp, tensor, fsdp = sizes["data"] * sizes["fsdp"], sizes["tensor"], sizes["fsdp"]
+  micro = int(config.batch_size) / dp / accum
+  parts = {"params": state_bytes["params"], "opt_state": state_bytes["opt_state"],
+           "extra": state_bytes["extra"],
+           # gradients, and their running sum under accumulation
+           "gradients": state_bytes["params"] * (2 if accum > 1 else 1)}
+  if fsdp > 1:
+    pbytes = jax.numpy.dtype(objective.vit.param_dtype).itemsize
+    parts["fsdp_gather"] = 2 * _block_param_count(spec.abstract_params, depth) * pbytes / tensor
+  acts = _activation_bytes(objective, micro, tensor)
+  parts.update({f"activations_{k}": v for k, v in acts.items()})
+  batch = batch_specs(config, None)
+  parts["batch"] = sum(math.prod(x.shape) * x.dtype.itemsize for x in batch.values()) / dp
+  parts = {k: int(v) for k, v in parts.items()}
+  total = sum(parts.values())
+  usable = target.usable_bytes
+  fraction = usable / target.hbm_bytes
+  peak = metrics_lib.peak_tflops(config, device=_Kind(target.device_kind))
+  report = _common(config, target, sizes, objective, spec.num_params(), mfus, peak)
+  report.update(state_bytes_per_device=state_bytes, memory_bytes=parts,
+                peak_hbm_bytes=total, mem_fraction=fraction,
+                fits=total <= usable, estimate=True)
+  if not report["fits"]:
+    raise DoesNotFit(f"estimated {total / GIB:.1f} GiB per GPU exceeds the usable "
+                     f"{usable / GIB:.1f} GiB ({fraction:g} x {target.hbm_bytes / GIB:.0f} GiB "
+                     f"of a {target.device_kind})", report)
+  return report
+
+
+def check(config, target: Target, **kwargs) -> dict:
+  """The TPU compile or the GPU estimate, by target."""
+  fn = check_tpu if target.platform == "tpu" else estimate_gpu
+  return fn(config, target, **kwargs)
+
+
+# --- Command line ---------------------------------------------------------------
+
+def format_report(r: dict, config_name: str = "") -> str:
+  """The human-readable report."""
+  gib = lambda x: f"{x / GIB:.2f}"  # noqa: E731
+  mesh = " ".join(f"{k}={v}" for k, v in r["mesh"].items())
+  lines = [f"{'Estimate' if r.get('estimate') else 'AOT compile'}: {config_name} on "
+           f"{r['topology']} ({r['num_devices']} x {r['device_kind']}, "
+           f"{r['num_slices']} slice(s))",
+           f"  mesh {mesh} | batch {r['batch_size']} ({r['batch_per_device']:g} per device) "
+           f"| {r['params'] / 1e6:,.1f}M params"]
+  cap = gib(r["hbm_capacity_bytes"])
+  if "peak_hbm_bytes" in r:
+    verdict = "fits" if r["fits"] else "DOES NOT FIT"
+    usable = f" (usable {gib(r['usable_bytes'])})"
+    lines.append(f"  peak memory per device  {gib(r['peak_hbm_bytes'])} GiB of {cap} GiB"
+                 f"{usable} -> {verdict}")
+    m = r["memory_bytes"]
+    if r.get("estimate"):
+      lines.append("    = " + " + ".join(f"{k} {gib(v)}" for k, v in m.items()) + " (GiB)")
+    else:
+      lines.append(f"    = arguments {gib(m['arguments'])} + outputs {gib(m['outputs'])} + "
+                   f"temporaries {gib(m['temporaries'])} - aliased {gib(m['aliased'])} "
+                   f"(GiB); XLA peak {gib(m['xla_peak'])}, code {gib(m['code'])}")
+  else:
+    lines.append(f"  HBM per device {cap} GiB -> DOES NOT FIT")
+  sb = r["state_bytes_per_device"]
+  lines.append(f"  state per device        params {gib(sb['params'])} + optimiser "
+               f"{gib(sb['opt_state'])} + extra {gib(sb['extra'])} GiB")
+  xla = (f", XLA cost analysis {r['xla_flops_per_step']:.3e}"
+         if r.get("xla_flops_per_step") else "")
+  lines.append(f"  FLOPs per step          {r['flops_per_step']:.3e} (analytic){xla}")
+  if r["predicted_step_s"]:
+    times = ", ".join(f"{t:.3g} s at MFU {m}" for m, t in r["predicted_step_s"].items())
+    lines.append(f"  step time               {times} "
+                 f"({r['peak_tflops_per_device']:g} TFLOP/s peak per device)")
+  if "compile_s" in r:
+    lines.append(f"  compile                 {r['compile_s']:.1f} s")
+  return "\n".join(lines)
+
+
+def _define_flags() -> dict:
+  """Only when run as a program: importing this module defines no flags."""
+  return {
+      "config": config_flags.DEFINE_config_file("config", None, "Config file "
+                                                "(configs/*.py).", lock_config=True),
+      "topology": flags.DEFINE_string("topology", None, f"Target: {TOPOLOGY_FORMS}."),
+      "num_slices": flags.DEFINE_integer("num_slices", 1, "TPU slices joined over DCN "
+                                         "(with --config.mesh.slices)."),
+      "mfu": flags.DEFINE_list("mfu", ["0.4"], "MFU(s) for the predicted step time."),
+      "num_records": flags.DEFINE_integer("num_records", None, "Corpus size, for the LR "
+                                          "schedule only (default 1,000,000)."),
+      "json": flags.DEFINE_bool("json", False, "Print the report as one JSON line instead."),
+  }
+
+
+_FLAGS: dict = {}
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  f = {k: v.value for k, v in _FLAGS.items()}
+  name = config_flags.get_config_filename(flags.FLAGS["config"])
+  try:
+    mfus = [float(m) for m in f["mfu"]]
+    if not all(0 < m <= 1 for m in mfus):
+      raise ValueError(f"--mfu={','.join(f['mfu'])} must be in (0, 1]")
+    target = parse_topology(f["topology"], f["num_slices"])
+    report = check(f["config"], target, num_records=f["num_records"], mfus=mfus)
+    code = 0
+  except DoesNotFit as e:
+    report, code = e.report, 3
+    report.setdefault("error", str(e))
+    print(f"Does not fit: {e}", file=sys.stderr)
+  except (ValueError, MissingLibtpu) as e:  # config and topology errors: one clear line
+    print(f"Error: {e}", file=sys.stderr)
+    sys.exit(2)
+  report["config"] = name
+  print(json.dumps(report) if f["json"] else format_report(report, name), flush=True)
+  sys.exit(code)
+
+
+if __name__ == "__main__":
+  # Before jax is imported (parsing --config imports it): this process compiles
+  # for devices that are not here and never runs on any.
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  _FLAGS.update(_define_flags())
+  flags.mark_flags_as_required(["config", "topology"])
+  app.run(main)
