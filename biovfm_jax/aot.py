@@ -22,18 +22,21 @@ Topologies, as users book them (verified with libtpu 0.0.42 here):
   v5p:4x4x12, v5e:4x8   an explicit chip grid (3D for v4/v5p, 2D for v5e/v6e).
   --num_slices=S        S such slices over DCN (set --config.mesh.slices=S too).
 
-Reported per device (one device = one chip):
-  peak HBM = arguments + outputs + temporaries - aliased, from the compiled
-    step's memory_analysis(): the state and batch shards live throughout, the
-    new state is written over the donated old one (aliased, so counted once),
-    temporaries are XLA's peak of everything else (activations, gradients,
-    gathered FSDP weights). XLA's own `peak_memory_in_bytes` (its simulated
-    live-buffer peak, often lower) and the program's code size are reported
-    beside it. It fits if both are within the HBM the compiler lets a program
-    use (TPU_USABLE_GIB, a little under the chip's). A step that does not fit
-    fails to compile with RESOURCE_EXHAUSTED: that message is printed, exit
-    code 3. (The compiler first rematerialises what it can to fit, at some
-    compute cost, so a near miss compiles slowly and may still fit.)
+Reported per device (one device = one chip), from the compiled step's
+memory_analysis():
+  peak HBM = `peak_memory_in_bytes`, the compiler's own peak of the buffers
+    live at once (state and batch shards, the new state written over the
+    donated old one, activations, gradients, gathered FSDP weights, code).
+    Beside it, the allocations: arguments + outputs + temporaries - aliased
+    (the new state aliases the donated old one, so it counts once), the sum
+    MaxText prints. On TPU that sum is an upper bound, not the peak: ViT-g
+    DINOv2 without remat on v5p-128 has 123.5 GiB of temporaries, and the
+    compiler accepts it with a 90.7 GiB peak on a 95.7 GiB chip.
+  fits: the step compiled and the peak is within the HBM the compiler lets a
+    program use (TPU_USABLE_GIB, a little under the chip's). A step that does
+    not fit fails to compile with RESOURCE_EXHAUSTED: that message is printed,
+    exit code 3. (The compiler first rematerialises what it can to fit, at
+    some compute cost, so a near miss compiles slowly and may still fit.)
   FLOPs per step: the objective's analytic flops_per_example x batch (used for
     step times), and XLA's cost analysis of the per-device program x devices
     (it counts a scanned layer's loop body once, so it is low with
@@ -47,18 +50,18 @@ compile for GPUs that are not attached, so memory is estimated:
     sharding on a same-shaped (abstract) mesh; gradients as the params.
   - FSDP gather: two blocks' parameters unsharded over fsdp, in param dtype
     (the block being computed and the next one prefetched).
-  - activations saved for backward, per layer and token, in elements of the
-    compute dtype (D width, M FFN hidden, H heads, T tokens, t = tensor size;
-    c = 2 for a GELU MLP, 3 for SwiGLU; c' = 1 and 2):
-      none, everything_saveable        6D + (4D + H*T + c*M) / t
-      dots_saveable, checkpoint_dots   3D + (4D + H*T + c'*M) / t
-      dots_with_no_batch_dims_saveable 3D + (3D + c'*M) / t
-      full, nothing_saveable           D (the layer input), plus one layer's
-                                       'none' set while it is recomputed
-    with the attention probabilities (H*T) in float32; over every token of a
-    device's micro-batch (MAE: visible tokens in the encoder, all in the
-    decoder; DINOv2: the student's 2 global + n local crops; the teacher's
-    forward keeps nothing).
+  - activations saved for backward: what JAX's autodiff keeps for one
+    transformer block of the config (its dtype, FFN, heads, remat policy),
+    read off the real Block traced abstractly at the run's token count
+    (jax.ad_checkpoint's saved-residual listing: layer-norm statistics in
+    float32, attention probabilities, FFN intermediates, the compute-dtype
+    copies of the block's weights), x depth; with a remat policy, plus each
+    layer's input and one layer's full set while it is recomputed.
+    Residuals with a heads or FFN-hidden axis are divided by the tensor
+    size. Tokens: MAE's visible tokens in the encoder and all in the decoder;
+    DINOv2's 2 global and n local crops of the student (the teacher's
+    forward keeps nothing). XLA fuses and rematerialises some of these, and
+    cuDNN flash attention keeps no T x T probabilities: this side is high.
   - DINOv2 heads: float32 logits over the K prototypes for every head row
     (student and teacher; cls rows of all crops, iBOT slots of the global
     crops), 2 copies (logits and their (log-)softmax or targets), K / t per
@@ -74,6 +77,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -366,7 +370,7 @@ def check_tpu(config, target: Target, *, num_records: int | None = None,
 
   _check_slices(config, target)
   devices = tpu_devices(target)
-  s = loop.build(config, num_records=_records(config, num_records), devices=devices)
+  s = loop.build(config, num_records=_records(num_records), devices=devices)
   state = state_lib.abstract_state(s.spec, s.tx, s.objective, s.shardings)
   batch = batch_specs(config, s.batch_sharding)
   peak = metrics_lib.peak_tflops(config, device=devices[0])
@@ -382,20 +386,22 @@ def check_tpu(config, target: Target, *, num_records: int | None = None,
       raise
     report.update(fits=False, compile_s=time.perf_counter() - t0, error=str(e).strip())
     raise DoesNotFit(str(e).strip(), report) from e
-  report["compile_s"] = time.perf_counter() - t0
+  report["compile_s"] = time.perf_counter() - t0  # lowering and compiling
   mem = compiled.memory_analysis()
   parts = {"arguments": mem.argument_size_in_bytes, "outputs": mem.output_size_in_bytes,
            "temporaries": mem.temp_size_in_bytes, "aliased": mem.alias_size_in_bytes,
            "code": mem.generated_code_size_in_bytes,
            "xla_peak": getattr(mem, "peak_memory_in_bytes", 0)}
-  peak_hbm = (parts["arguments"] + parts["outputs"] + parts["temporaries"]
-              - parts["aliased"])
+  # Sum of the allocations; an upper bound on TPU (see the module docstring).
+  allocated = (parts["arguments"] + parts["outputs"] + parts["temporaries"]
+               - parts["aliased"])
+  peak_hbm = parts["xla_peak"] or allocated
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   xla_flops = float((cost or {}).get("flops", 0.0))
   report.update(
-      memory_bytes=parts, peak_hbm_bytes=int(peak_hbm),
-      fits=max(peak_hbm, parts["xla_peak"]) <= target.usable_bytes,
+      memory_bytes=parts, peak_hbm_bytes=int(peak_hbm), allocated_bytes=int(allocated),
+      fits=peak_hbm <= target.usable_bytes,
       xla_flops_per_device=xla_flops, xla_flops_per_step=xla_flops * target.num_devices)
   if not report["fits"]:
     raise DoesNotFit(f"peak HBM {peak_hbm / GIB:.2f} GiB per device exceeds the "
@@ -404,10 +410,9 @@ def check_tpu(config, target: Target, *, num_records: int | None = None,
   return report
 
 
-def _records(config, num_records: int | None) -> int:
+def _records(num_records: int | None) -> int:
   """Only the LR schedule's step counts depend on the corpus size: it changes
   no shape, memory or FLOPs, so a nominal size is used unless given."""
-  del config
   return 1_000_000 if num_records is None else int(num_records)
 
 
@@ -442,41 +447,65 @@ def _mesh_sizes(mesh_cfg: dict, n: int) -> dict:
   return {**sizes, "slices": slices}
 
 
-def activation_elements(*, width: int, mlp_dim: int, heads: int, tokens: int,
-                        ffn: str, policy: str, tensor: int = 1) -> tuple[float, float]:
-  """(compute-dtype elements, float32 elements) saved per token per layer for
-  the backward pass under remat `policy` (formulas in the module docstring)."""
-  d, m, h, t = width, mlp_dim, heads, tokens
-  c, c_dots = (3, 2) if ffn == "swiglu" else (2, 1)
-  if policy in ("none", "everything_saveable"):
-    return 6 * d + (4 * d + c * m) / tensor, h * t / tensor
-  if policy in ("dots_saveable", "checkpoint_dots"):
-    return 3 * d + (4 * d + h * t + c_dots * m) / tensor, 0.0
-  if policy in ("dots_with_no_batch_dims_saveable", "checkpoint_dots_with_no_batch_dims"):
-    return 3 * d + (3 * d + c_dots * m) / tensor, 0.0
-  if policy in ("full", "nothing_saveable"):
-    return float(d), 0.0
-  raise ValueError(f"config.model.remat_policy={policy!r} has no activation formula")
+@functools.lru_cache(maxsize=64)
+def _block_residuals(vit, tokens: int, seqs: int) -> tuple[int, int]:
+  """(all, tensor-split) bytes that JAX's autodiff saves for the backward pass
+  of one transformer block of `vit` over `seqs` sequences of `tokens` under
+  its remat policy, arguments (the block input, its params) excluded. Traced
+  abstractly with jax.ad_checkpoint's residual listing (nothing is computed).
+  Tensor-split: residuals with a heads or FFN-hidden axis, which tensor
+  parallelism divides."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from jax._src.ad_checkpoint import saved_residuals  # pylint: disable=import-outside-toplevel
+  from biovfm_jax.models import layers  # pylint: disable=import-outside-toplevel
+
+  # cuDNN attention cannot be traced on this CPU host; XLA's keeps the T x T
+  # probabilities, so the figure is high for flash attention.
+  vit = dataclasses.replace(vit, attention_impl="xla")
+  graphdef, params = nnx.split(nnx.eval_shape(lambda: layers.Block(vit, rngs=nnx.Rngs(0))))
+
+  def block(params, x, key):
+    y = nnx.merge(graphdef, params)(x, key, vit.drop_path_rate == 0.0)
+    return y.astype(jnp.float32).sum()
+
+  if vit.remat_policy != "none":
+    block = jax.checkpoint(block, policy=layers.remat_policy(vit.remat_policy))
+  x = jax.ShapeDtypeStruct((seqs, tokens, vit.width), jnp.dtype(vit.dtype))
+  total = split = 0
+  for aval, where in saved_residuals(block, params, x, jax.random.key(0)):
+    if "argument" in where:
+      continue
+    size = math.prod(aval.shape) * aval.dtype.itemsize
+    total += size
+    if vit.num_heads in aval.shape[1:] or vit.mlp_dim in aval.shape[1:]:
+      split += size
+  return total, split
 
 
-def _stack_bytes(vit, tokens_per_seq: int, seqs: float, act_bytes: int,
-                 tensor: int) -> float:
-  """Activation bytes of one encoder/decoder stack over `seqs` sequences."""
-  kw = dict(width=vit.width, mlp_dim=vit.mlp_dim, heads=vit.num_heads,
-            tokens=tokens_per_seq, ffn=vit.ffn, tensor=tensor)
-  lo, f32 = activation_elements(policy=vit.remat_policy, **kw)
-  total = vit.depth * seqs * tokens_per_seq * (lo * act_bytes + f32 * 4)
-  if vit.remat_policy in ("full", "nothing_saveable"):  # one layer recomputed at a time
-    lo1, f32_1 = activation_elements(policy="none", **kw)
-    total += seqs * tokens_per_seq * (lo1 * act_bytes + f32_1 * 4)
+def stack_activation_bytes(vit, tokens: int, seqs: float, tensor: int = 1) -> float:
+  """Bytes one device keeps for the backward pass of a `vit.depth`-block stack
+  over `seqs` sequences of `tokens` (see the module docstring)."""
+  def per_layer(v):
+    # Traced at 1 and 2 sequences: what grows with the batch, and what does
+    # not (the compute-dtype copies of the block's weights).
+    (t1, s1), (t2, s2) = _block_residuals(v, tokens, 1), _block_residuals(v, tokens, 2)
+    keep = 1 - 1 / tensor
+    return ((t2 - t1) - (s2 - s1) * keep) * seqs + (2 * t1 - t2) - (2 * s1 - s2) * keep
+
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  total = vit.depth * per_layer(vit)
+  if vit.remat_policy != "none":
+    act = seqs * tokens * vit.width * jnp.dtype(vit.dtype).itemsize
+    # Each layer's input, and one layer's full set while it is recomputed.
+    total += vit.depth * act + per_layer(dataclasses.replace(vit, remat_policy="none"))
   return total
 
 
 def _activation_bytes(objective, b: float, tensor: int) -> dict[str, float]:
   """Saved activations (and DINOv2 head logits) for b images on one device."""
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   vit = objective.vit
-  act = jnp.dtype(vit.dtype).itemsize
   prefix = vit.num_prefix_tokens
   if hasattr(objective, "decoder_width"):  # MAE
     n = vit.num_patches
@@ -484,9 +513,10 @@ def _activation_bytes(objective, b: float, tensor: int) -> dict[str, float]:
     dec = dataclasses.replace(vit, width=objective.decoder_width,
                               depth=objective.decoder_depth,
                               num_heads=objective.decoder_heads,
-                              mlp_dim=objective.decoder_mlp_dim, ffn="mlp")
-    return {"encoder": _stack_bytes(vit, t_enc, b, act, tensor),
-            "decoder": _stack_bytes(dec, prefix + n, b, act, tensor)}
+                              mlp_dim=objective.decoder_mlp_dim, ffn="mlp",
+                              layerscale_init=None, drop_path_rate=0.0)  # as models/mae.py
+    return {"encoder": stack_activation_bytes(vit, t_enc, b, tensor),
+            "decoder": stack_activation_bytes(dec, prefix + n, b, tensor)}
   # DINOv2: the student's crops; the heads' float32 logits.
   p = vit.patch_size
   t_g = prefix + (objective.global_size // p) ** 2
@@ -497,8 +527,8 @@ def _activation_bytes(objective, b: float, tensor: int) -> dict[str, float]:
   rows_patch = 2 * 2 * objective.ibot_slots if objective.ibot_weight > 0 else 0
   heads = 2 * 4 * b * (rows_cls * objective.num_prototypes
                        + rows_patch * objective.patch_prototypes) / tensor
-  return {"global_crops": _stack_bytes(vit, t_g, 2 * b, act, tensor),
-          "local_crops": _stack_bytes(vit, t_l, objective.n_local_crops * b, act, tensor),
+  return {"global_crops": stack_activation_bytes(vit, t_g, 2 * b, tensor),
+          "local_crops": stack_activation_bytes(vit, t_l, objective.n_local_crops * b, tensor),
           "heads": heads}
 
 
@@ -540,7 +570,7 @@ def estimate_gpu(config, target: Target, *, num_records: int | None = None,
   rules = shd.rules_from_config(config.sharding_rules)
   validate_config(config, mesh)
   # The same objects loop.build makes, on the abstract mesh.
-  records = _records(config, num_records)
+  records = _records(num_records)
   steps_per_epoch = config.steps_per_epoch or max(1, records // config.batch_size)
   total_steps = config.num_train_steps or int(config.total_epochs * steps_per_epoch)
   objective = get_objective(config, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
@@ -611,9 +641,10 @@ def format_report(r: dict, config_name: str = "") -> str:
     if r.get("estimate"):
       lines.append("    = " + " + ".join(f"{k} {gib(v)}" for k, v in m.items()) + " (GiB)")
     else:
-      lines.append(f"    = arguments {gib(m['arguments'])} + outputs {gib(m['outputs'])} + "
-                   f"temporaries {gib(m['temporaries'])} - aliased {gib(m['aliased'])} "
-                   f"(GiB); XLA peak {gib(m['xla_peak'])}, code {gib(m['code'])}")
+      lines.append(f"    XLA's live-buffer peak; allocations: arguments {gib(m['arguments'])} + "
+                   f"outputs {gib(m['outputs'])} + temporaries {gib(m['temporaries'])} - "
+                   f"aliased {gib(m['aliased'])} = {gib(r['allocated_bytes'])} GiB; "
+                   f"code {gib(m['code'])}")
   else:
     lines.append(f"  HBM per device {cap} GiB -> DOES NOT FIT")
   sb = r["state_bytes_per_device"]

@@ -76,8 +76,9 @@ def test_quickstart_fits_on_v5e_4():
   assert r["fits"] and r["num_devices"] == 4 and r["mesh"]["data"] == 4
   assert r["device_kind"] == "TPU v5 lite" and r["hbm_capacity_bytes"] == 16 * 2 ** 30
   m = r["memory_bytes"]
-  assert r["peak_hbm_bytes"] == (m["arguments"] + m["outputs"] + m["temporaries"]
-                                 - m["aliased"])
+  assert r["peak_hbm_bytes"] == m["xla_peak"] > 0
+  assert r["allocated_bytes"] == (m["arguments"] + m["outputs"] + m["temporaries"]
+                                  - m["aliased"])
   # Data parallel: every device holds all params and both Adam moments.
   params_bytes = 4 * r["params"]
   assert r["state_bytes_per_device"]["params"] == params_bytes
@@ -124,7 +125,6 @@ def test_bad_config_names_the_key():
     aot.check_tpu(config, aot.parse_topology("v5e-4", num_slices=2), num_records=1000)
 
 
-@pytest.mark.slow
 def test_two_slices_compile_with_the_hybrid_mesh():
   """2 x v5e-4 over DCN: data parallel across slices, FSDP inside each."""
   config = quickstart.get_config()
@@ -183,9 +183,10 @@ def test_gpu_estimate_scales_with_the_mesh_and_batch():
   wide = _gpu(_big(vit_l_mae, remat_policy="full"), "h100-128", data=1, fsdp=128)
   for k in ("params", "gradients", "opt_state"):
     assert wide["memory_bytes"][k] == pytest.approx(mb[k] / 2, rel=0.05), k
-  # ... and the batch per device, so the activations.
+  # ... and the batch per device, so the activations (but for the compute-dtype
+  # copies of a layer's weights).
   assert wide["memory_bytes"]["activations_encoder"] == pytest.approx(
-      mb["activations_encoder"] / 2)
+      mb["activations_encoder"] / 2, rel=0.1)
   # Pure data parallel holds everything: 4 bytes per param, twice for Adam.
   dp = _gpu(_big(vit_l_mae, remat_policy="full"), data=-1, fsdp=1)
   assert dp["memory_bytes"]["params"] == pytest.approx(4 * dp["params"], rel=0.01)
@@ -196,7 +197,7 @@ def test_gpu_estimate_scales_with_the_mesh_and_batch():
   config.batch_size *= 2
   double = _gpu(config, data=1, fsdp=64)
   assert double["memory_bytes"]["activations_decoder"] == pytest.approx(
-      2 * mb["activations_decoder"])
+      2 * mb["activations_decoder"], rel=0.1)
   assert double["peak_hbm_bytes"] > base["peak_hbm_bytes"]
   # Saving less for backward needs less memory.
   acts = lambda r: sum(v for k, v in r["memory_bytes"].items()  # noqa: E731
@@ -204,6 +205,13 @@ def test_gpu_estimate_scales_with_the_mesh_and_batch():
   by_policy = [acts(_gpu(_big(vit_l_mae, remat_policy=p), data=1, fsdp=64))
                for p in ("none", "dots_saveable", "dots_with_no_batch_dims_saveable", "full")]
   assert by_policy == sorted(by_policy, reverse=True) and by_policy[0] > 3 * by_policy[-1]
+  # Tensor parallelism splits what has a heads or FFN-hidden axis (same batch
+  # per device: 128).
+  one = _gpu(_big(vit_l_mae, remat_policy="none"), "h100-32", data=1, fsdp=32)
+  two = _gpu(_big(vit_l_mae, remat_policy="none"), "h100-64", data=1, fsdp=32, tensor=2)
+  assert one["batch_per_device"] == two["batch_per_device"] == 128
+  ratio = acts(two) / acts(one)
+  assert 0.5 < ratio < 0.9
   # Analytic FLOPs and step time follow the batch and the GPU count.
   assert double["flops_per_step"] == pytest.approx(2 * base["flops_per_step"])
   assert wide["predicted_step_s"]["0.4"] == pytest.approx(base["predicted_step_s"]["0.4"] / 2)
