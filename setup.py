@@ -47,6 +47,8 @@ setup(
         "test": ["pytest>=8", "pytest-xdist>=3", "torch==2.14.1", "torchvision==0.29.1",
                  "timm>=1.0", "safetensors>=0.4", "medmnist==3.0.2", "av>=14",
                  # libtpu: the ahead-of-time fit check compiles for a TPU topology on CPU.
-                 "jax[tpu]>=0.10.2,<0.11"],
+                 "jax[tpu]>=0.10.2,<0.11",
+                 # gs:// tests: a GCS emulator on 127.0.0.1, reached by epath through gcsfs.
+                 "gcp-storage-emulator>=2024.8", "gcsfs>=2024.6"],
     },
 )

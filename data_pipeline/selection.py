@@ -18,6 +18,7 @@ weight are not sampled; a weight for a group the data lacks is an error.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import re
@@ -26,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from data_pipeline import shards as shards_lib
+from data_pipeline import storage
 
 SUBSET_SUFFIX = ".subset.json"
 
@@ -79,7 +81,8 @@ def make_subset(shard_dir: str, name: str, *, count=None, modalities=None, sourc
   """
   if not re.fullmatch(r"[\w.\-]+", name):
     raise ValueError(f"subset name {name!r}: use letters, digits, '.', '-' or '_'")
-  shard_dir = os.path.abspath(os.path.expanduser(shard_dir))
+  if not storage.is_remote(shard_dir):
+    shard_dir = os.path.abspath(os.path.expanduser(shard_dir))
   manifest = shards_lib.read_manifest(shard_dir)
   index = shards_lib.read_index(shard_dir)
   mask = np.ones(len(index["shard"]), bool)
@@ -95,11 +98,11 @@ def make_subset(shard_dir: str, name: str, *, count=None, modalities=None, sourc
     ids = np.sort(ids[np.random.default_rng(seed).permutation(len(ids))[:k]])
   if len(ids) == 0:
     raise ValueError(f"subset {name!r} selects no records")
-  out = os.path.join(shard_dir, "subsets")
-  os.makedirs(out, exist_ok=True)
-  tmp = os.path.join(out, f".{name}.tmp-{os.getpid()}.npy")
-  np.save(tmp, ids.astype(np.int64))
-  os.replace(tmp, os.path.join(out, f"{name}.npy"))
+  out = storage.join(shard_dir, "subsets")
+  storage.makedirs(out)
+  buf = io.BytesIO()
+  np.save(buf, ids.astype(np.int64))
+  storage.write_bytes_atomic(storage.join(out, f"{name}.npy"), buf.getvalue())
   src = [str(index["source_names"][i]) for i in index["source"][ids]]
   mod = [str(index["modality_names"][i]) for i in index["modality"][ids]]
   doc = {"name": name, "shard_dir": "..", "records": f"{name}.npy",
@@ -107,7 +110,7 @@ def make_subset(shard_dir: str, name: str, *, count=None, modalities=None, sourc
          "of_records": int(len(index["shard"])),
          "selection": {"count": count, "modalities": modalities, "sources": sources,
                        "seed": seed}, **shards_lib.manifest_counts(src, mod)}
-  path = os.path.join(out, name + SUBSET_SUFFIX)
+  path = storage.join(out, name + SUBSET_SUFFIX)
   shards_lib.write_json_atomic(path, doc)
   return path
 
@@ -145,21 +148,21 @@ def resolve(spec, cache_dir: str | None, mixture: Any = None) -> tuple[list[str]
   """(shard paths, Selection) for a data config's `shards` and `mixture`."""
   ids = None
   if is_subset(spec):
-    path = os.path.expanduser(spec)
-    if not os.path.isfile(path):
+    path = storage.as_path(spec)
+    if not path.is_file():
       raise FileNotFoundError(f"config.data.shards={spec!r}: no such subset file")
-    with open(path) as f:
-      doc = json.load(f)
-    base = os.path.dirname(path)
-    shard_dir = os.path.normpath(os.path.join(base, doc["shard_dir"]))
-    paths = [os.path.join(shard_dir, s) for s in doc["shards"]]
-    missing = [p for p in paths if not os.path.isfile(p)]
+    doc = json.loads(path.read_text())
+    base = storage.dirname(os.fspath(path))
+    shard_dir = storage.join(base, doc["shard_dir"])
+    paths = [storage.join(shard_dir, s) for s in doc["shards"]]
+    missing = [p for p in paths if not storage.as_path(p).is_file()]
     if missing:
       raise FileNotFoundError(f"subset {spec!r}: its shards are gone: {missing[:3]}")
-    ids = np.load(os.path.join(base, doc["records"]))
+    with storage.as_path(storage.join(base, doc["records"])).open("rb") as f:
+      ids = np.load(f)
   else:
     paths = shards_lib.resolve_shards(spec, cache_dir)
-    shard_dir = os.path.dirname(paths[0])
+    shard_dir = storage.dirname(paths[0])
   import grain  # pylint: disable=import-outside-toplevel
   total = len(grain.sources.ArrayRecordDataSource(paths))
   if ids is not None and (len(ids) == 0 or ids.max() >= total):
@@ -172,7 +175,7 @@ def resolve(spec, cache_dir: str | None, mixture: Any = None) -> tuple[list[str]
     by = mixture.get("by", "modality")
     if by not in ("modality", "source"):
       raise ValueError(f"config.data.mixture.by={by!r}: 'modality' or 'source'")
-    if len({os.path.dirname(p) for p in paths}) != 1:
+    if len({storage.dirname(p) for p in paths}) != 1:
       raise ValueError("config.data.mixture needs the shards of one folder (its index.npz)")
     index = shards_lib.read_index(shard_dir)
     if len(index[by]) != total:
@@ -202,7 +205,8 @@ def resolve(spec, cache_dir: str | None, mixture: Any = None) -> tuple[list[str]
 def main(argv=None) -> None:
   p = argparse.ArgumentParser(prog="python -m data_pipeline.selection",
                               description="Write a subset (an index over existing shards).")
-  p.add_argument("--shards", required=True, help="folder written by data_pipeline.ingest")
+  p.add_argument("--shards", required=True,
+                 help="folder written by data_pipeline.ingest (local or gs://)")
   p.add_argument("--name", required=True)
   p.add_argument("--count", default=None, help="records: 200000, 200k, 0.2M, 0.25 or all")
   p.add_argument("--modality", action="append", help="keep this modality (repeatable)")
@@ -214,8 +218,7 @@ def main(argv=None) -> None:
                        sources=a.source, seed=a.seed)
   except (ValueError, FileNotFoundError) as e:
     p.error(str(e))
-  with open(path) as f:
-    doc = json.load(f)
+  doc = json.loads(storage.as_path(path).read_text())
   print(f"{path}: {doc['num_records']} of {doc['of_records']} records; "
         f"modalities {doc['modalities']}")
 

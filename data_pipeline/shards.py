@@ -5,11 +5,13 @@ import collections
 import contextlib
 import glob
 import hashlib
+import io
 import json
 import os
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from data_pipeline import storage
 from data_pipeline.records import decode_record
 
 SHARD_SUFFIX = ".array_record"
@@ -26,12 +28,8 @@ def _sha256(path: str) -> str:
 
 
 def write_json_atomic(path: str, obj: Any) -> None:
-  """Write JSON beside `path` and rename over it: readers never see half a file."""
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1, sort_keys=True)
-    f.write("\n")
-  os.replace(tmp, path)
+  """Readers never see half a file (local or gs://)."""
+  storage.write_bytes_atomic(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
 
 
 def _shard_name(prefix: str, i: int) -> str:
@@ -130,14 +128,14 @@ def write_index(out_dir: str | os.PathLike, shard_of: Sequence[int],
   modality_names = sorted(set(modalities))
   s_id = {n: i for i, n in enumerate(source_names)}
   m_id = {n: i for i, n in enumerate(modality_names)}
-  path = os.path.join(os.fspath(out_dir), INDEX)
-  tmp = f"{path}.tmp-{os.getpid()}.npz"
-  np.savez(tmp, shard=np.asarray(shard_of, np.int32),
+  path = storage.join(out_dir, INDEX)
+  buf = io.BytesIO()
+  np.savez(buf, shard=np.asarray(shard_of, np.int32),
            source=np.asarray([s_id[s] for s in sources], np.int32),
            modality=np.asarray([m_id[m] for m in modalities], np.int32),
            source_names=np.asarray(source_names, str),
            modality_names=np.asarray(modality_names, str))
-  os.replace(tmp, path)
+  storage.write_bytes_atomic(path, buf.getvalue())
   return path
 
 
@@ -146,17 +144,17 @@ def read_index(shard_dir: str | os.PathLike) -> dict[str, Any]:
   index existed get one built from their record headers (once, then saved)."""
   import numpy as np  # pylint: disable=import-outside-toplevel
   shard_dir = os.fspath(shard_dir)
-  path = os.path.join(shard_dir, INDEX)
-  if not os.path.exists(path):
+  path = storage.as_path(storage.join(shard_dir, INDEX))
+  if not path.exists():
     _index_from_headers(shard_dir)
-  with np.load(path) as z:
+  with path.open("rb") as f, np.load(f) as z:
     return {k: z[k] for k in z.files}
 
 
 def _index_from_headers(shard_dir: str) -> None:
   from array_record.python.array_record_module import ArrayRecordReader  # pylint: disable=import-outside-toplevel
   shard_of, sources, modalities = [], [], []
-  paths = sorted(glob.glob(os.path.join(glob.escape(shard_dir), f"*{SHARD_SUFFIX}")))
+  paths = storage.files_in(shard_dir, SHARD_SUFFIX)
   if not paths:
     raise FileNotFoundError(f"no {SHARD_SUFFIX} files in {shard_dir}")
   for k, path in enumerate(paths):
@@ -241,20 +239,19 @@ def write_shards(records: Iterable[bytes], out_dir: str | os.PathLike, prefix: s
 
 
 def read_manifest(shard_dir: str | os.PathLike) -> dict[str, Any]:
-  with open(os.path.join(os.fspath(shard_dir), MANIFEST)) as f:
-    return json.load(f)
+  return json.loads(storage.as_path(storage.join(shard_dir, MANIFEST)).read_text())
 
 
 def _resolve_one(item: str, cache_dir: str | None) -> list[str]:
   if item == "mini":
     from data_pipeline.sources.mini import build_mini_corpus  # pylint: disable=import-outside-toplevel
     return build_mini_corpus(cache_dir)
-  path = os.path.expanduser(item)
-  if os.path.isdir(path):
-    return sorted(glob.glob(os.path.join(glob.escape(path), f"*{SHARD_SUFFIX}")))
-  if glob.has_magic(path):
-    return sorted(p for p in glob.glob(path) if os.path.isfile(p))
-  return [path] if os.path.isfile(path) else []
+  path = storage.as_path(item)
+  if path.is_dir():
+    return storage.files_in(item, SHARD_SUFFIX)
+  if glob.has_magic(item):
+    return storage.glob(item)
+  return [os.fspath(path)] if path.is_file() else []
 
 
 def resolve_shards(spec: str | os.PathLike | Sequence[str], cache_dir: str | None = None) -> list[str]:
@@ -262,7 +259,7 @@ def resolve_shards(spec: str | os.PathLike | Sequence[str], cache_dir: str | Non
 
   spec: "mini" (the built-in corpus, built on first use in `cache_dir`), a
   directory (its `*.array_record`, sorted), a glob, a file, a comma-separated
-  list of any of these, or a list of them. Raises FileNotFoundError naming the
+  list of any of these, or a list of them; local or in a bucket (gs://...). Raises FileNotFoundError naming the
   spec when nothing matches (or any one part of a list matches nothing).
   """
   items = ([os.fspath(s) for s in spec] if isinstance(spec, (list, tuple))

@@ -15,6 +15,8 @@ import os
 
 import orbax.checkpoint as ocp
 
+from data_pipeline import storage
+
 # Run facts that define the input stream; a resume must not change them.
 _INPUT_KEYS = ("seed", "batch_size", "data_shards")
 
@@ -74,35 +76,37 @@ def save_params(workdir: str, params, run: dict, step: int = 0) -> str:
 
 
 def find_step_dir(path: str, step: int | None = None) -> str:
-  """A workdir, its `checkpoints/` folder or one step's folder -> that step's
-  folder (the latest finished step unless `step` is given)."""
+  """A workdir, its `checkpoints/` folder or one step's folder (local or
+  gs://) -> that step's folder (the latest finished step unless `step` is given)."""
   path = os.fspath(path).rstrip("/")
   if _is_step_dir(path):
     if step is not None and int(os.path.basename(path)) != step:
       raise ValueError(f"{path} is the checkpoint of step {os.path.basename(path)}, "
                        f"not of the requested step {step}")
     return path
-  for root in (os.path.join(path, "checkpoints"), path):
-    if not os.path.isdir(root):
+  for root in (storage.join(path, "checkpoints"), path):
+    if not storage.as_path(root).is_dir():
       continue
-    steps = sorted(int(d) for d in os.listdir(root)
-                   if d.isdigit() and _is_step_dir(os.path.join(root, d)))
+    steps = sorted(int(d.name) for d in storage.as_path(root).iterdir()
+                   if d.name.isdigit() and _is_step_dir(storage.join(root, d.name)))
     if not steps:
       continue
     if step is None:
-      return os.path.join(root, str(steps[-1]))
+      return storage.join(root, str(steps[-1]))
     if step not in steps:
       raise ValueError(f"no checkpoint of step {step} in {root}; it holds steps {steps}")
-    return os.path.join(root, str(step))
+    return storage.join(root, str(step))
   raise FileNotFoundError(
       f"no finished checkpoint under {path} (expected <workdir>/checkpoints/<step>/state "
       "as written by main.py or `python -m biovfm_jax.interop import`)")
 
 
 def _is_step_dir(path: str) -> bool:
-  # Orbax renames a step's temporary folder only once the write has finished.
-  return (os.path.basename(path).isdigit() and os.path.isdir(os.path.join(path, "state"))
-          and os.path.isdir(os.path.join(path, "run")))
+  # Locally orbax renames a step's temporary folder once the write has finished;
+  # on object stores it writes commit_success.txt last instead.
+  p = storage.as_path(path)
+  return (p.name.isdigit() and (p / "state").is_dir() and (p / "run").is_dir()
+          and (not storage.is_remote(path) or (p / "commit_success.txt").exists()))
 
 
 def read_run(step_dir: str) -> dict:

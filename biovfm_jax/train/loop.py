@@ -7,7 +7,6 @@ Objective-agnostic: everything specific to MAE (or DINOv2) sits behind
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import signal
@@ -30,6 +29,7 @@ from biovfm_jax.train import optim
 from biovfm_jax.train import state as state_lib
 from biovfm_jax.train.validate import validate_config
 from data_pipeline import loader as loader_lib
+from data_pipeline import storage
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -179,9 +179,7 @@ def train(config, workdir: str) -> dict:
   spec, tx, shardings, objective = s.spec, s.tx, s.shardings, s.objective
   total_steps, batch_sharding, train_step = s.total_steps, s.batch_sharding, s.train_step
   is_chief = jax.process_index() == 0
-  remote = "://" in workdir  # gs://...: orbax and clu write there through their file systems
-  if not remote:
-    os.makedirs(workdir, exist_ok=True)
+  storage.makedirs(workdir)  # gs://: orbax, clu and JsonlLog write there themselves
   logging.info("Model: %s parameters; mesh %s; %d records, %d steps/epoch, %d steps.",
                f"{spec.num_params():,}", dict(s.mesh.shape), s.num_records,
                s.steps_per_epoch, total_steps)
@@ -210,8 +208,7 @@ def train(config, workdir: str) -> dict:
   if start_step == 0:
     writer.write_hparams({k: v for k, v in _flat(config.to_dict()).items()
                           if isinstance(v, (int, float, str, bool))})
-  # metrics.jsonl is appended to, which object stores do not offer: local workdirs only.
-  jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a") if is_chief and not remote else None
+  jsonl = metrics_lib.JsonlLog(storage.join(workdir, "metrics.jsonl")) if is_chief else None
   chrono = metrics_lib.Throughput(
       total_steps=total_steps, batch_size=config.batch_size,
       flops_per_example=objective.flops_per_example(), num_devices=jax.device_count(),
@@ -231,8 +228,7 @@ def train(config, workdir: str) -> dict:
     last = host
     writer.write_scalars(step, host)
     if jsonl:
-      jsonl.write(json.dumps({"step": step, **host}) + "\n")
-      jsonl.flush()
+      jsonl.write({"step": step, **host})
     if is_chief:  # one progress line per run, not one per process
       logging.info(metrics_lib.progress_line(step, total_steps, host))
 
@@ -264,6 +260,8 @@ def train(config, workdir: str) -> dict:
         check_and_log(*pending)
         pending = None
         ckpt.save(step, state, run_info)
+        if jsonl:
+          jsonl.sync()
       if config.image_every_steps and step % config.image_every_steps == 0:
         chrono.pause()  # every process computes (the model spans them all); the chief writes
         grid = objective.visualize(spec.merge(state.params), batch,
@@ -281,8 +279,7 @@ def train(config, workdir: str) -> dict:
           scores = evaluator.run(encoder)
           writer.write_scalars(step, scores)
           if jsonl:
-            jsonl.write(json.dumps({"step": step, **scores}) + "\n")
-            jsonl.flush()
+            jsonl.write({"step": step, **scores})
         chrono.resume()
       if stop:
         logging.warning("Stopped for preemption at step %d (checkpoint saved).", step)

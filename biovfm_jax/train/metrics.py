@@ -1,9 +1,12 @@
 """Throughput, MFU, ETA and the console progress line."""
 from __future__ import annotations
 
+import json
 import time
 
 import jax
+
+from data_pipeline import storage
 
 # Dense bf16 peak TFLOP/s per device, for MFU. A config can override it with
 # `peak_tflops_per_device`; unknown devices (CPU) report MFU against None.
@@ -85,3 +88,42 @@ def progress_line(step: int, total: int, scalars: dict[str, float]) -> str:
   if "eta_seconds" in scalars:
     parts.append("ETA " + format_seconds(scalars["eta_seconds"]))
   return " | ".join(parts)
+
+
+class JsonlLog:
+  """`metrics.jsonl`: one JSON object per logged step (and per evaluation).
+
+  A local file is appended to and flushed line by line. Object stores (gs://)
+  cannot append, so there the file is read once, kept in memory and uploaded
+  whole by `sync()` (at every checkpoint and at the end): lines after the last
+  checkpoint are lost only with the steps a resume redoes anyway.
+  """
+
+  def __init__(self, path: str):
+    self.path = path
+    self.remote = storage.is_remote(path)
+    if self.remote:
+      p = storage.as_path(path)
+      self._text = p.read_text() if p.exists() else ""
+      self._dirty = False
+    else:
+      self._file = open(path, "a")
+
+  def write(self, row: dict) -> None:
+    line = json.dumps(row) + "\n"
+    if self.remote:
+      self._text += line
+      self._dirty = True
+    else:
+      self._file.write(line)
+      self._file.flush()
+
+  def sync(self) -> None:
+    if self.remote and self._dirty:
+      storage.write_bytes_atomic(self.path, self._text.encode())
+      self._dirty = False
+
+  def close(self) -> None:
+    self.sync()
+    if not self.remote:
+      self._file.close()
