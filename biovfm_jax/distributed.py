@@ -6,22 +6,26 @@ the same main.py; `initialize` joins them before any device is touched:
   explicit   --coordinator_address=HOST:PORT --num_processes=N --process_id=I
              (all three; any cluster, and the local multi-process runs)
   automatic  under SLURM (SLURM_NTASKS > 1), Open MPI, or on a multi-host TPU
-             slice, jax.distributed.initialize() finds the peers itself;
+             slice (its TPU_* variables, or on a TPU VM the GCE metadata's
+             worker list), jax.distributed.initialize() finds the peers itself;
              --distributed=on forces that call, --distributed=off skips it.
 
 CPU runs need --cpu_collectives=gloo for collectives across processes.
 """
 from __future__ import annotations
 
+import glob
 import logging
 import os
+import urllib.request
 
 import jax
 
 _MODES = ("auto", "on", "off")
+_GOOGLE_PCI_VENDOR = "0x1ae0"  # TPU chips on a TPU VM's PCI bus
 
 
-def _cluster_detected(env) -> str | None:
+def _cluster_detected(env, sysfs: str = "/sys/bus/pci/devices") -> str | None:
   """What makes a no-argument jax.distributed.initialize() apt, if anything."""
   if int(env.get("SLURM_NTASKS", "1") or 1) > 1:
     return "SLURM"
@@ -29,7 +33,37 @@ def _cluster_detected(env) -> str | None:
     return "Open MPI"
   if "," in env.get("TPU_WORKER_HOSTNAMES", "") or env.get("MEGASCALE_COORDINATOR_ADDRESS"):
     return "multi-host TPU"
+  if _tpu_workers_from_metadata(env, sysfs) > 1:
+    return "multi-host TPU VM"
   return None
+
+
+def _tpu_workers_from_metadata(env, sysfs: str) -> int:
+  """Workers of this TPU slice, as the GCE metadata server lists them (0 when
+  this is not a TPU VM). A TPU VM's ssh sessions set no TPU_* variables; jax
+  reads the same metadata to find its peers."""
+  if env.get("TPU_SKIP_MDS_QUERY") is not None or not _has_tpu_chips(sysfs):
+    return 0
+  host = env.get("GCE_METADATA_IP", "metadata.google.internal")
+  request = urllib.request.Request(
+      f"http://{host}/computeMetadata/v1/instance/attributes/worker-network-endpoints",
+      headers={"Metadata-Flavor": "Google"})
+  try:
+    with urllib.request.urlopen(request, timeout=10) as response:
+      endpoints = response.read().decode()
+  except OSError as e:
+    logging.warning("TPU VM without worker-network-endpoints metadata (%s): "
+                    "starting as a single process; --distributed=on forces the join.", e)
+    return 0
+  return len([w for w in endpoints.split(",") if w.strip()])
+
+
+def _has_tpu_chips(sysfs: str) -> bool:
+  for vendor in glob.glob(os.path.join(sysfs, "*", "vendor")):
+    with open(vendor) as f:
+      if f.read().strip() == _GOOGLE_PCI_VENDOR:
+        return True
+  return False
 
 
 def initialize(*, coordinator_address: str | None = None, num_processes: int | None = None,

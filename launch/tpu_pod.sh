@@ -137,7 +137,8 @@ elif [[ -n "$mesh_slices" && "$mesh_slices" != 1 ]]; then
   die "--config.mesh.slices=$mesh_slices needs --slices=$mesh_slices (the queued resource's node count)"
 fi
 # On TPU VMs jax.distributed.initialize() reads the workers (and slices) from the
-# VM metadata; --distributed=on makes main.py call it, whatever its environment.
+# VM metadata. main.py's auto mode detects a multi-host slice there too;
+# --distributed=on also covers a slice whose metadata server is slow to answer.
 [[ " ${main_args[*]} " == *" --distributed"* ]] || main_args+=(--distributed=on)
 stage_src="" stage_dir=""
 if [[ -n "$stage" ]]; then

@@ -77,3 +77,80 @@ def test_two_processes_match_one_and_resume_elastically(tmp_path):
   assert "Resuming from step 2" in back.stdout + back.stderr
   assert_same_losses(losses(tmp_path / "to_mp"), ref_losses, [3, 4])
   assert checkpoint_steps(tmp_path / "to_mp") == [2, 4]
+
+
+# --- How main.py decides to join peers (no processes started).
+
+class _Metadata:
+  """A GCE metadata server on 127.0.0.1 (jax and we read GCE_METADATA_IP)."""
+
+  def __init__(self, workers: str | None):
+    import http.server  # pylint: disable=import-outside-toplevel
+    import threading  # pylint: disable=import-outside-toplevel
+    outer, self.requests = self, []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+      def do_GET(self):  # noqa: N802
+        outer.requests.append((self.path, self.headers.get("Metadata-Flavor")))
+        ok = workers is not None and self.path.endswith("/attributes/worker-network-endpoints")
+        body = (workers or "not found").encode()
+        self.send_response(200 if ok else 404)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+      def log_message(self, *args):
+        pass
+
+    self.server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=self.server.serve_forever, daemon=True).start()
+    self.env = {"GCE_METADATA_IP": f"127.0.0.1:{self.server.server_address[1]}"}
+
+  def close(self):
+    self.server.shutdown()
+    self.server.server_close()
+
+
+def _pci(tmp_path, vendor):
+  dev = tmp_path / "pci" / "0000:00:04.0"
+  dev.mkdir(parents=True)
+  (dev / "vendor").write_text(vendor + "\n")
+  return str(tmp_path / "pci")
+
+
+@pytest.mark.parametrize("workers,vendor,expected", [
+    ("10.0.0.1:8470,10.0.0.2:8470,10.0.0.3:8470,10.0.0.4:8470", "0x1ae0", "multi-host TPU VM"),
+    ("10.0.0.1:8470", "0x1ae0", None),        # a single-host slice (v5e-8, v4-8)
+    (None, "0x1ae0", None),                   # no worker list: stay single, with a warning
+    ("10.0.0.1:8470,10.0.0.2:8470", "0x10de", None),  # an NVIDIA machine: never asked
+])
+def test_a_tpu_vm_finds_its_peers_in_the_gce_metadata(tmp_path, workers, vendor, expected):
+  from biovfm_jax import distributed  # pylint: disable=import-outside-toplevel
+  metadata = _Metadata(workers)
+  try:
+    assert distributed._cluster_detected(metadata.env, sysfs=_pci(tmp_path, vendor)) == expected
+  finally:
+    metadata.close()
+  if vendor == "0x1ae0":
+    assert metadata.requests == [
+        ("/computeMetadata/v1/instance/attributes/worker-network-endpoints", "Google")]
+  else:
+    assert metadata.requests == []
+  # TPU_SKIP_MDS_QUERY (set by jax where no chips are found) silences the query.
+  env = {**metadata.env, "TPU_SKIP_MDS_QUERY": "1"}
+  assert distributed._cluster_detected(env, sysfs=_pci(tmp_path / "x", "0x1ae0")) is None
+
+
+def test_schedulers_are_detected_from_their_variables(tmp_path):
+  from biovfm_jax import distributed  # pylint: disable=import-outside-toplevel
+  none = str(tmp_path)  # no PCI devices
+  assert distributed._cluster_detected({"SLURM_NTASKS": "8"}, sysfs=none) == "SLURM"
+  assert distributed._cluster_detected({"SLURM_NTASKS": "1"}, sysfs=none) is None
+  assert distributed._cluster_detected({"OMPI_COMM_WORLD_SIZE": "4"}, sysfs=none) == "Open MPI"
+  assert distributed._cluster_detected({"TPU_WORKER_HOSTNAMES": "a,b"}, sysfs=none) == "multi-host TPU"
+  assert distributed._cluster_detected({}, sysfs=none) is None
+  with pytest.raises(ValueError, match="go together"):
+    distributed.initialize(coordinator_address="127.0.0.1:1", mode="auto", env={})
+  with pytest.raises(ValueError, match="--distributed='maybe'"):
+    distributed.initialize(mode="maybe", env={})
+  assert distributed.initialize(mode="auto", env={"SLURM_NTASKS": "1"}) == "single process"
