@@ -5,6 +5,9 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# gs:// paths through epath's fsspec backend (gcsfs), which can be pointed at the
+# GCS emulator of test_storage.py; TF's GCS cannot. epath decides once per process.
+os.environ.setdefault("EPATH_USE_TF", "false")
 
 # triton (pulled in by torch, used by the interop tests' timm) segfaults when its
 # native library loads after TensorFlow's (which clu and tfds bring in): load it first.

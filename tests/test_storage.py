@@ -31,10 +31,10 @@ def gcs():
   env = {"STORAGE_EMULATOR_HOST": url,            # gcsfs (epath)
          "CLOUD_STORAGE_EMULATOR_ENDPOINT": url,  # ArrayRecord's GCS client
          "TENSORSTORE_GCS_HTTP_URL": url,         # orbax's array store
-         "GOOGLE_AUTH_TOKEN_FOR_TESTING": "none",
-         # epath prefers tf.io.gfile when TensorFlow is installed, and TF's GCS
-         # has no emulator setting: use epath's fsspec backend here.
-         "EPATH_USE_TF": "false"}
+         "GOOGLE_AUTH_TOKEN_FOR_TESTING": "none"}
+  # epath prefers tf.io.gfile, whose GCS has no emulator setting; conftest.py
+  # turns that off before epath first decides (it caches the choice).
+  assert os.environ.get("EPATH_USE_TF") == "false"
   saved = {k: os.environ.get(k) for k in env}
   os.environ.update(env)
   try:
