@@ -3,10 +3,14 @@ jax.distributed over 127.0.0.1 with gloo collectives, started by
 launch/local.sh as users start it), and elastic resume across process and
 device counts: the input position is global, so losses match step for step."""
 import os
+import re
+import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -77,6 +81,44 @@ def test_two_processes_match_one_and_resume_elastically(tmp_path):
   assert "Resuming from step 2" in back.stdout + back.stderr
   assert_same_losses(losses(tmp_path / "to_mp"), ref_losses, [3, 4])
   assert checkpoint_steps(tmp_path / "to_mp") == [2, 4]
+
+
+@pytest.mark.slow
+def test_a_preemption_notice_to_one_process_stops_all_at_one_step(tmp_path):
+  # launch/local.sh's own commands, started here so that only process 1 gets SIGTERM:
+  # a host that stopped to save alone would hang the other in its next collective.
+  work = tmp_path / "w"
+  plan = subprocess.run(
+      ["bash", "launch/local.sh", "--processes=2", "--cpu-devices=4", f"--port={free_port()}",
+       "--dry-run", "--", f"--workdir={work}", *TINY["mae"], "--config.num_train_steps=100000",
+       "--config.checkpoint.every_steps=100000"],
+      cwd=ROOT, env=dict(os.environ, PYTHON=sys.executable), capture_output=True, text=True,
+      check=True)
+  logs = [open(tmp_path / f"process{i}.log", "w") for i in range(2)]  # pylint: disable=consider-using-with
+  procs = [subprocess.Popen(shlex.split(line), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)  # pylint: disable=consider-using-with
+           for line, log in zip(plan.stdout.splitlines(), logs)]
+  try:
+    deadline = time.time() + 300
+    while not (work / "metrics.jsonl").exists() or len(losses(work)) < 2:
+      assert time.time() < deadline and all(p.poll() is None for p in procs), "no steps"
+      time.sleep(0.2)
+    procs[1].send_signal(signal.SIGTERM)
+    codes = [p.wait(timeout=180) for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+    for log in logs:
+      log.close()
+  outputs = [(tmp_path / f"process{i}.log").read_text() for i in range(2)]
+  assert codes == [0, 0], outputs[1][-3000:]
+  stops = [re.findall(r"all stop at step (\d+)", out) for out in outputs]
+  assert stops[0] == stops[1] and len(stops[0]) == 1, stops
+  step = int(stops[0][0])
+  assert checkpoint_steps(work) == [step] and max(losses(work)) == step
+  # The checkpoint is whole: one process with all 8 devices takes it up.
+  r = run_main(work, f"--config.num_train_steps={step + 1}", devices=8)
+  assert r.returncode == 0 and f"Resuming from step {step}" in r.stderr, r.stderr[-3000:]
+  assert max(losses(work)) == step + 1
 
 
 # --- How main.py decides to join peers (no processes started).

@@ -102,10 +102,20 @@ def build_train_step(config, spec: state_lib.ModelSpec, objective, tx, schedule,
 
 
 class _Preemption:
-  """SIGTERM (preemption notice) -> save at the next step boundary and exit."""
+  """SIGTERM (preemption notice) -> save at the next step boundary and exit.
+
+  One process: a Python signal handler. Several: the notice may reach the
+  hosts at different steps (or only some of them), and a host that stops to
+  save alone deadlocks the others in the next collective. jax.distributed's
+  preemption service catches SIGTERM on any host and has all of them agree on
+  one step to stop at, so no handler of ours replaces its own.
+  """
 
   def __init__(self):
     self.requested = False
+    self.multi_process = jax.process_count() > 1
+    if self.multi_process:
+      return
     try:
       signal.signal(signal.SIGTERM, self._handler)
     except ValueError:  # not in the main thread (e.g. inside some test runners)
@@ -117,9 +127,12 @@ class _Preemption:
     self.requested = True
 
   def reached(self, step: int) -> bool:
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
-      return multihost_utils.reached_preemption_sync_point(step) or self.requested
+    if self.multi_process:
+      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+      if multihost_utils.reached_preemption_sync_point(step):
+        logging.warning("Preemption notice on some host: all stop at step %d.", step)
+        return True
+      return False
     return self.requested
 
 
