@@ -12,6 +12,7 @@ import fnmatch
 import glob as glob_lib
 import os
 import posixpath
+import tempfile
 
 from etils import epath
 
@@ -67,15 +68,24 @@ def files_in(directory: str | os.PathLike, suffix: str) -> list[str]:
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
-  """Readers see the old file or the new one, never half of one."""
+  """Readers see the old file or the new one, never half of one; a failed
+  write leaves no temporary file behind."""
   path = os.fspath(path)
   if is_remote(path):
     as_path(path).write_bytes(data)  # an upload is visible only when complete
     return
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "wb") as f:
-    f.write(data)
-  os.replace(tmp, path)
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".",
+                             prefix=f".{os.path.basename(path)}.tmp-")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())  # the rename must not land before the bytes do
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
 
 
 def makedirs(path: str | os.PathLike) -> None:

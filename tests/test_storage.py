@@ -73,6 +73,16 @@ def test_paths_keep_the_scheme():
   assert not storage.is_remote("/data/gs:/x") and storage.is_remote("s3://b/k")
 
 
+def test_a_failed_local_write_keeps_the_old_file_and_leaves_nothing(tmp_path):
+  path = tmp_path / "report.json"
+  storage.write_bytes_atomic(path, b"old")
+  with pytest.raises(TypeError):
+    storage.write_bytes_atomic(path, "not bytes")  # fails mid-write
+  assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["report.json"]
+  storage.write_bytes_atomic(path, b"new")
+  assert path.read_bytes() == b"new" and os.listdir(tmp_path) == ["report.json"]
+
+
 def test_shard_specs_resolve_in_a_bucket(corpus):
   local, remote = corpus
   names = ["c-00000.array_record", "c-00001.array_record", "c-00002.array_record"]

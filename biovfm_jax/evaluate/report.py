@@ -18,7 +18,8 @@ import io
 import json
 import math
 import os
-import tempfile
+
+from data_pipeline import storage
 
 # (flag, display name) in the paper's row order.
 BENCHMARKS = (
@@ -91,21 +92,6 @@ def _csv(header, rows) -> str:
   return buf.getvalue()
 
 
-def _atomic_write(path: str, text: str) -> None:
-  directory = os.path.dirname(path) or "."
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".")
-  try:
-    with os.fdopen(fd, "w") as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
 def _check_results(results: dict) -> dict:
   """Floats with NaN for undefined; ValueError naming the benchmark otherwise."""
   if not results:
@@ -169,9 +155,10 @@ def write_report(results: dict[str, dict], out_dir, *, name: str, meta: dict | N
   }
   paths = {"md": os.path.join(out_dir, "report.md"), "csv": os.path.join(out_dir, "report.csv"),
            "json": os.path.join(out_dir, "report.json"), "tensorboard": out_dir}
-  _atomic_write(paths["md"], md)
-  _atomic_write(paths["csv"], _csv(header, csv_rows))
-  _atomic_write(paths["json"], json.dumps(doc, indent=2, default=str) + "\n")
+  storage.write_bytes_atomic(paths["md"], md.encode())
+  storage.write_bytes_atomic(paths["csv"], _csv(header, csv_rows).encode())
+  storage.write_bytes_atomic(paths["json"],
+                             (json.dumps(doc, indent=2, default=str) + "\n").encode())
 
   # Imported here: clu pulls in TensorFlow, which the merge command does not need.
   from clu import metric_writers
@@ -251,9 +238,10 @@ def merge_reports(report_dirs_or_json_paths, out_dir, *, metric: str = "auc") ->
   out_dir = os.fspath(out_dir)
   os.makedirs(out_dir, exist_ok=True)
   paths = {ext: os.path.join(out_dir, f"comparison.{ext}") for ext in ("md", "csv", "json")}
-  _atomic_write(paths["md"], md)
-  _atomic_write(paths["csv"], _csv(["benchmark"] + names, csv_rows))
-  _atomic_write(paths["json"], json.dumps(doc, indent=2, default=str) + "\n")
+  storage.write_bytes_atomic(paths["md"], md.encode())
+  storage.write_bytes_atomic(paths["csv"], _csv(["benchmark"] + names, csv_rows).encode())
+  storage.write_bytes_atomic(paths["json"],
+                             (json.dumps(doc, indent=2, default=str) + "\n").encode())
   return paths
 
 

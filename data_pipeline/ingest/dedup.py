@@ -37,6 +37,8 @@ import numpy as np
 from PIL import Image
 from scipy import fft
 
+from data_pipeline import storage
+
 EXACT_BYTES = 16  # exact keys: 128 bits of the digest (collision odds ~N^2 / 2^129)
 HASH_SIZE = 32  # the pHash works on a 32x32 grey thumbnail
 MAX_NEAR_THRESHOLD = 32
@@ -413,10 +415,7 @@ class Deduplicator:
     path = os.fspath(path)
     buf = io.BytesIO()
     np.savez(buf, **self.state())
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-      f.write(buf.getvalue())
-    os.replace(tmp, path)
+    storage.write_bytes_atomic(path, buf.getvalue())
 
   @classmethod
   def load(cls, path: str | os.PathLike, near_threshold: int | None, **kwargs) -> Deduplicator:

@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from data_pipeline import storage
+
 THUMB = 96  # thumbnail longer side, pixels
 COUNT_KEYS = ("inputs", "written", "rejected", "exact_duplicates", "near_duplicates")
 _PALETTE = ((66, 133, 244), (219, 68, 55), (244, 180, 0), (15, 157, 88), (171, 71, 188),
@@ -202,13 +204,6 @@ def contact_sheet(name: str, thumbs: Sequence[np.ndarray], *, columns: int = 8,
 
 
 # --- The report ---------------------------------------------------------------
-
-def _atomic_write(path: str, data: bytes) -> None:
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "wb") as f:
-    f.write(data)
-  os.replace(tmp, path)
-
 
 def _file_stem(name: str, taken: set[str]) -> str:
   stem = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "source"
@@ -396,7 +391,8 @@ def write_report(summary: Mapping[str, Any], samples: Mapping[str, Sequence[np.n
   paths = {"markdown": os.path.join(out_dir, "report.md"),
            "html": os.path.join(out_dir, "report.html"),
            "modalities": os.path.join(out_dir, "modalities.png")}
-  _atomic_write(paths["modalities"], _png(bar_chart(summary.get("modalities") or {})))
+  storage.write_bytes_atomic(paths["modalities"],
+                             _png(bar_chart(summary.get("modalities") or {})))
 
   names = list(summary["sources"]) + [s for s in samples if s not in summary["sources"]]
   taken: set[str] = set()
@@ -408,12 +404,13 @@ def write_report(summary: Mapping[str, Any], samples: Mapping[str, Sequence[np.n
                                           else "")
     file = f"contact_{_file_stem(name, taken)}.png"
     path = os.path.join(out_dir, file)
-    _atomic_write(path, _png(contact_sheet(name, thumbs, columns=columns, caption=caption)))
+    storage.write_bytes_atomic(
+        path, _png(contact_sheet(name, thumbs, columns=columns, caption=caption)))
     paths[f"contact:{name}"] = path
     sheets[name] = file
 
   blocks = _blocks(summary, sheets, top_reasons)
   title = summary.get("title") or "Ingestion report"
-  _atomic_write(paths["markdown"], _markdown(blocks).encode())
-  _atomic_write(paths["html"], _html(blocks, title).encode())
+  storage.write_bytes_atomic(paths["markdown"], _markdown(blocks).encode())
+  storage.write_bytes_atomic(paths["html"], _html(blocks, title).encode())
   return paths
