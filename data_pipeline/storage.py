@@ -12,7 +12,6 @@ import fnmatch
 import glob as glob_lib
 import os
 import posixpath
-import tempfile
 
 from etils import epath
 
@@ -74,10 +73,11 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
   if is_remote(path):
     as_path(path).write_bytes(data)  # an upload is visible only when complete
     return
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".",
-                             prefix=f".{os.path.basename(path)}.tmp-")
+  # open(), not mkstemp: the file gets the umask's mode (0644), not 0600, so a
+  # corpus or report written by one user stays readable to the others.
+  tmp = f"{path}.tmp-{os.getpid()}"
   try:
-    with os.fdopen(fd, "wb") as f:
+    with open(tmp, "wb") as f:
       f.write(data)
       f.flush()
       os.fsync(f.fileno())  # the rename must not land before the bytes do

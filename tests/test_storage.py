@@ -81,6 +81,9 @@ def test_a_failed_local_write_keeps_the_old_file_and_leaves_nothing(tmp_path):
   assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["report.json"]
   storage.write_bytes_atomic(path, b"new")
   assert path.read_bytes() == b"new" and os.listdir(tmp_path) == ["report.json"]
+  umask = os.umask(0)
+  os.umask(umask)
+  assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask  # readable by others, as open() makes it
 
 
 def test_shard_specs_resolve_in_a_bucket(corpus):
