@@ -89,7 +89,8 @@ def test_registry_and_option_defaults():
   assert set(readers.READERS) == {"image", "dicom", "nifti", "medmnist", "video", "auto"}
   assert readers.validate_options("nifti", None, "x") == {
       "axes": [0, 1, 2], "stride": 1, "skip_empty": True, "empty_fraction": 0.02,
-      "low_pct": 0.5, "high_pct": 99.5, "volumes": "first", "square_pixels": True}
+      "low_pct": 0.5, "high_pct": 99.5, "volumes": "first", "square_pixels": True,
+      "max_pixels": readers.MAX_PIXELS}
   assert readers.validate_options("medmnist", {"splits": ["test"]}, "x") == {
       "splits": ["test"], "flag": None}
   assert readers.validate_options("video", {"max_frames": 4}, "x") == {

@@ -11,7 +11,13 @@ could not be read at all) = written + rejected + exact + near duplicates,
 checked at the end and recorded in the manifest. A file that fails to read
 is rejected whole (`rejects.jsonl` says why); every dropped duplicate is
 listed in `duplicates.jsonl`. (Slices a reader skips as empty, e.g. NIfTI
-background, are not inputs.)
+background, are not inputs; a file that yields no image at all is a reject.)
+
+Ownership. Every file a run writes is listed in `.ingest/state.json` before
+it is written, and in the manifest's `ingest.files`; a fresh run or
+`--overwrite` removes those files only. An --out that holds inputs, lies inside
+a source, or holds files no ingestion wrote is refused before anything is
+written or deleted.
 
 Resuming. After each shard closes, the position (input file and image within
 it), the counters, the log lengths and the hashes kept since the last shard
@@ -24,20 +30,25 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures as cf
+import ctypes
+import fnmatch
 import glob
 import hashlib
+import io
 import json
 import logging
 import multiprocessing
 import os
+import signal
 import sys
+import threading
 import time
 from typing import Any, Iterator
 
 import numpy as np
 from PIL import Image
 
-from data_pipeline import records, shards
+from data_pipeline import records, shards, storage
 from data_pipeline.ingest import dedup as dedup_lib
 from data_pipeline.ingest import readers
 from data_pipeline.ingest.spec import Spec, as_dict
@@ -45,11 +56,17 @@ from data_pipeline.sources.images import ReaderError
 
 PREFIX = "corpus"
 STATE_DIR = ".ingest"
+STATE = os.path.join(STATE_DIR, "state.json")
+LOGS = ("rejects.jsonl", "duplicates.jsonl")
 COUNTERS = ("inputs", "written", "rejected", "exact_duplicates", "near_duplicates")
 
 
 class Interrupted(RuntimeError):
   """Raised by the `stop_after_shards` test hook, as a kill would stop a run."""
+
+
+class OutputFolderError(ValueError):
+  """--out cannot be used as it is; the message names the folder and what to do."""
 
 
 # --- Worker side: one file -> encoded records and hashes.
@@ -89,7 +106,28 @@ def process_file(task: tuple) -> dict[str, Any]:
     return {"reject": f"{path}: out of memory while reading"}
   except Exception as e:  # a reader bug must not stop a 21M-image run: reject, say why
     return {"reject": f"{path}: unexpected {type(e).__name__}: {e}"}
+  if not images:  # counted as an input all the same, so the counts reconcile
+    return {"reject": f"{path}: the file holds no image"}
   return {"images": images}
+
+
+def _die_with_parent(parent: int) -> None:
+  """Worker initializer: a worker exits when the ingestion that started it dies,
+  even by SIGKILL (which runs no cleanup in the parent)."""
+  if sys.platform.startswith("linux"):
+    try:  # the kernel sends SIGKILL to this process when its parent dies
+      ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+      pass
+
+  def watch():  # elsewhere (and as a fallback): poll; orphans are re-parented
+    while os.getppid() == parent:
+      time.sleep(0.5)
+    os._exit(1)
+
+  if os.getppid() != parent:  # it died before prctl took effect
+    os._exit(1)
+  threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
 
 
 # --- Parent side.
@@ -138,7 +176,8 @@ def _results(items, spec: Spec, start: int, workers: int) -> Iterator[tuple[int,
       yield k, process_file(task(k))
     return
   ctx = multiprocessing.get_context("spawn")  # safe beside threads (jax, grain)
-  with cf.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+  with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_die_with_parent,
+                              initargs=(os.getpid(),)) as pool:
     pending: collections.deque = collections.deque()
     nxt = start
     while nxt < len(items) or pending:
@@ -180,36 +219,39 @@ def ingest(spec: Spec, out_dir: str, *, workers: int = 0, progress: bool = True,
   """Runs (or resumes) the ingestion of `spec` into `out_dir`; returns the manifest."""
   out_dir = os.path.abspath(os.path.expanduser(out_dir))
   state_dir = os.path.join(out_dir, STATE_DIR)
-  manifest_path = os.path.join(out_dir, shards.MANIFEST)
-  if os.path.exists(manifest_path) and not overwrite:
+  ours = "files" in _load_manifest(out_dir).get("ingest", {})
+  if ours and not overwrite:
     manifest = shards.read_manifest(out_dir)
-    if manifest.get("ingest", {}).get("spec_fingerprint") == spec.fingerprint():
+    if manifest["ingest"]["spec_fingerprint"] == spec.fingerprint():
       logging.info("%s is complete (manifest.json); nothing to do", out_dir)
       return manifest
     raise FileExistsError(f"{out_dir} already holds a finished corpus from another spec; "
                           "choose a new --out or pass --overwrite")
-  if overwrite:
-    _clear(out_dir)
-  os.makedirs(state_dir, exist_ok=True)
 
   items = list_inputs(spec)
-  state = _load_state(state_dir)
+  owned = _check_out(spec, items, out_dir)  # before anything is written or deleted
+  state = None if overwrite else _load_state(state_dir)
   if state and (state["spec_fingerprint"] != spec.fingerprint()
                 or state["inputs_digest"] != _digest(items)):
     raise ValueError(f"{out_dir} holds an interrupted ingestion of a different spec or input "
                      "list; resume with the same spec, or pass --overwrite to start over")
   if state is None:
-    _clear(out_dir)
+    _clear(out_dir, owned or [])
     os.makedirs(state_dir, exist_ok=True)
+    # Every file this run writes is listed here before it is written (shards
+    # and their hash files: once closed; see _owned_files), so a later run
+    # removes those and only those.
     state = {"spec_fingerprint": spec.fingerprint(), "inputs_digest": _digest(items),
              "next_item": 0, "next_image": 0, "shards": [], "logs": {},
              "counts": {s.name: dict.fromkeys(COUNTERS, 0) for s in spec.sources},
-             "modalities": {}}
+             "modalities": {}, "files": [STATE, *LOGS]}
+    shards.write_json_atomic(os.path.join(out_dir, STATE), state)
   else:
     logging.info("Resuming %s at input %d of %d (%d shards kept)", out_dir,
                  state["next_item"], len(items), len(state["shards"]))
-  for stale in glob.glob(os.path.join(glob.escape(out_dir), f"*{shards.SHARD_SUFFIX}.tmp-*")):
-    os.remove(stale)  # the shard that was open when the last run stopped
+  for stale in _pending_files(out_dir, len(state["shards"])):
+    _remove_with_temps(stale)  # the shard that was open when the last run stopped
+  modes = [spec.sources[src].dedup_mode(path) for src, path in items]
 
   use_dedup = spec.dedup["exact"] or spec.dedup["near_threshold"] is not None
   dedup = dedup_lib.Deduplicator(spec.dedup["near_threshold"])
@@ -229,17 +271,19 @@ def ingest(spec: Spec, out_dir: str, *, workers: int = 0, progress: bool = True,
   done = state["next_item"]
 
   def checkpoint(entry: dict, item: int, image: int) -> None:
+    shard_file, hashes_file = _pending_files("", len(state["shards"]))
     state["shards"].append(entry)
-    path = os.path.join(state_dir, f"shard-{len(state['shards']) - 1:05d}.npz")
-    np.savez(path + ".tmp.npz", source=np.asarray(writer.sources, str),
+    state["files"] += [shard_file, hashes_file]
+    buf = io.BytesIO()
+    np.savez(buf, source=np.asarray(writer.sources, str),
              modality=np.asarray(writer.modalities, str),
              exact=np.asarray(kept_exact, "S32"), phash=np.asarray(kept_phash, np.uint64))
-    os.replace(path + ".tmp.npz", path)
+    storage.write_bytes_atomic(os.path.join(out_dir, hashes_file), buf.getvalue())
     kept_exact.clear()
     kept_phash.clear()
     state.update(next_item=item, next_image=image, logs=logs.offsets(), counts=counts,
                  modalities=dict(modalities))
-    shards.write_json_atomic(os.path.join(state_dir, "state.json"), state)
+    shards.write_json_atomic(os.path.join(out_dir, STATE), state)
     if stop_after_shards is not None and len(state["shards"]) >= stop_after_shards:
       raise Interrupted(f"stopped after {len(state['shards'])} shards (test hook)")
 
@@ -259,7 +303,7 @@ def ingest(spec: Spec, out_dir: str, *, workers: int = 0, progress: bool = True,
             continue
           c["inputs"] += 1
           exact = img["exact"][:32]
-          mode = spec.sources[src].dedup
+          mode = modes[k][0]
           reason = (dedup.check_hashes(exact, img["phash"], near=mode == "all")
                     if use_dedup and mode != "none" else None)
           if reason == dedup_lib.EXACT and not spec.dedup["exact"]:
@@ -291,10 +335,26 @@ def ingest(spec: Spec, out_dir: str, *, workers: int = 0, progress: bool = True,
   bar.update(done, sum(v["written"] for v in counts.values()), final=True)
   logs.offsets()
   logs.close()
-  return _finish(spec, out_dir, state, counts)
+  return _finish(spec, out_dir, state, counts, _dedup_used(spec, items, modes))
 
 
-def _finish(spec: Spec, out_dir: str, state: dict, counts: dict) -> dict[str, Any]:
+def _dedup_used(spec: Spec, items, modes) -> dict[str, str]:
+  """Per source, which dedup its files got and why (for the manifest and report)."""
+  t = spec.dedup["near_threshold"]
+  off = not spec.dedup["exact"] and t is None
+  what = {"none": "none", "exact": "exact only",
+          "all": "exact only (no near_threshold)" if t is None else
+                 f"exact + near (pHash within {t} bits)"}
+  per = {s.name: collections.Counter() for s in spec.sources}
+  for (src, _), (mode, why) in zip(items, modes):
+    per[spec.sources[src].name]["none (dedup off)" if off else f"{what[mode]}, {why}"] += 1
+  return {name: "; ".join(text if len(c) == 1 else f"{text} ({n} files)"
+                          for text, n in sorted(c.items()))
+          for name, c in per.items()}
+
+
+def _finish(spec: Spec, out_dir: str, state: dict, counts: dict,
+            dedup_used: dict[str, str]) -> dict[str, Any]:
   """Checks the counts reconcile, writes index.npz, manifest.json and the report."""
   state_dir = os.path.join(out_dir, STATE_DIR)
   for name, c in counts.items():
@@ -308,15 +368,19 @@ def _finish(spec: Spec, out_dir: str, state: dict, counts: dict) -> dict[str, An
       shard_of += [k] * len(z["source"])
   if not state["shards"]:
     raise ValueError(f"{spec.path}: no image was written (see {out_dir}/rejects.jsonl)")
+  from data_pipeline.ingest import report  # pylint: disable=import-outside-toplevel
+  last = [shards.INDEX, *report.file_names([s.name for s in spec.sources]).values(),
+          shards.MANIFEST]
+  state["files"] += [f for f in last if f not in state["files"]]
+  shards.write_json_atomic(os.path.join(out_dir, STATE), state)
   shards.write_index(out_dir, shard_of, sources, modalities)
   manifest = {
       "prefix": PREFIX, "num_records": len(sources), "num_shards": len(state["shards"]),
       "shards": state["shards"], **shards.manifest_counts(sources, modalities),
       "ingest": {"spec": as_dict(spec), "spec_fingerprint": spec.fingerprint(),
                  "inputs_digest": state["inputs_digest"], "per_source": counts,
-                 "reconciled": True,
+                 "reconciled": True, "dedup_used": dedup_used, "files": state["files"],
                  "totals": {k: sum(c[k] for c in counts.values()) for k in COUNTERS}}}
-  from data_pipeline.ingest import report  # pylint: disable=import-outside-toplevel
   report.write_report(_summary(manifest, out_dir), _samples(out_dir, manifest), out_dir)
   shards.write_json_atomic(os.path.join(out_dir, shards.MANIFEST), manifest)
   return manifest
@@ -327,7 +391,8 @@ def _summary(manifest: dict, out_dir: str) -> dict[str, Any]:
   sources = {}
   for name, c in manifest["ingest"]["per_source"].items():
     sources[name] = {**c, "modality": spec_sources[name]["modality"] or
-                     ", ".join(manifest["by_source"].get(name, {})) or "unknown"}
+                     ", ".join(manifest["by_source"].get(name, {})) or "unknown",
+                     "dedup": manifest["ingest"]["dedup_used"][name]}
   rejects = []
   with open(os.path.join(out_dir, "rejects.jsonl")) as f:
     for line in f:
@@ -366,11 +431,95 @@ def _saved_hashes(state_dir: str, num_shards: int) -> Iterator[tuple[str, int]]:
         yield exact.decode(), int(phash)
 
 
-def _clear(out_dir: str) -> None:
-  """Removes what an ingestion writes (only that) from `out_dir`."""
-  patterns = [f"{PREFIX}-*{shards.SHARD_SUFFIX}*", shards.MANIFEST, shards.INDEX,
-              "rejects.jsonl", "duplicates.jsonl", "report.*", "*.png",
-              os.path.join(STATE_DIR, "*")]
-  for pattern in patterns:
-    for path in glob.glob(os.path.join(glob.escape(out_dir), pattern)):
-      os.remove(path)
+def _load_manifest(out_dir: str) -> dict:
+  try:
+    return shards.read_manifest(out_dir)
+  except (OSError, ValueError):  # none, or not ours to read
+    return {}
+
+
+def _pending_files(out_dir: str, n: int) -> list[str]:
+  """Shard `n` and its hash file: written before the state that lists them."""
+  return [os.path.join(out_dir, f"{PREFIX}-{n:05d}{shards.SHARD_SUFFIX}"),
+          os.path.join(out_dir, STATE_DIR, f"shard-{n:05d}.npz")]
+
+
+def _owned_files(out_dir: str) -> list[str] | None:
+  """The files (relative to `out_dir`) an earlier ingestion there wrote, as its
+  own state and manifest list them; None when no ingestion wrote there."""
+  try:
+    state = _load_state(os.path.join(out_dir, STATE_DIR)) or {}
+  except (OSError, ValueError):
+    state = {}
+  manifest = _load_manifest(out_dir).get("ingest", {})
+  if "files" not in state and "files" not in manifest:
+    return None
+  files = set(state.get("files", [])) | set(manifest.get("files", []))
+  files.update(_pending_files("", len(state.get("shards", []))))
+  # Only plain names below out_dir: a hand-edited list must not reach outside.
+  return sorted(f for f in files if f == os.path.normpath(f) and not os.path.isabs(f)
+                and not f.startswith(".." + os.sep) and f != "..")
+
+
+def _within(path: str, folder: str) -> bool:
+  return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _glob_matches(pattern: list[str], parts: list[str]) -> bool:
+  """Path components against glob components; "**" spans any number of them."""
+  if not pattern:
+    return not parts
+  if pattern[0] == "**":
+    return any(_glob_matches(pattern[1:], parts[i:]) for i in range(len(parts) + 1))
+  return bool(parts) and fnmatch.fnmatchcase(parts[0], pattern[0]) and _glob_matches(
+      pattern[1:], parts[1:])
+
+
+def _reads_into(source_path: str, out_dir: str) -> bool:
+  """Whether the source, read again, would take files written into `out_dir`."""
+  if not any(c in source_path for c in "*?["):
+    return os.path.isdir(source_path) and _within(os.path.realpath(out_dir),
+                                                  os.path.realpath(source_path))
+  pattern = os.path.abspath(source_path).split(os.sep)
+  target = out_dir.split(os.sep)
+  # A matched folder is walked whole; a matched file is read.
+  return any(_glob_matches(pattern, target[:i]) for i in range(2, len(target) + 1)) or any(
+      _glob_matches(pattern, target + [f]) for f in ("modalities.png", "report.md", LOGS[0]))
+
+
+def _check_out(spec: Spec, items, out_dir: str) -> list[str] | None:
+  """Refuses an --out that would mix with the inputs, or that holds files no
+  ingestion wrote; returns the files an earlier ingestion wrote there."""
+  real = os.path.realpath(out_dir)
+  for src, path in items:
+    if _within(os.path.realpath(path), real):
+      raise OutputFolderError(
+          f"--out {out_dir} holds input {path} of source {spec.sources[src].name!r}: outputs "
+          "would mix with the inputs; choose an --out outside every source (nothing deleted)")
+  for s in spec.sources:
+    if _reads_into(s.path, out_dir):
+      raise OutputFolderError(
+          f"--out {out_dir} lies inside source {s.name!r} ({s.path}): a later run would read "
+          "the outputs as inputs; choose an --out outside it (nothing deleted)")
+  owned = _owned_files(out_dir)
+  if owned is None and os.path.isdir(out_dir) and os.listdir(out_dir):
+    raise OutputFolderError(
+        f"--out {out_dir} is not empty and no ingestion wrote it (no manifest.json or "
+        f"{STATE} of one); choose an empty or new folder (nothing deleted)")
+  return owned
+
+
+def _remove_with_temps(path: str) -> None:
+  for p in [path] + glob.glob(glob.escape(path) + ".tmp-*"):
+    if os.path.isfile(p):
+      os.remove(p)
+
+
+def _clear(out_dir: str, files: list[str]) -> None:
+  """Removes the files an earlier ingestion wrote (`_owned_files`), and their
+  half-written temporaries; anything else in `out_dir` stays."""
+  for f in files:
+    _remove_with_temps(os.path.join(out_dir, f))
+  if os.path.isdir(os.path.join(out_dir, STATE_DIR)) and not os.listdir(
+      os.path.join(out_dir, STATE_DIR)):
+    os.rmdir(os.path.join(out_dir, STATE_DIR))

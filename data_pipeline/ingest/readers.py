@@ -131,13 +131,20 @@ _PCT = {
     "high_pct": Option(99.5, _percent, "upper percentile of the intensity window"),
 }
 _FRAMES = Option("all", _choice("all", "first"), "every page/frame of a file, or the first")
+# Checked against the header before any pixel is decoded, so memory follows the
+# cap, not the file's claims (a 676-byte RLE DICOM can claim 30000x30000 pixels).
+# 2^27 is a 512^3 volume; decoding takes ~5-17 bytes per pixel at peak.
+MAX_PIXELS = 2**27
+_MAX_PIXELS = Option(MAX_PIXELS, _positive_int,
+                     "largest pixel count a file (DICOM: all frames) or volume (NIfTI: "
+                     "one 3D volume) may claim; larger ones are rejected unread")
 
 OPTIONS: dict[str, dict[str, Option]] = {
     "image": {**_PCT, "frames": _FRAMES},
     "dicom": {"window": Option("tags", _choice("tags", "percentile"),
                                "VOI window from the file's tags (else percentile), "
                                "or always the percentile window"),
-              **_PCT, "frames": _FRAMES},
+              **_PCT, "frames": _FRAMES, "max_pixels": _MAX_PIXELS},
     "nifti": {"axes": Option([0, 1, 2], _subset((0, 1, 2), "axes"),
                              "canonical axes to slice: 0 sagittal, 1 coronal, 2 axial"),
               "stride": Option(1, _positive_int, "every n-th slice"),
@@ -146,7 +153,8 @@ OPTIONS: dict[str, dict[str, Option]] = {
                                        "a slice with fewer differing pixels is empty"),
               **_PCT,
               "volumes": Option("first", _choice("first", "all"), "volumes of a 4D file"),
-              "square_pixels": Option(True, _boolean, "resample to square pixels")},
+              "square_pixels": Option(True, _boolean, "resample to square pixels"),
+              "max_pixels": _MAX_PIXELS},
     "medmnist": {"splits": Option(list(medmnist.SPLITS), _subset(medmnist.SPLITS, "splits"),
                                   "splits to read"),
                  "flag": Option(None, _flag, "benchmark; default: from the file name")},
@@ -401,7 +409,7 @@ def read_dicom(path: str, options: dict[str, Any] | None = None) -> Iterator[Ite
   try:
     ds, frames = dicom_source.read_dicom(
         path, low_pct=opts["low_pct"], high_pct=opts["high_pct"],
-        use_window=opts["window"] == "tags")
+        use_window=opts["window"] == "tags", max_pixels=opts["max_pixels"])
   except ReaderError:
     raise
   except Exception as e:  # odd tag values that pydicom or numpy trip over
@@ -430,8 +438,9 @@ def _gzip_problem(path: str) -> str | None:
   return None
 
 
-def _check_nifti_header(path: str) -> None:
-  """Header problems get a reason of their own, before any voxel is read."""
+def _check_nifti_header(path: str, max_pixels: int) -> None:
+  """Header problems, and claims above the cap, get a reason of their own
+  before any voxel is read."""
   import nibabel  # pylint: disable=import-outside-toplevel
   try:
     img = nibabel.load(path)
@@ -442,6 +451,11 @@ def _check_nifti_header(path: str) -> None:
     raise ReaderError(f"{path}: {why or f'NIfTI header unreadable or invalid: {e}'}") from e
   if len(shape) < 2 or any(s <= 0 for s in shape):
     raise ReaderError(f"{path}: NIfTI header gives an invalid shape {shape}")
+  voxels = int(np.prod(shape[:3], dtype=np.int64))  # one volume is read at a time
+  if voxels > max_pixels:
+    raise ReaderError(f"{path}: NIfTI header claims a {'x'.join(map(str, shape[:3]))} volume "
+                      f"({voxels:,} voxels, {dtype}), above the cap of {max_pixels:,} "
+                      "(reader option max_pixels); not read")
   offset = getattr(img.dataobj, "offset", None)  # where the voxels start in the file
   if path.lower().endswith(".nii") and isinstance(offset, int):
     need = offset + int(np.prod(shape)) * dtype.itemsize
@@ -457,17 +471,22 @@ def read_nifti(path: str, options: dict[str, Any] | None = None) -> Iterator[Ite
   path = os.fspath(path)
   opts = validate_options("nifti", options, path)
   _check_file(path)
-  _check_nifti_header(path)
+  _check_nifti_header(path, opts["max_pixels"])
+  kept = 0
   try:
     for pixels, meta in iter_nifti(
         path, axes=opts["axes"], stride=opts["stride"], low_pct=opts["low_pct"],
         high_pct=opts["high_pct"], volumes=opts["volumes"], skip_empty=opts["skip_empty"],
         empty_fraction=opts["empty_fraction"], square_pixels=opts["square_pixels"]):
+      kept += 1
       yield pixels, _meta(path, meta["index"], pixels, meta["transform"], meta["orig_size"])
   except ReaderError:
     raise
   except Exception as e:  # bad scaling values, a gzip stream cut short
     raise ReaderError(f"{path}: cannot read NIfTI voxel data: {type(e).__name__}: {e}") from e
+  if not kept:  # a file that gives nothing is still an input: it must be counted
+    raise ReaderError(f"{path}: no slice kept: every slice is near-constant after the "
+                      "volume's intensity window (skip_empty; set it false to keep them)")
 
 
 def _flag_from_name(path: str) -> tuple[str | None, int | None]:

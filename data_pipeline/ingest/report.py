@@ -271,7 +271,13 @@ def _blocks(summary: Mapping[str, Any], sheets: Mapping[str, str], top: int) -> 
   rows = [[name, str(s.get("modality", "")), *(f"{int(s[k]):,}" for k in COUNT_KEYS)]
           for name, s in sources.items()]
   rows.append(["**Total**", "", *(f"{totals[k]:,}" for k in COUNT_KEYS)])
-  out.append(("table", header, rows, "llrrrrr"))
+  align = "llrrrrr"
+  if any("dedup" in s for s in sources.values()):  # which dedup each source got, and why
+    header.append("Dedup")
+    rows = [r + [str(s.get("dedup", ""))] for r, s in zip(rows, sources.values())] + [
+        rows[-1] + [""]]
+    align += "l"
+  out.append(("table", header, rows, align))
 
   out.append(("h2", "Modalities"))
   written = sum(modalities.values())
@@ -362,6 +368,15 @@ def _html(blocks: list[tuple], title: str) -> str:
           + "\n</body></html>\n")
 
 
+def file_names(sources: Sequence[str]) -> dict[str, str]:
+  """{what: file name} of the files `write_report` writes for these sources
+  (the ingestion records them as its own before writing them)."""
+  taken: set[str] = set()
+  names = {"markdown": "report.md", "html": "report.html", "modalities": "modalities.png"}
+  names.update({f"contact:{s}": f"contact_{_file_stem(s, taken)}.png" for s in sources})
+  return names
+
+
 def write_report(summary: Mapping[str, Any], samples: Mapping[str, Sequence[np.ndarray]],
                  out_dir: str | os.PathLike, *, columns: int = 8, max_samples: int = 64,
                  top_reasons: int = 10) -> dict[str, str]:
@@ -371,7 +386,7 @@ def write_report(summary: Mapping[str, Any], samples: Mapping[str, Sequence[np.n
     {"title": str,
      "sources": {name: {"inputs": int, "written": int, "rejected": int,
                         "exact_duplicates": int, "near_duplicates": int,
-                        "modality": str}},   # in the order to show
+                        "modality": str, "dedup": str}},   # in the order to show
      "modalities": {modality: images written},
      "rejects": [{"path": str, "reason": str, "source": str}, ...],
      "shards": {"count": int, "bytes": int, "sizes": [bytes of each shard]},
@@ -388,26 +403,20 @@ def write_report(summary: Mapping[str, Any], samples: Mapping[str, Sequence[np.n
   _check_summary(summary)
   out_dir = os.fspath(out_dir)
   os.makedirs(out_dir, exist_ok=True)
-  paths = {"markdown": os.path.join(out_dir, "report.md"),
-           "html": os.path.join(out_dir, "report.html"),
-           "modalities": os.path.join(out_dir, "modalities.png")}
+  names = list(summary["sources"]) + [s for s in samples if s not in summary["sources"]]
+  paths = {k: os.path.join(out_dir, f) for k, f in file_names(names).items()}
   storage.write_bytes_atomic(paths["modalities"],
                              _png(bar_chart(summary.get("modalities") or {})))
-
-  names = list(summary["sources"]) + [s for s in samples if s not in summary["sources"]]
-  taken: set[str] = set()
   sheets = {}
   for name in names:
     thumbs = list(samples.get(name, ()))[:max_samples]
     written = summary["sources"].get(name, {}).get("written")
     caption = f"{len(thumbs)} samples" + (f" of {int(written):,} written" if written is not None
                                           else "")
-    file = f"contact_{_file_stem(name, taken)}.png"
-    path = os.path.join(out_dir, file)
+    path = paths[f"contact:{name}"]
     storage.write_bytes_atomic(
         path, _png(contact_sheet(name, thumbs, columns=columns, caption=caption)))
-    paths[f"contact:{name}"] = path
-    sheets[name] = file
+    sheets[name] = os.path.basename(path)
 
   blocks = _blocks(summary, sheets, top_reasons)
   title = summary.get("title") or "Ingestion report"

@@ -19,7 +19,9 @@ A TOML (or JSON) file; see README "Bring your own data" for a full example:
     modality = "CT"
     anatomy = "chest"
     options = { window = "tags" }
-    dedup = "all"                  # all | exact (skip the near check: volume slices) | none
+    dedup = "all"                  # all | exact (no near check) | none; default: exact for
+                                   # dicom, nifti and video (neighbouring slices and frames
+                                   # are near copies by nature), all for the others
 
 Every mistake is reported with its key (`sources[2].reader`) before any file
 is read.
@@ -40,6 +42,9 @@ _OUTPUT = {"shard_mb": 256.0, "format": "png", "jpeg_quality": 95, "resize_short
 _DEDUP = {"exact": True, "near_threshold": None}
 _SOURCE_KEYS = ("name", "path", "reader", "modality", "anatomy", "options", "dedup")
 _SOURCE_DEDUP = ("all", "exact", "none")
+# Volumes and videos: near-duplicate dedup would drop most of their slices and
+# frames (25 of 48 MNI brain slices at near_threshold = 6), so it is opt-in.
+EXACT_ONLY_READERS = ("dicom", "nifti", "video")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +55,16 @@ class Source:
   modality: str | None
   anatomy: str | None
   options: dict
-  dedup: str = "all"   # all | exact (no near check: volume slices look alike) | none
+  dedup: str | None = None   # all | exact | none; None: by reader, see `dedup_mode`
+
+  def dedup_mode(self, path: str) -> tuple[str, str]:
+    """(mode, why) for one input file: the spec's setting, or the reader's default."""
+    if self.dedup is not None:
+      return self.dedup, "set in the spec"
+    reader = readers.detect_reader(path) if self.reader == "auto" else self.reader
+    if reader in EXACT_ONLY_READERS:
+      return "exact", f"default for {reader}: neighbouring slices/frames are near copies"
+    return "all", f"default for {reader}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,8 +132,8 @@ def parse_spec(doc: dict, where: str = "spec") -> Spec:
       raise ValueError(f"{key}.reader={reader!r}; known: {sorted(readers.READERS)}")
     options = readers.validate_options(reader, dict(s.get("options") or {}),
                                        f"{key}.options")
-    mode = str(s.get("dedup", "all"))
-    if mode not in _SOURCE_DEDUP:
+    mode = s.get("dedup")
+    if mode is not None and mode not in _SOURCE_DEDUP:
       raise ValueError(f"{key}.dedup={mode!r} must be one of {_SOURCE_DEDUP}")
     out.append(Source(name, os.path.expanduser(str(s["path"])), reader,
                       s.get("modality"), s.get("anatomy"), options, mode))

@@ -173,13 +173,31 @@ def _frames_color(ds: pydicom.Dataset, arr: np.ndarray) -> list[tuple[np.ndarray
   return [(apply_window(f, 0.0, top), f"{text}; {bits}-bit -> uint8") for f in arr]
 
 
+def check_claimed_size(ds: pydicom.Dataset, path: str, max_pixels: int) -> None:
+  """Refuse, before decoding, a file whose header claims more pixels than the cap:
+  a decoder allocates what the header says (8 GiB for a 676-byte RLE file
+  claiming 65535x65535), not what the file holds."""
+  rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+  frames = int(ds.get("NumberOfFrames", 1) or 1)
+  samples = int(ds.get("SamplesPerPixel", 1) or 1)
+  bits = int(ds.get("BitsAllocated", 8) or 8)
+  pixels = rows * cols * frames * samples
+  if pixels > max_pixels:
+    raise ReaderError(
+        f"{path}: DICOM header claims {frames} frame(s) of {rows}x{cols} pixels x {samples} "
+        f"sample(s) at {bits} bits ({pixels:,} pixels, {pixels * bits / 8 / 2**30:.1f} GiB "
+        f"decoded), above the cap of {max_pixels:,} pixels (reader option max_pixels); "
+        "not decoded")
+
+
 def read_dicom(path: str | os.PathLike, *, low_pct: float = 0.5, high_pct: float = 99.5,
-               use_window: bool = True) -> tuple[pydicom.Dataset, list[tuple[np.ndarray, str]]]:
+               use_window: bool = True, max_pixels: int | None = None
+               ) -> tuple[pydicom.Dataset, list[tuple[np.ndarray, str]]]:
   """Read one DICOM file -> (its dataset, [(uint8 frame, transform text), ...]).
 
   Grayscale frames are (H, W), colour frames (H, W, 3). Raises ReaderError
   naming the file when it is not DICOM, has no pixel data, or needs a decoder
-  package that is not installed.
+  package that is not installed, or (with `max_pixels`) claims more pixels.
   """
   path = os.fspath(path)
   try:
@@ -188,6 +206,8 @@ def read_dicom(path: str | os.PathLike, *, low_pct: float = 0.5, high_pct: float
     raise NotDicomError(f"{path}: not a DICOM file: {e}") from e
   except Exception as e:  # truncated or malformed headers raise many types
     raise ReaderError(f"{path}: unreadable DICOM header: {e}") from e
+  if max_pixels is not None:
+    check_claimed_size(ds, path, max_pixels)
   arr = _decode(ds, path)
 
   photometric = str(ds.get("PhotometricInterpretation", "")).upper()

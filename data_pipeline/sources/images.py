@@ -29,7 +29,7 @@ def percentile_window(array: np.ndarray, low_pct: float = 0.5,
   """The (low, high) intensity percentiles of the finite values of `array`."""
   if not 0.0 <= low_pct < high_pct <= 100.0:
     raise ValueError(f"need 0 <= low_pct < high_pct <= 100, got {low_pct}, {high_pct}")
-  flat = np.asarray(array).reshape(-1)
+  flat = np.asarray(array).ravel(order="K")  # a view when contiguous in any order
   if flat.size > _PERCENTILE_SAMPLE:
     flat = flat[::flat.size // _PERCENTILE_SAMPLE + 1]
   flat = flat[np.isfinite(flat)] if flat.dtype.kind == "f" else flat

@@ -38,12 +38,17 @@ def _square_pixels(pixels: np.ndarray, row_mm: float, col_mm: float) -> np.ndarr
 
 
 def load_volumes(path: str | os.PathLike, volumes: str = "first"):
-  """(canonical image, [(volume index, float32 3D array)], voxel sizes in mm).
+  """(volume indices, read(v) -> float32 volume as stored, canonical(volume) -> its RAS+
+  view, voxel sizes in mm of the RAS+ axes).
 
   4D files give their first volume, or each with `volumes="all"`; dimensions
-  past the fourth are folded into the fourth.
+  past the fourth are folded into the fourth. Volumes are read one at a time
+  through nibabel's proxy and reoriented one at a time (nibabel's
+  as_closest_canonical would load every volume of a 4D file at once), so
+  memory holds one volume.
   """
   import nibabel  # pylint: disable=import-outside-toplevel
+  from nibabel import orientations  # pylint: disable=import-outside-toplevel
   from nibabel.affines import voxel_sizes  # pylint: disable=import-outside-toplevel
   if volumes not in ("first", "all"):
     raise ValueError(f"volumes must be 'first' or 'all', got {volumes!r}")
@@ -54,30 +59,42 @@ def load_volumes(path: str | os.PathLike, volumes: str = "first"):
     raise ReaderError(f"{path}: cannot load volume: {e}") from e
   if not hasattr(img, "affine") or img.affine is None or len(img.shape) < 2:
     raise ReaderError(f"{path}: not a spatial image (shape {getattr(img, 'shape', None)})")
-  try:
-    img = nibabel.as_closest_canonical(img) if len(img.shape) >= 3 else img
-  except Exception as e:  # e.g. an affine that cannot be inverted
-    raise ReaderError(f"{path}: cannot reorient to canonical: {e}") from e
-  shape = tuple(img.shape)
   if img.get_data_dtype().fields is not None:
     raise ReaderError(f"{path}: structured (RGB) voxels are not supported")
+  shape = tuple(img.shape)
+  shape3 = shape[:3] + (1,) * (3 - len(shape))
+  try:  # the reorientation as_closest_canonical would apply, done per volume below
+    ornt = orientations.io_orientation(img.affine) if len(shape) >= 3 else None
+    affine = (img.affine if ornt is None
+              else img.affine @ orientations.inv_ornt_aff(ornt, shape3))
+  except Exception as e:  # e.g. an affine that cannot be inverted
+    raise ReaderError(f"{path}: cannot reorient to canonical: {e}") from e
   n = int(np.prod(shape[3:])) if len(shape) > 3 else 1
-  wanted = range(n) if volumes == "all" else range(min(n, 1))
-  spacing = tuple(float(s) for s in voxel_sizes(img.affine)[:3])
-  out = []
-  try:
-    for v in wanted:
+  wanted = list(range(n)) if volumes == "all" else list(range(min(n, 1)))
+  spacing = tuple(float(s) for s in voxel_sizes(affine)[:3])
+
+  def read(v: int) -> np.ndarray:
+    """Volume `v` as float32 in the file's own axis order (F-contiguous, as stored)."""
+    try:
       if len(shape) <= 3:
-        data = np.asarray(img.dataobj, dtype=np.float32)
-        data = data.reshape(shape + (1,) * (3 - len(shape)))
-      else:
-        # Index the proxy: only this volume is read from disk.
-        idx = np.unravel_index(v, shape[3:])
-        data = np.asarray(img.dataobj[(slice(None),) * 3 + tuple(idx)], dtype=np.float32)
-      out.append((v, data))
-  except Exception as e:  # truncated files, bad scaling
-    raise ReaderError(f"{path}: cannot read voxel data: {e}") from e
-  return img, out, spacing
+        return np.asarray(img.dataobj, dtype=np.float32).reshape(shape3, order="A")
+      idx = np.unravel_index(v, shape[3:])  # index the proxy: only this volume is read
+      return np.asarray(img.dataobj[(slice(None),) * 3 + tuple(idx)], dtype=np.float32)
+    except Exception as e:  # truncated files, bad scaling
+      raise ReaderError(f"{path}: cannot read voxel data: {e or type(e).__name__}") from e
+
+  def canonical(volume: np.ndarray) -> np.ndarray:
+    return volume if ornt is None else orientations.apply_orientation(volume, ornt)
+  return wanted, read, canonical, spacing
+
+
+def _window_volume(data: np.ndarray, lo: float, hi: float) -> np.ndarray:
+  """apply_window over a volume one slab at a time: float temporaries stay small."""
+  out = np.empty_like(data, dtype=np.uint8)  # same memory order: slabs are contiguous
+  step = max(1, (1 << 22) // max(1, data[..., 0].size))
+  for k in range(0, data.shape[2], step):
+    out[..., k:k + step] = apply_window(data[..., k:k + step], lo, hi)
+  return out
 
 
 def iter_nifti(path: str | os.PathLike, *, source: str = "nifti",
@@ -104,19 +121,26 @@ def iter_nifti(path: str | os.PathLike, *, source: str = "nifti",
   if any(a not in (0, 1, 2) for a in axes):
     raise ValueError(f"axes must be among 0, 1, 2, got {tuple(axes)}")
   path = os.fspath(path)
-  _, vols, spacing = load_volumes(path, volumes)
-  for v, data in vols:
+  wanted, read, canonical, spacing = load_volumes(path, volumes)
+  for v in wanted:
+    # Window as stored (a percentile ignores order), then free the float copy:
+    # a volume costs 4 bytes a voxel at peak, 1 while its slices are cut.
+    data = read(v)
     lo, hi = percentile_window(data, low_pct, high_pct)
-    scaled = apply_window(data, lo, hi)
+    if skip_empty and hi <= lo:
+      continue  # the window maps every voxel to 0: every slice would be skipped
+    scaled = _window_volume(data, lo, hi)
+    del data
+    scaled = canonical(scaled)
     for axis in axes:
       # In-plane axes in array order; after rot90 rows run along the later one.
       col_axis, row_axis = [a for a in (0, 1, 2) if a != axis]
-      for k in range(0, data.shape[axis], stride):
+      for k in range(0, scaled.shape[axis], stride):
         pixels = canonical_slice(scaled, axis, k)
         if skip_empty and is_near_constant(pixels, empty_tol, empty_fraction):
           continue
         orig_size = list(pixels.shape)
-        steps = [f"canonical RAS {AXIS_NAMES[axis]} slice {k}/{data.shape[axis]}",
+        steps = [f"canonical RAS {AXIS_NAMES[axis]} slice {k}/{scaled.shape[axis]}",
                  f"volume percentile {low_pct}-{high_pct} window [{lo:g}, {hi:g}]"]
         if square_pixels:
           resized = _square_pixels(pixels, spacing[row_axis], spacing[col_axis])
