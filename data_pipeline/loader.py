@@ -256,6 +256,16 @@ def num_records(data_cfg: Any) -> int:
   return chosen.size
 
 
+def input_facts(data_cfg: Any) -> dict[str, Any]:
+  """What the config's input stream is made of, for the resume check: the
+  records in play and every shard as [file name, bytes]."""
+  paths, chosen = selection_lib.resolve(_cfg(data_cfg, "shards"), _cfg(data_cfg, "cache_dir"),
+                                        _cfg(data_cfg, "mixture"))
+  from data_pipeline.shards import shard_sizes  # pylint: disable=import-outside-toplevel
+  return {"num_records": chosen.size,
+          "shards": [[p.rsplit("/", 1)[-1], n] for p, n in zip(paths, shard_sizes(paths))]}
+
+
 def process_share(global_batch: int, process_index: int | None,
                   process_count: int | None, what: str) -> tuple[int, int]:
   """(process_index, local batch size): each process reads a contiguous share
