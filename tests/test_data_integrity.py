@@ -159,6 +159,7 @@ def test_manifest_check_names_a_missing_resized_or_unlisted_shard(shard_dir, tmp
   assert loader.num_records(cfg(os.path.join(d2, "t-*.array_record"))) == 40
 
 
+@pytest.mark.slow
 def test_resume_on_a_changed_shard_set_is_refused_unless_allowed(shard_dir, tmp_path):
   from biovfm_jax.train import loop
   from test_train_units import tiny_config

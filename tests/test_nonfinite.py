@@ -27,6 +27,7 @@ def _exploding_config():
   return c
 
 
+@pytest.mark.slow
 def test_nonfinite_stop_points_to_a_checkpoint_that_resumes(tmp_path):
   work = str(tmp_path)
   with pytest.raises(loop.NonFiniteLossError) as err:
