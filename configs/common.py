@@ -51,6 +51,11 @@ def get_config(size: str | None) -> config_dict.ConfigDict:
   c.data.num_workers = 0            # grain worker processes (0: in-process)
   c.data.prefetch_buffer = 4
   c.data.read_threads = 2
+  # Stop when the unreadable records found exceed this fraction of the records in play
+  # (each is skipped, named once in the log and counted on the progress line).
+  c.data.max_skipped_fraction = 0.01
+  # Resume even though the shards or record count differ from the checkpoint's run.
+  c.data.allow_input_change = False
 
   c.batch_size = 1024               # global, over all devices and hosts
   c.total_epochs = 100
@@ -72,6 +77,10 @@ def get_config(size: str | None) -> config_dict.ConfigDict:
   c.optim.layer_decay = 1.0         # layer-wise lr decay (1: none)
   c.optim.patch_embed_lr_mult = 1.0
   c.optim.freeze_last_layer_epochs = 0
+  # A step whose loss or gradients are not finite leaves params, optimiser state and
+  # EMA unchanged (the step count advances) instead of stopping the run ...
+  c.optim.skip_nonfinite = False
+  c.optim.max_consecutive_skips = 5  # ... unless more than this many in a row
 
   # Devices per slice along each axis (-1: the rest); slices > 1 joins TPU slices over
   # DCN, data-parallel only across them (see biovfm_jax/sharding.py:make_mesh).

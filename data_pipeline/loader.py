@@ -9,9 +9,12 @@ uninterrupted run gives at step k, and the processes' batches of a step, put
 side by side in process order, are the one-process batch of that step, for any
 process count that divides G.
 
-A record that does not decode is replaced by the next record index (up to
-MAX_SKIP tries); the example's `skipped` counts the replacements so the trainer
-can log them.
+A record that does not read (a chunk whose hash no longer matches: bit rot)
+or does not decode is replaced by the next record index (up to MAX_SKIP
+tries); the example's `skipped` counts the replacements so the trainer can log
+them. The loader's iterator names each bad record once (shard file and its
+position there) in a warning, and stops with CorruptDataError when the bad
+records found exceed `max_skipped_fraction` of the records in play.
 
 `data_cfg.crops` picks the per-example transform; the positions, skipping and
 batching above are the same for both:
@@ -23,6 +26,10 @@ batching above are the same for both:
 from __future__ import annotations
 
 from typing import Any
+
+import collections
+import logging
+import re
 
 import grain
 import numpy as np
@@ -61,7 +68,19 @@ DEFAULTS = {
     "num_workers": 0,
     "prefetch_buffer": 2,
     "read_threads": 2,
+    # Stop when the distinct bad records found exceed this fraction of the records
+    # in play; None: never (configs/common.py sets 0.01 for training runs).
+    "max_skipped_fraction": None,
 }
+# The record numbers an example had to skip travel under this key from the
+# (possibly worker-process) example to the iterator, which logs them.
+_BAD_KEY = "_bad_records"
+# Warnings name at most this many bad records; the rest are counted.
+_MAX_BAD_LOGGED = 50
+
+
+class CorruptDataError(ValueError):
+  """Too many records of the shards are unreadable (one line names them)."""
 
 
 def _cfg(data_cfg: Any, name: str) -> Any:
@@ -103,29 +122,59 @@ class _Example:
     self.spec, self.seed = spec, seed
     # Which record a position reads: all of them, a subset, or a mixture.
     self.chosen = chosen or selection_lib.Selection(self.num_records)
+    # Record number -> (shard file, position in it), for messages.
+    # pylint: disable-next=protected-access
+    parts = self.source._read_instructions
+    self._shard_files = [str(p.filename) for p in parts]
+    self._shard_starts = np.cumsum([0] + [p.num_records for p in parts])
 
-  def read(self, e: int) -> tuple[np.ndarray, int]:
-    """Pixels of example `e`, and how many corrupt records were skipped."""
+  def locate(self, index: int) -> tuple[str, int]:
+    """(shard file, position in it) of global record number `index`."""
+    k = int(np.searchsorted(self._shard_starts, index, side="right")) - 1
+    return self._shard_files[k], int(index - self._shard_starts[k])
+
+  def where(self, index: int) -> str:
+    """'record 13 of /data/t-00001.array_record' for global record number `index`."""
+    shard, pos = self.locate(index)
+    return f"record {pos} of {shard}"
+
+  def load(self, index: int) -> np.ndarray:
+    """Pixels of record `index`; CorruptRecordError when it does not read or decode."""
+    try:
+      raw = self.source[index]
+    except RuntimeError as err:  # array_record: "Corrupted Riegeli/records file: ..."
+      raise CorruptRecordError(f"unreadable: {err}") from err
+    return transforms.decode(raw)[0]
+
+  def read_all(self, e: int) -> tuple[np.ndarray, list[int]]:
+    """Pixels of example `e`, and the record numbers skipped on the way."""
     tries = min(MAX_SKIP, self.chosen.size)
-    errors = []
+    bad, errors = [], []
     for skipped in range(tries):
       index = self.chosen.record(e, skipped, self.seed)
       try:
-        pixels, _ = transforms.decode(self.source[index])
-        return pixels, skipped
+        return self.load(index), bad
       except CorruptRecordError as err:
-        errors.append(f"record {index}: {err}")
+        bad.append(index)
+        errors.append(f"{self.where(index)}: {err}")
     raise RuntimeError(
         f"shard spec {self.spec!r}: none of {tries} consecutive records for example {e} "
         f"decodes (last error: {errors[-1]})")
+
+  def read(self, e: int) -> tuple[np.ndarray, int]:
+    """Pixels of example `e`, and how many corrupt records were skipped."""
+    pixels, bad = self.read_all(e)
+    return pixels, len(bad)
 
   def transform(self, pixels: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
     raise NotImplementedError
 
   def __call__(self, e: int) -> dict[str, np.ndarray]:
-    pixels, skipped = self.read(int(e))
+    pixels, bad = self.read_all(int(e))
     out = self.transform(pixels, np.random.default_rng([self.seed, int(e)]))
-    out["skipped"] = np.int32(skipped)
+    out["skipped"] = np.int32(len(bad))
+    out[_BAD_KEY] = np.full(MAX_SKIP, -1, np.int64)
+    out[_BAD_KEY][:len(bad)] = bad
     return out
 
 
@@ -207,6 +256,16 @@ def num_records(data_cfg: Any) -> int:
   return chosen.size
 
 
+def input_facts(data_cfg: Any) -> dict[str, Any]:
+  """What the config's input stream is made of, for the resume check: the
+  records in play and every shard as [file name, bytes]."""
+  paths, chosen = selection_lib.resolve(_cfg(data_cfg, "shards"), _cfg(data_cfg, "cache_dir"),
+                                        _cfg(data_cfg, "mixture"))
+  from data_pipeline.shards import shard_sizes  # pylint: disable=import-outside-toplevel
+  return {"num_records": chosen.size,
+          "shards": [[p.rsplit("/", 1)[-1], n] for p, n in zip(paths, shard_sizes(paths))]}
+
+
 def process_share(global_batch: int, process_index: int | None,
                   process_count: int | None, what: str) -> tuple[int, int]:
   """(process_index, local batch size): each process reads a contiguous share
@@ -262,4 +321,52 @@ def make_pretrain_loader(data_cfg: Any, *, global_batch_size: int, seed: int,
     if not flags.FLAGS.is_parsed():
       flags.FLAGS.mark_as_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
-  return iter(ds)
+  return _Batches(iter(ds), example, _cfg(data_cfg, "max_skipped_fraction"))
+
+
+class _Batches:
+  """The batch iterator: takes the skipped record numbers out of each batch,
+  names each bad record once in a warning and enforces max_skipped_fraction.
+  Runs in the calling process, so it sees the records of every worker."""
+
+  def __init__(self, it, example: _Example, max_fraction: float | None):
+    self._it, self._example = it, example
+    self._fraction = max_fraction
+    self.bad: dict[int, str] = {}   # record number -> where and why, in the order found
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    batch = next(self._it)
+    found = np.asarray(batch.pop(_BAD_KEY))
+    for index in map(int, np.unique(found[found >= 0])):
+      if index not in self.bad:
+        self._note(index)
+    if self._fraction is not None and len(self.bad) > self._fraction * self._example.chosen.size:
+      per_shard = collections.Counter(self._example.locate(i)[0] for i in self.bad)
+      raise CorruptDataError(
+          f"{len(self.bad)} unreadable records of {self._example.chosen.size} exceed "
+          f"config.data.max_skipped_fraction={self._fraction:g}: "
+          + ", ".join(f"{n} in {f}" for f, n in per_shard.most_common(5))
+          + f" (first: {next(iter(self.bad.values()))})")
+    return batch
+
+  def _note(self, index: int) -> None:
+    # Read it again here for the reason: workers cannot send their messages.
+    try:
+      self._example.load(index)
+      why = "read fails intermittently"
+    except CorruptRecordError as err:
+      # The checksums in array_record's message say nothing to a user.
+      why = re.sub(r" \(computed [^)]*\)|; at byte.*", "", str(err))[:160]
+    self.bad[index] = f"{self._example.where(index)} ({why})"
+    if len(self.bad) <= _MAX_BAD_LOGGED:
+      logging.warning("Skipping bad %s.%s", self.bad[index],
+                      " Further bad records are counted, not named."
+                      if len(self.bad) == _MAX_BAD_LOGGED else "")
+
+  def close(self) -> None:
+    close = getattr(self._it, "close", None)
+    if close:
+      close()

@@ -242,13 +242,43 @@ def read_manifest(shard_dir: str | os.PathLike) -> dict[str, Any]:
   return json.loads(storage.as_path(storage.join(shard_dir, MANIFEST)).read_text())
 
 
+def shard_sizes(paths: Sequence[str]) -> list[int]:
+  """Bytes of each file; threads, since each is a round trip on a bucket."""
+  from concurrent.futures import ThreadPoolExecutor  # pylint: disable=import-outside-toplevel
+  with ThreadPoolExecutor(16) as pool:
+    return list(pool.map(lambda p: storage.as_path(p).stat().length, paths))
+
+
+def check_manifest(shard_dir: str, found: Sequence[str]) -> None:
+  """Raises ValueError naming the first shard of `shard_dir` that its
+  manifest.json lists but is missing or has another size, or that it does not
+  list: a folder of shards trains on what its manifest says or not at all."""
+  listed = {s["file"]: s for s in read_manifest(shard_dir)["shards"]}
+  sizes = dict(zip((os.path.basename(p) for p in found), shard_sizes(found)))
+  problems = [f"{name} missing (listed with {s.get('num_records', '?')} records)"
+              for name, s in listed.items() if name not in sizes]
+  problems += [f"{name} is {sizes[name]} bytes, listed as {s['bytes']}"
+               for name, s in listed.items()
+               if name in sizes and s.get("bytes") not in (None, sizes[name])]
+  problems += [f"{name} is not listed" for name in sizes if name not in listed]
+  if problems:
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    raise ValueError(
+        f"{storage.join(shard_dir, MANIFEST)} does not match the shards beside it: "
+        f"{problems[0]}{more}. Restore the shard, or name the shards to use by a glob "
+        f"in config.data.shards")
+
+
 def _resolve_one(item: str, cache_dir: str | None) -> list[str]:
   if item == "mini":
     from data_pipeline.sources.mini import build_mini_corpus  # pylint: disable=import-outside-toplevel
     return build_mini_corpus(cache_dir)
   path = storage.as_path(item)
   if path.is_dir():
-    return storage.files_in(item, SHARD_SUFFIX)
+    found = storage.files_in(item, SHARD_SUFFIX)
+    if (path / MANIFEST).exists():
+      check_manifest(item, found)
+    return found
   if glob.has_magic(item):
     return storage.glob(item)
   return [os.fspath(path)] if path.is_file() else []

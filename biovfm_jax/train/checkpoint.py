@@ -18,7 +18,43 @@ import orbax.checkpoint as ocp
 from data_pipeline import storage
 
 # Run facts that define the input stream; a resume must not change them.
-_INPUT_KEYS = ("seed", "batch_size", "data_shards")
+_INPUT_KEYS = ("seed", "batch_size", "data_shards", "num_records", "shards")
+# Those a run may change on purpose (run fact allow_input_change, from
+# config.data.allow_input_change): the data, not the order it is read in.
+_DATA_KEYS = ("data_shards", "num_records", "shards")
+
+
+def check_input_facts(saved: dict, run: dict, step: int) -> None:
+  """Refuses (ValueError, one line) a resume whose input stream differs from
+  the one checkpoint `step` was trained on. Facts an older checkpoint lacks
+  are not checked."""
+  changed = [k for k in _INPUT_KEYS if k in saved and saved[k] != run.get(k)]
+  if run.get("allow_input_change"):
+    for key in (k for k in changed if k in _DATA_KEYS):
+      logging.warning("Resuming on changed input (config.data.allow_input_change): %s",
+                      _describe_change(key, saved[key], run.get(key)))
+    changed = [k for k in changed if k not in _DATA_KEYS]
+  if changed:
+    what = "; ".join(_describe_change(k, saved[k], run.get(k)) for k in changed)
+    allow = (" or set --config.data.allow_input_change=True if the change is intended"
+             if all(k in _DATA_KEYS for k in changed) else "")
+    raise ValueError(
+        f"checkpoint at step {step} was trained on another input stream: {what}. "
+        f"Use a new --workdir, restore the old input{allow}.")
+
+
+def _describe_change(key: str, old, new) -> str:
+  if key == "num_records":
+    return f"records {old} -> {new}"
+  if key != "shards":
+    return f"{key} {old!r} -> {new!r}"
+  old, new = dict(map(tuple, old)), dict(map(tuple, new or []))
+  parts = [f"shard {n} missing" for n in old if n not in new]
+  parts += [f"shard {n} new" for n in new if n not in old]
+  parts += [f"shard {n} {old[n]} -> {new[n]} bytes" for n in old if n in new and old[n] != new[n]]
+  if not parts:
+    return "shards reordered"
+  return ", ".join(parts[:3]) + (f" (and {len(parts) - 3} more)" if len(parts) > 3 else "")
 
 
 class Checkpointer:
@@ -43,12 +79,7 @@ class Checkpointer:
     restored = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state), run=ocp.args.JsonRestore()))
     saved = dict(restored.run or {})
-    for key in _INPUT_KEYS:
-      if key in saved and saved[key] != run.get(key):
-        raise ValueError(
-            f"checkpoint at step {step} was written with {key}={saved[key]!r}, the config "
-            f"now says {run.get(key)!r}: resuming would not continue the same input stream. "
-            f"Use a new --workdir or restore the old value.")
+    check_input_facts(saved, run, step)
     logging.info("Restored checkpoint at step %d", step)
     return restored.state, saved
 

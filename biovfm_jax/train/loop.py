@@ -37,15 +37,19 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def _run_facts(config) -> dict:
-  """Facts that define the input stream; checked on resume."""
+  """Facts that define the input stream (the records and shards too: a shard
+  deleted between runs changes it); checked on resume, see
+  checkpoint.check_input_facts."""
   return {"seed": int(config.seed), "batch_size": int(config.batch_size),
-          "data_shards": str(config.data.shards)}
+          "data_shards": str(config.data.shards), **loader_lib.input_facts(config.data),
+          "allow_input_change": bool(config.data.get("allow_input_change", False))}
 
 
 def build_train_step(config, spec: state_lib.ModelSpec, objective, tx, schedule,
                      shardings: state_lib.TrainState, batch_sharding, mesh, rules):
   """Returns the jitted update: (state, batch) -> (state, metrics)."""
   accum = int(config.optim.grad_accum_steps)
+  skip_nonfinite = bool(config.optim.get("skip_nonfinite", False))
   base_key = jax.random.key(config.seed)
   constants = spec.constants()
 
@@ -89,8 +93,17 @@ def build_train_step(config, spec: state_lib.ModelSpec, objective, tx, schedule,
       updates, opt_state = tx.update(grads, state.opt_state, state.params)
       params = optax.apply_updates(state.params, updates)
       extra = objective.after_update(params, extra, state.step)  # e.g. the EMA teacher
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
-               "lr": schedule(state.step), **aux}
+    grad_norm = optax.global_norm(grads)
+    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step), **aux}
+    if skip_nonfinite:
+      # A non-finite step changes nothing but the step count (fp16-style skipping).
+      ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+      params, opt_state, extra = jax.tree.map(
+          lambda new, old: jnp.where(ok, new, old), (params, opt_state, extra),
+          (state.params, state.opt_state, state.extra))
+      metrics["update_skipped"] = (~ok).astype(jnp.int32)
+    # Of the params the step leaves: what a checkpoint of this step holds.
+    metrics["param_norm"] = optax.global_norm(params)
     if "skipped" in batch:
       metrics["skipped_records"] = jnp.sum(batch["skipped"])
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
@@ -99,6 +112,97 @@ def build_train_step(config, spec: state_lib.ModelSpec, objective, tx, schedule,
 
   return jax.jit(step_fn, in_shardings=(shardings, batch_sharding),
                  out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=(0,))
+
+
+# A checkpoint is "sane" when its loss and param norm were finite and the norm
+# is within this factor of the first step's: a run whose learning rate blew the
+# params up (norm 1e7, loss still finite) is not a place to resume from.
+SANE_PARAM_NORM_FACTOR = 10.0
+
+
+class _StepGuard:
+  """Checks each step's scalars on the host, in step order.
+
+  Stops (NonFiniteLossError) at a non-finite loss or gradient, or, with
+  config.optim.skip_nonfinite, after more than max_consecutive_skips skipped
+  updates in a row; the message says what is known of every kept checkpoint
+  and names the newest sane one. Adds the run's totals of skipped records and
+  updates to the scalars, and keeps in `run_info` (saved with each checkpoint)
+  the loss and param norm of the step a checkpoint would hold.
+  """
+
+  def __init__(self, config, ckpt, workdir: str, run_info: dict, start_step: int):
+    self.skip = bool(config.optim.get("skip_nonfinite", False))
+    self.max_consecutive = int(config.optim.get("max_consecutive_skips", 5))
+    self.ckpt, self.workdir, self.run_info = ckpt, workdir, run_info
+    self.consecutive = self.skipped_updates = self.skipped_records = 0
+    if start_step:  # carry the first step's param norm on from the checkpoint
+      try:
+        saved = ckpt_lib.read_run(ckpt_lib.find_step_dir(workdir, start_step))
+        if "param_norm_first" in saved:
+          run_info["param_norm_first"] = saved["param_norm_first"]
+      except (OSError, ValueError):
+        pass
+
+  def __call__(self, step: int, host: dict) -> None:
+    finite = bool(np.isfinite(host["loss"]) and np.isfinite(host["grad_norm"]))
+    if host.get("update_skipped"):
+      self.consecutive += 1
+      self.skipped_updates += 1
+      logging.warning("Step %d: loss=%s grad_norm=%s, update skipped (%d in a row).", step,
+                      host["loss"], host["grad_norm"], self.consecutive)
+      if self.consecutive > self.max_consecutive:
+        raise NonFiniteLossError(
+            f"{self.consecutive} non-finite updates in a row (steps {step - self.consecutive + 1}"
+            f"-{step}) exceed config.optim.max_consecutive_skips={self.max_consecutive}: "
+            f"stopping. {self.checkpoints()}")
+    elif not finite:
+      raise NonFiniteLossError(f"loss={host['loss']} grad_norm={host['grad_norm']} at step "
+                               f"{step}: stopping. {self.checkpoints()}")
+    else:
+      self.consecutive = 0
+      self.run_info["loss"] = host["loss"]
+      self.run_info["param_norm"] = host["param_norm"]
+      self.run_info.setdefault("param_norm_first", host["param_norm"])
+    self.skipped_records += int(host.get("skipped_records", 0))
+    host["skipped_records_total"] = self.skipped_records
+    if self.skip:
+      host["skipped_updates_total"] = self.skipped_updates
+
+  def checkpoints(self) -> str:
+    """What is known of each kept checkpoint, and which one to resume from."""
+    self.ckpt.wait()
+    ref = self.run_info.get("param_norm_first")
+    known = []
+    for step in self.ckpt.manager.all_steps():
+      try:
+        run = ckpt_lib.read_run(ckpt_lib.find_step_dir(self.workdir, step))
+      except (OSError, ValueError):
+        run = {}
+      ref = run.get("param_norm_first", ref)
+      known.append((step, run.get("loss"), run.get("param_norm")))
+    if not known:
+      return f"No checkpoint is kept in {self.workdir}."
+    if ref is None:  # checkpoints of older runs: compare with the earliest kept
+      ref = next((n for _, _, n in known if n is not None), None)
+
+    def sane(loss, norm):
+      return (loss is not None and norm is not None and np.isfinite(loss)
+              and np.isfinite(norm) and norm <= SANE_PARAM_NORM_FACTOR * ref)
+    facts = ", ".join(
+        f"step {st} (unknown: saved before param norms were recorded)" if norm is None else
+        f"step {st} (loss {loss:.4g}, param norm {norm:.4g}{'' if sane(loss, norm) else ': not sane'})"
+        for st, loss, norm in known)
+    good = [st for st, loss, norm in known if sane(loss, norm)]
+    criterion = (f"sane: finite loss and param norm within {SANE_PARAM_NORM_FACTOR:g}x the "
+                 f"first step's {ref:.4g}" if ref is not None else "no param norm recorded")
+    if not good:
+      return f"Kept checkpoints: {facts}; none is sane ({criterion}): start a new --workdir."
+    later = [st for st, _, _ in known if st > good[-1]]
+    how = (f"; move steps {later} out of {os.path.join(self.workdir, 'checkpoints')} to resume "
+           f"from it" if later else "")
+    return (f"Kept checkpoints: {facts}. The last good checkpoint ({criterion}) is step "
+            f"{good[-1]}{how}.")
 
 
 class _Preemption:
@@ -228,13 +332,12 @@ def train(config, workdir: str) -> dict:
       peak=metrics_lib.peak_tflops(config), start_step=start_step)
   last: dict = {}
 
+  guard = _StepGuard(config, ckpt, workdir, run_info, start_step)
+
   def check_and_log(step: int, metrics) -> None:
     nonlocal last
     host = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    if not (np.isfinite(host["loss"]) and np.isfinite(host["grad_norm"])):
-      raise NonFiniteLossError(
-          f"loss={host['loss']} grad_norm={host['grad_norm']} at step {step}: stopping. "
-          f"The last good checkpoint (step {ckpt.latest_step()}) is kept in {workdir}.")
+    guard(step, host)  # raises NonFiniteLossError
     if step % config.log_every_steps and step != total_steps and step != start_step + 1:
       return
     host.update(chrono.measure(step))

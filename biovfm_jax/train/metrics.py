@@ -82,9 +82,15 @@ class Throughput:
 def progress_line(step: int, total: int, scalars: dict[str, float]) -> str:
   parts = [f"step {step}/{total}"]
   for key, fmt in (("loss", "loss {:.4f}"), ("lr", "lr {:.2e}"), ("grad_norm", "gnorm {:.3f}"),
-                   ("img_per_sec", "{:.1f} img/s"), ("mfu", "MFU {:.1%}")):
+                   ("param_norm", "pnorm {:.4g}"), ("img_per_sec", "{:.1f} img/s"),
+                   ("mfu", "MFU {:.1%}")):
     if key in scalars:
       parts.append(fmt.format(scalars[key]))
+  # Run totals, shown once there is something to see.
+  for key, what in (("skipped_records_total", "bad records"),
+                    ("skipped_updates_total", "skipped updates")):
+    if scalars.get(key):
+      parts.append(f"{int(scalars[key])} {what}")
   if "eta_seconds" in scalars:
     parts.append("ETA " + format_seconds(scalars["eta_seconds"]))
   return " | ".join(parts)
