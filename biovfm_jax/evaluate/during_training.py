@@ -41,6 +41,7 @@ class Evaluator:
       self.config.update(entry)
     except (KeyError, AttributeError) as e:
       raise ValueError(f"config.evals.{name}: unknown key {e}") from None
+    eval_common.expand_paths(self.config)  # its default cache is under '~'
     self.benchmarks = protocols.benchmark_names(self.config.benchmarks)
     self._splits = {}
 
