@@ -29,7 +29,8 @@ def get_config(protocol: str):
   # Runtime overrides of the saved encoder (bf16 compute, attention kernel ...).
   c.encoder = ml_collections.ConfigDict({
       "dtype": "float32", "attention_impl": ml_collections.FieldReference(None, field_type=str)})
-  c.features = ml_collections.ConfigDict({"batch_size": 256, "cache": True})
+  # read_threads: image decoding ahead of the encoder (0: in the calling thread).
+  c.features = ml_collections.ConfigDict({"batch_size": 256, "cache": True, "read_threads": 2})
   # The head, PAPER.md's reference settings.
   c.probe = ml_collections.ConfigDict({
       "pool": "mean_patch", "batch_size": 128, "epochs": 100, "lr": 1e-2,
