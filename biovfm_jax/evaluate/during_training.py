@@ -21,6 +21,7 @@ from biovfm_jax.evaluate import protocols
 from biovfm_jax.evaluate.encoder import Encoder
 from biovfm_jax.models.vit import vit_config_from
 from configs.eval import common as eval_common
+from data_pipeline.sources import medmnist
 
 
 class Evaluator:
@@ -46,6 +47,9 @@ class Evaluator:
       raise ValueError(f"config.evals.{name}: unknown key {e}") from None
     eval_common.expand_paths(self.config)  # its default cache is under '~'
     self.benchmarks = protocols.benchmark_names(self.config.benchmarks)
+    if self.config.image_size not in medmnist.SIZES:  # the stored sizes, mini's too
+      raise ValueError(f"config.evals.{name}.image_size={self.config.image_size}: the "
+                       f"benchmarks are stored at {medmnist.SIZES}")
     self._splits = {}
 
   def due(self, step: int) -> bool:
