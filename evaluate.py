@@ -28,9 +28,12 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-  from biovfm_jax import console
+  from biovfm_jax import console, distributed
   from biovfm_jax.evaluate import runner
+  from data_pipeline.sources import mini
+  os.environ.setdefault("KERAS_HOME", os.path.join(mini.cache_root(), "keras"))  # not ~/.keras
   console.setup()
+  distributed.skip_absent_tpu()
   try:
     config = runner.resolve_config(_CONFIG.value, checkpoint=_CHECKPOINT.value,
                                    benchmarks=_BENCHMARKS.value, image_size=_IMAGE_SIZE.value,
@@ -43,4 +46,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from biovfm_jax.train.validate import parse_flags
+  app.run(main, flags_parser=parse_flags)

@@ -28,9 +28,23 @@ _CPU_COLLECTIVES = flags.DEFINE_string("cpu_collectives", None, "CPU collectives
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _run_args():
+  """The config and workdir as the run uses them: every path absolute, '~'
+  expanded, once, here (orbax needs absolute paths; './~' must never appear)."""
+  from configs import common
+  from data_pipeline import storage
+  from data_pipeline.sources import mini
+  # Keras (under TensorFlow, which clu imports) writes ~/.keras/ on import: keep it in our cache.
+  os.environ.setdefault("KERAS_HOME", os.path.join(mini.cache_root(), "keras"))
+  config = _CONFIG.value
+  common.expand_paths(config)
+  return config, storage.expand(_WORKDIR.value)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  config, workdir = _run_args()
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
   import jax  # after absl parsed flags: lets XLA_FLAGS / JAX_* env settle first
   from biovfm_jax import console, distributed
@@ -47,7 +61,7 @@ def main(argv):
   logging.info("JAX %s, %d process(es), %d device(s): %s", jax.__version__,
                jax.process_count(), jax.device_count(), jax.devices()[0].device_kind)
   try:
-    train(_CONFIG.value, _WORKDIR.value)
+    train(config, workdir)
   except ValueError as e:  # config errors: one clear line, no traceback wall
     if "config." in str(e):
       logging.error("Bad config: %s", e)
@@ -59,4 +73,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from biovfm_jax.train.validate import parse_flags
+  app.run(main, flags_parser=parse_flags)

@@ -66,11 +66,31 @@ def _has_tpu_chips(sysfs: str) -> bool:
   return False
 
 
+def skip_absent_tpu(env=None, sysfs: str = "/sys/bus/pci/devices") -> bool:
+  """Keeps jax off the TPU backend where no TPU chip is on the PCI bus.
+
+  With libtpu installed (jax[tpu], the test extra) jax tries TPU first on every
+  machine: libtpu prints initialisation errors ("unexpected worker hostname",
+  "sudo rm /tmp/libtpu_lockfile") and takes a lock file in /tmp. Call before
+  any device is touched; a JAX_PLATFORMS the user set is left alone. Returns
+  whether the TPU backend was dropped. AOT compiles for TPU topologies still
+  work: they load libtpu themselves."""
+  env = os.environ if env is None else env
+  if env.get("JAX_PLATFORMS") is not None or jax.config.jax_platforms \
+      or _has_tpu_chips(sysfs):
+    return False
+  from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel
+  # No public way to exclude one platform (jax_platforms lists those to
+  # require, and a GPU run must keep its CUDA plugin): drop TPU's factory.
+  return xla_bridge._backend_factories.pop("tpu", None) is not None  # pylint: disable=protected-access
+
+
 def initialize(*, coordinator_address: str | None = None, num_processes: int | None = None,
                process_id: int | None = None, mode: str = "auto",
                cpu_collectives: str | None = None, env=None) -> str:
   """Joins this process to its peers; returns how ("single process", ...)."""
   env = os.environ if env is None else env
+  skip_absent_tpu(env)
   if mode not in _MODES:
     raise ValueError(f"--distributed={mode!r}: one of {_MODES}")
   explicit = (coordinator_address, num_processes, process_id)

@@ -3,6 +3,7 @@ dinov2_base.py) set the recipe on top. Not run directly."""
 from ml_collections import config_dict
 
 from biovfm_jax.sharding import DEFAULT_RULES
+from data_pipeline import storage
 from data_pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -99,3 +100,12 @@ def get_config(size: str | None) -> config_dict.ConfigDict:
   # name -> dict(type=knn|fast|biovfm|finetune, every_steps=N, <eval config keys>).
   c.evals = config_dict.ConfigDict()
   return c
+
+
+def expand_paths(c) -> None:
+  """Path fields of a pretraining config, '~' expanded and made absolute, in
+  place: main.py calls it once, as the config enters (gs:// kept as given)."""
+  c.init_from = storage.expand(c.init_from)
+  c.data.cache_dir = storage.expand(c.data.cache_dir)
+  if isinstance(c.data.shards, str):
+    c.data.shards = storage.expand_list(c.data.shards)

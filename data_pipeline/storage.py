@@ -20,6 +20,24 @@ def is_remote(path: str | os.PathLike) -> bool:
   return "://" in os.fspath(path)
 
 
+def expand(path: str | os.PathLike | None) -> str | None:
+  """A user's path as the program keeps it: '~' expanded and made absolute
+  (orbax refuses relative paths; a literal './~' folder invites `rm -rf ~`).
+  gs:// and other URLs pass as given, as does an empty value. Applied once,
+  where flags and config fields enter (main.py, evaluate.py, the CLIs)."""
+  if not path:
+    return path
+  path = os.fspath(path)
+  return path if is_remote(path) else os.path.abspath(os.path.expanduser(path))
+
+
+def expand_list(spec: str) -> str:
+  """`expand` on each item of a comma-separated list (shard specs); names
+  that are not paths ('mini') stay as they are."""
+  items = [s.strip() for s in spec.split(",")]
+  return ",".join(s if s in ("", "mini") else expand(s) for s in items)
+
+
 def as_path(path: str | os.PathLike) -> epath.Path:
   path = os.fspath(path)
   return epath.Path(path if is_remote(path) else os.path.expanduser(path))

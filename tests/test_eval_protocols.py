@@ -228,7 +228,24 @@ def test_evaluator_entries_are_checked_before_training():
     Evaluator("x", {"type": "linear", "every_steps": 1})
   with pytest.raises(ValueError, match="every_steps"):
     Evaluator("x", {"type": "knn"})
+  with pytest.raises(ValueError, match=r"config.evals.x.image_size=32: the benchmarks are"):
+    Evaluator("x", {"type": "knn", "every_steps": 1, "image_size": 32})  # was: after training
   ev = Evaluator("x", {"type": "fast", "every_steps": 5, "benchmarks": "derma,mini",
                        "probe": {"epochs": 3}})
   assert ev.benchmarks == ["dermamnist", "mini_modality"] and ev.config.probe.epochs == 3
   assert ev.due(10) and not ev.due(11)
+
+
+def test_report_names_the_checkpoint_step(data, tmp_path):
+  """evaluate.py's report said step 0 for any checkpoint."""
+  cfg = vit_config(None, **TINY)
+  params = nnx.to_pure_dict(nnx.split(VisionTransformer(cfg, rngs=nnx.Rngs(0)), nnx.Param,
+                                      ...)[1])
+  ckpt_lib.save_params(str(tmp_path / "run"), params, {
+      "objective": "test", "backbone": "params", "encoder": dataclasses.asdict(cfg)}, step=300)
+  c = eval_config("knn", data, str(tmp_path / "run"), tmp_path / "out",
+                  benchmarks="breastmnist")
+  evaluate_bin.run(c)
+  report = json.load(open(tmp_path / "out" / "report.json"))
+  assert report["step"] == 300
+  assert "step: 300" in open(tmp_path / "out" / "report.md").read()

@@ -22,7 +22,7 @@ from torch import nn
 from biovfm_jax.interop import (ConversionError, create_timm_model, from_dinov2,
                                 from_mae, from_timm, load_state_dict,
                                 timm_model_kwargs, timm_model_name, to_timm)
-from biovfm_jax.interop.__main__ import main as cli_main
+from biovfm_jax.interop.__main__ import CUSTOM_TIMM_MODEL, main as cli_main
 from biovfm_jax.models import MaskedAutoencoder, VisionTransformer, vit_config
 
 TOL = 1e-4
@@ -529,11 +529,26 @@ def test_cli_import_timm_then_export(tmp_path, capsys):
   dst = str(tmp_path / "export" / "vit.safetensors")
   capsys.readouterr()
   assert cli_main(["export", "--format=timm", f"--src={out}", f"--out={dst}"]) == 0
-  printed = json.loads(capsys.readouterr().out)
-  assert printed["timm_model"] is None  # T width at patch 14: kwargs only
+  out_err = capsys.readouterr()
+  printed = json.loads(out_err.out)
+  # T width at patch 14 has no timm name: the key still says how to build it, and a hint.
+  assert printed["timm_model"] == CUSTOM_TIMM_MODEL
+  assert "VisionTransformer(**json.loads(metadata['timm_kwargs']))" in out_err.err
+  with safetensors.safe_open(dst, "np") as f:
+    meta = f.metadata()
+  assert meta["timm_model"] == CUSTOM_TIMM_MODEL
+  umask = os.umask(0)
+  os.umask(umask)
+  assert os.stat(dst).st_mode & 0o777 == 0o666 & ~umask  # not save_file's 0600
+  assert not [n for n in os.listdir(os.path.dirname(dst)) if n != "vit.safetensors"]
   exported = {k: v.numpy() for k, v in safetensors.torch.load_file(dst).items()}
   again = load_timm(create_timm_model(enc.config), exported)
   assert max_err(torch_features(again, x), ref) < TOL
+  # Re-importing the exported file needs no --model: its timm_kwargs give the heads.
+  back = str(tmp_path / "reimported")
+  assert cli_main(["import", "--format=timm", f"--src={dst}", f"--out={back}"]) == 0
+  assert load_encoder(back).config == enc.config
+  assert max_err(np.asarray(load_encoder(back)(x)["cls"]), ref[:, 0]) < TOL
   # Bad input: one line on stderr, exit code 2.
   assert cli_main(["import", "--format=dinov2", f"--src={src}",
                    f"--out={tmp_path / 'x'}", "--model=T"]) == 2

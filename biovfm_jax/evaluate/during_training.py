@@ -21,6 +21,7 @@ from biovfm_jax.evaluate import protocols
 from biovfm_jax.evaluate.encoder import Encoder
 from biovfm_jax.models.vit import vit_config_from
 from configs.eval import common as eval_common
+from data_pipeline.sources import medmnist
 
 
 class Evaluator:
@@ -36,12 +37,19 @@ class Evaluator:
       raise ValueError(f"config.evals.{name}.every_steps must be a positive integer")
     self.config = eval_common.get_config(kind)
     self.config.features.cache = False   # the features change as the model trains
+    # Decode in the training thread: reader threads started anew at each evaluation
+    # left glibc malloc arenas behind, ~50-100 MB of host memory per evaluation.
+    self.config.features.read_threads = 0
     self.config.lock()                   # nested update, unknown keys refused
     try:
       self.config.update(entry)
     except (KeyError, AttributeError) as e:
       raise ValueError(f"config.evals.{name}: unknown key {e}") from None
+    eval_common.expand_paths(self.config)  # its default cache is under '~'
     self.benchmarks = protocols.benchmark_names(self.config.benchmarks)
+    if self.config.image_size not in medmnist.SIZES:  # the stored sizes, mini's too
+      raise ValueError(f"config.evals.{name}.image_size={self.config.image_size}: the "
+                       f"benchmarks are stored at {medmnist.SIZES}")
     self._splits = {}
 
   def due(self, step: int) -> bool:

@@ -81,16 +81,17 @@ def _jitted(encoder, how: str):
 
 def extract(encoder, split, *, batch_size: int, how: str = "mean_patch",
             image_size: int | None = None, augment: bool = False, seed: int = 42,
-            epoch: int = 0, rng=None) -> np.ndarray:
+            epoch: int = 0, rng=None, read_threads: int = 2) -> np.ndarray:
   """(N, D') float32 features of every example of `split`, in example order.
-  `rng` turns on the encoder's stochastic layers (drop path)."""
+  `rng` turns on the encoder's stochastic layers (drop path); `read_threads`
+  decode images ahead (0: in this thread)."""
   fn = _jitted(encoder, how)
   feats = None
   progress = Progress(f"features {split.name}/{split.split}", split.num_examples)
   for i, batch in enumerate(split.batches(
       batch_size, augment=augment, seed=seed, epoch=epoch, shuffle=False, drop_last=False,
       image_size=image_size, process_index=jax.process_index(),
-      process_count=jax.process_count())):
+      process_count=jax.process_count(), num_threads=read_threads)):
     images = global_batch(encoder, batch["image"])
     key = None if rng is None else jax.random.fold_in(rng, i)
     out = shd.to_host(fn(encoder.params, images, key, deterministic=rng is None))

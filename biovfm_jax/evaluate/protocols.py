@@ -57,7 +57,8 @@ def _features(encoder, splits, config, names):
   fc = config.features
   cache = config.get("cache_dir") if fc.get("cache", True) else None
   return {s: feat_lib.cached(encoder, splits[s], cache, batch_size=int(fc.batch_size),
-                             how=config.probe.pool, image_size=input_size(encoder, config))
+                             how=config.probe.pool, image_size=input_size(encoder, config),
+                             read_threads=int(fc.read_threads))
           for s in names}
 
 

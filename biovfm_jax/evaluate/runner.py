@@ -13,14 +13,14 @@ def resolve_config(config, *, checkpoint=None, benchmarks=None, image_size=None,
   """Applies the flags and fills the defaults; fails on a bad config before
   anything is loaded."""
   from biovfm_jax.evaluate import protocols
+  from configs.eval import common
   from data_pipeline.sources import medmnist
   with config.unlocked():
     for key, value in (("checkpoint", checkpoint), ("benchmarks", benchmarks),
                        ("image_size", image_size), ("out_dir", out_dir)):
       if value is not None:
         config[key] = value
-    for key in ("npz_dir", "data_dir", "out_dir", "cache_dir", "checkpoint"):
-      config[key] = os.path.expanduser(config[key]) if config[key] else config[key]
+    common.expand_paths(config)  # once, here: '~' expanded, relative made absolute
     if not config.checkpoint:
       raise ValueError("config.checkpoint is empty: pass --checkpoint=DIR")
     if not config.out_dir:
@@ -46,6 +46,7 @@ def run(config) -> dict:
                          mesh=shd.make_mesh(dict(config.mesh)), **dict(config.encoder))
   logging.info("Encoder %s: %s parameters, %s, %d device(s)", encoder.source,
                f"{encoder.num_params:,}", encoder.config.width, jax.device_count())
+  step = int(os.path.basename(encoder.source))  # source: <workdir>/checkpoints/<step>
   results = protocols.evaluate_encoder(encoder, config,
                                        scores_dir=os.path.join(config.out_dir, "scores"))
   meta = {"checkpoint": encoder.source, "protocol": config.protocol,
@@ -56,7 +57,8 @@ def run(config) -> dict:
     os.makedirs(config.out_dir, exist_ok=True)
     with open(os.path.join(config.out_dir, "config.json"), "w") as f:
       json.dump(config.to_dict(), f, indent=1, default=str)
-    paths = report.write_report(results, config.out_dir, name=config.name, meta=meta)
+    paths = report.write_report(results, config.out_dir, name=config.name,
+                                meta=meta, step=step)
     with open(paths["md"]) as f:
       print(f.read())
   return results

@@ -17,6 +17,8 @@ import sys
 
 IMPORT_FORMATS = ("timm", "mae", "dinov2")
 EXPORT_FORMATS = ("timm",)
+# timm_model of an exported encoder that no named timm architecture fits.
+CUSTOM_TIMM_MODEL = "VisionTransformer"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -58,6 +60,9 @@ def run_import(args) -> dict:
     raise SystemExit(f"{ckpts} already holds checkpoints; choose a new --out")
   sd = torch_files.load_state_dict(args.src, key=args.key)
   heads = dict(size=args.model, num_heads=args.num_heads)
+  if args.format == "timm" and args.model is None and args.num_heads is None:
+    # A file this tool exported says its own architecture (timm_kwargs).
+    heads["num_heads"] = _timm_kwargs(args.src).get("num_heads")
   run = {"objective": args.format, "backbone": "params",
          "source": {"path": os.path.abspath(args.src), "format": args.format}}
   if args.format == "mae":
@@ -75,9 +80,21 @@ def run_import(args) -> dict:
   return {"checkpoint": step_dir, **run}
 
 
+def _timm_kwargs(path: str) -> dict:
+  """The timm_kwargs metadata of a .safetensors file ({} when it has none)."""
+  if not str(path).endswith(".safetensors"):
+    return {}
+  from safetensors import safe_open
+  with safe_open(path, "np") as f:
+    meta = f.metadata() or {}
+  return json.loads(meta.get("timm_kwargs", "{}"))
+
+
 def run_export(args) -> dict:
   import jax
-  from safetensors.numpy import save_file
+  from safetensors.numpy import save
+
+  from data_pipeline import storage
 
   from biovfm_jax.evaluate.encoder import load_encoder
   from biovfm_jax.interop import convert
@@ -91,16 +108,26 @@ def run_export(args) -> dict:
           "timm_kwargs": json.dumps(kwargs)}
   try:
     meta["timm_model"] = convert.timm_model_name(config)
-  except convert.ConversionError:
-    pass  # no named timm architecture; the kwargs still build one
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  save_file(sd, args.out, metadata=meta)
-  return {"out": args.out, "timm_model": meta.get("timm_model"),
+  except convert.ConversionError as e:
+    # No named timm architecture: timm's VisionTransformer class from the kwargs.
+    meta["timm_model"] = CUSTOM_TIMM_MODEL
+    print(f"note: {e}. The file's metadata has timm_model={CUSTOM_TIMM_MODEL!r}: "
+          "build timm.models.vision_transformer.VisionTransformer(**json.loads("
+          "metadata['timm_kwargs']))", file=sys.stderr)
+  os.makedirs(os.path.dirname(args.out), exist_ok=True)
+  # save_file writes mode 0600; write_bytes_atomic follows the umask like every
+  # other file written here, and never leaves half a file.
+  storage.write_bytes_atomic(args.out, save(sd, metadata=meta))
+  return {"out": args.out, "timm_model": meta["timm_model"],
           "timm_kwargs": kwargs, "tensors": len(sd)}
 
 
 def main(argv: list[str] | None = None) -> int:
   args = _parser().parse_args(argv)
+  from biovfm_jax import distributed
+  from data_pipeline import storage
+  distributed.skip_absent_tpu()
+  args.src, args.out = storage.expand(args.src), storage.expand(args.out)
   try:
     result = run_import(args) if args.command == "import" else run_export(args)
   except (ValueError, FileNotFoundError, ImportError) as e:

@@ -1,8 +1,16 @@
-"""Config checks that run before anything is compiled, naming the bad key."""
+"""Config checks that run before anything is compiled, naming the bad key,
+and the flag parser that turns a mistyped key into one line."""
 from __future__ import annotations
+
+import glob
+import os
+import sys
 
 import jax
 import numpy as np
+from absl import flags
+
+from data_pipeline import storage
 
 
 def data_parallel_size(mesh) -> int:
@@ -33,12 +41,24 @@ def validate_config(config, mesh) -> None:
   if config.image_size != config.data.image_size:
     raise ValueError(f"config.data.image_size={config.data.image_size} differs from "
                      f"config.image_size={config.image_size}")
-  for key in ("log_every_steps", "checkpoint.every_steps"):
-    value = config
-    for part in key.split("."):
-      value = value[part]
-    if value <= 0:
-      raise ValueError(f"config.{key}={value} must be positive")
+  # Counts that must be >= 1 (keep=0 would keep no checkpoint; a step count <= 0
+  # would "finish" having trained nothing), or >= 0; None: unset, the default applies.
+  for key, low in (("log_every_steps", 1), ("checkpoint.every_steps", 1),
+                   ("checkpoint.keep", 1), ("num_train_steps", 1), ("steps_per_epoch", 1),
+                   ("total_epochs", 0), ("image_every_steps", 0),
+                   ("optim.warmup_epochs", 0), ("optim.freeze_last_layer_epochs", 0),
+                   ("optim.base_lr", 0), ("optim.min_lr", 0), ("optim.grad_clip_norm", 0),
+                   ("optim.lr_batch_base", 1), ("optim.weight_decay", 0),
+                   ("data.num_workers", 0), ("data.prefetch_buffer", 0),
+                   ("data.read_threads", 1)):
+    value = _get(config, key)
+    if value is not None and value < low:
+      raise ValueError(f"config.{key}={value} must be "
+                       f"{'positive' if low == 1 else 'zero or more'}")
+  if not config.num_train_steps and not config.total_epochs:
+    raise ValueError(f"config.total_epochs={config.total_epochs} with no "
+                     "config.num_train_steps: nothing to train")
+  _check_paths(config)
   for key in ("crop_scale", "global_crop_scale", "local_crop_scale"):
     if config.data.get(key) is not None:
       scale = tuple(config.data[key])
@@ -51,3 +71,48 @@ def validate_config(config, mesh) -> None:
                        f"model's patch size {patch}")
   if len(config.data.mean) != 3 or len(config.data.std) != 3 or min(np.abs(config.data.std)) == 0:
     raise ValueError("config.data.mean and config.data.std must be 3 values, std nonzero")
+
+
+def _get(config, key: str):
+  for part in key.split("."):
+    config = config.get(part) if config is not None else None
+  return config
+
+
+def _check_paths(config) -> None:
+  """Local inputs that do not exist, named before anything is built."""
+  for item in str(config.data.shards).split(","):
+    item = item.strip()
+    if item and item != "mini" and not storage.is_remote(item) and not glob.has_magic(item) \
+        and not os.path.exists(item):
+      raise ValueError(f"config.data.shards: {item} does not exist")
+  init = config.get("init_from")
+  if init and not storage.is_remote(init) and not os.path.exists(init):
+    raise ValueError(f"config.init_from={init} does not exist")
+
+
+def _one_line(e: Exception, argv) -> str:
+  """The error of a bad flag, with absl/ml_collections' suggestion, as one line."""
+  while isinstance(e, (KeyError, AttributeError)) and e.args:  # KeyError's own str is a repr
+    e = e.args[0]
+  text = str(e).strip()
+  key, _, hint = text.partition("\n")
+  hint = hint.strip()
+  for arg in argv[1:]:  # the override that names this key: --config.model.widht=64
+    name = arg.split("=", 1)[0].lstrip("-")
+    if name.startswith(("config.", "noconfig.")) and key.strip("'") in name.split(".")[1:]:
+      return f"--{name}: no such config key" + (f". {hint}" if hint else "")
+  return " ".join(text.split())
+
+
+def parse_flags(argv):
+  """absl's flag parsing (app.run(main, flags_parser=parse_flags)) where a bad
+  flag or config override ends in one line and exit code 2, not a traceback."""
+  try:
+    rest = flags.FLAGS(argv)
+    for name in flags.FLAGS:  # a --config file that failed to load raises on first use
+      getattr(flags.FLAGS[name].value, "keys", None)
+    return rest
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as e:
+    print(f"error: {_one_line(e, argv)}", file=sys.stderr)
+    sys.exit(2)

@@ -3,6 +3,11 @@ import os
 
 import ml_collections
 
+from data_pipeline import storage
+
+# Path fields, made absolute ('~' expanded) by expand_paths where a config enters.
+PATH_KEYS = ("checkpoint", "npz_dir", "data_dir", "out_dir", "cache_dir")
+
 
 def get_config(protocol: str):
   c = ml_collections.ConfigDict()
@@ -14,6 +19,7 @@ def get_config(protocol: str):
   c.image_size = 224                 # which MedMNIST+ files: 28, 64, 128 or 224
   # Size fed to the encoder; None: image_size if the patch divides it, else the encoder's.
   c.input_size = ml_collections.FieldReference(None, field_type=int)
+  # The documented cache: $BIOVFM_DATA, else ~/.cache/biovfm_jax (see expand_paths).
   c.npz_dir = os.path.join(os.environ.get("BIOVFM_DATA", "~/.cache/biovfm_jax"), "medmnist")
   c.download = False                 # fetch missing npz files from MedMNIST's servers
   c.data_dir = os.path.join(os.environ.get("BIOVFM_DATA", "~/.cache/biovfm_jax"), "tfds")
@@ -23,7 +29,8 @@ def get_config(protocol: str):
   # Runtime overrides of the saved encoder (bf16 compute, attention kernel ...).
   c.encoder = ml_collections.ConfigDict({
       "dtype": "float32", "attention_impl": ml_collections.FieldReference(None, field_type=str)})
-  c.features = ml_collections.ConfigDict({"batch_size": 256, "cache": True})
+  # read_threads: image decoding ahead of the encoder (0: in the calling thread).
+  c.features = ml_collections.ConfigDict({"batch_size": 256, "cache": True, "read_threads": 2})
   # The head, PAPER.md's reference settings.
   c.probe = ml_collections.ConfigDict({
       "pool": "mean_patch", "batch_size": 128, "epochs": 100, "lr": 1e-2,
@@ -36,3 +43,11 @@ def get_config(protocol: str):
       "drop_path_rate": 0.1, "label_smoothing": 0.1, "b1": 0.9, "b2": 0.999,
       "grad_clip_norm": 0.0, "pool": "mean_patch", "seed": 0, "bootstrap": 0})
   return c
+
+
+def expand_paths(c) -> None:
+  """'~' and relative paths of an eval config, made absolute in place, once,
+  where the config enters (evaluate.py, the evaluators run in pretraining)."""
+  with c.unlocked():
+    for key in PATH_KEYS:
+      c[key] = storage.expand(c[key])
