@@ -222,19 +222,20 @@ def test_full_disk_stops_at_the_failed_save_and_keeps_the_earlier_ones(ref, tmp_
   mnt.mkdir()
   cmd = [sys.executable, "main.py", f"--workdir={mnt}/w", *TINY["mae"], *FLAGS,
          "--config.num_train_steps=24"]
-  # Inside the namespace: a 4 MB tmpfs holding a copy of the finished workdir,
-  # filled up to 200 KB below full (room for logs, not for a 0.5 MB checkpoint);
+  # Inside the namespace: a 16 MB tmpfs holding a copy of the finished workdir,
+  # filled up to 200 KB below full (room for logs, not for a 1.2 MB checkpoint);
   # the resumed run saves at step 20. What it left is copied out to be checked.
-  script = (f"mount -t tmpfs -o size=4m tmpfs {mnt} && cp -a {ref} {mnt}/w && "
+  script = (f"mount -t tmpfs -o size=16m tmpfs {mnt} && cp -a {ref} {mnt}/w && "
             f"(dd if=/dev/zero of={mnt}/fill bs=4k 2>/dev/null; true) && "
             f"truncate -s -200k {mnt}/fill && "
-            f"{{ {' '.join(cmd)} 2>{mnt}/log; echo $? >{mnt}/rc; }}; cp -a {mnt} {out}")
+            f"{{ {' '.join(cmd)} 2>{tmp_path}/log; echo $? >{tmp_path}/rc; }}; "
+            f"rm {mnt}/fill; cp -a {mnt} {out}")
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
              JAX_PLATFORMS="cpu")
   subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script],
                  cwd=ROOT, env=env, check=True, timeout=600)
-  log = (out / "log").read_text()
-  assert (out / "rc").read_text().strip() == "4", log[-3000:]
+  log = (tmp_path / "log").read_text()
+  assert (tmp_path / "rc").read_text().strip() == "4", log[-3000:]
   errors = [l for l in log.splitlines() if "saving the checkpoint" in l]
   assert len(errors) == 1 and f"step 20 to {mnt}/w/checkpoints/20 failed" in errors[0], log
   assert "No space left on device" in errors[0] and "Traceback" not in log

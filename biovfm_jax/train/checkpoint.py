@@ -36,6 +36,24 @@ class ModelMismatch(CheckpointError):
   """The workdir's checkpoint was written for another model or objective."""
 
 
+class _OrbaxOneLine(logging.Filter):
+  """Orbax logs each failed background write with its traceback, from several
+  threads; the Checkpointer reports the failure itself, in one line. Keep
+  orbax's own lines, without the tracebacks."""
+
+  def filter(self, record):
+    if record.name == "asyncio":  # orbax's failed write tasks, collected later
+      return "orbax" not in record.getMessage()
+    if "/orbax/" in record.pathname and record.exc_info:
+      record.msg, record.args = one_line(record.getMessage()), None
+      record.exc_info = record.exc_text = None
+    return True
+
+
+for _name in ("absl", "asyncio"):
+  logging.getLogger(_name).addFilter(_OrbaxOneLine())
+
+
 class Checkpointer:
 
   def __init__(self, directory: str, *, keep: int, async_save: bool):
@@ -59,8 +77,8 @@ class Checkpointer:
 
   def check(self) -> None:
     """Raises CheckpointError if an async save has failed (cheap: call every step)."""
-    with self._save_errors():
-      self.manager.check_for_errors()
+    if not self.manager.is_saving_in_progress():
+      self.wait()  # returns at once; raises the failure of a finished save
 
   @contextlib.contextmanager
   def _save_errors(self):
@@ -69,7 +87,7 @@ class Checkpointer:
     except Exception as e:  # pylint: disable=broad-exception-caught
       path = os.path.join(self.directory, str(self.saving))
       raise CheckpointError(f"saving the checkpoint of step {self.saving} to {path} failed: "
-                            f"{_one_line(e)}. The earlier checkpoints are kept.") from None
+                            f"{one_line(e)}. The earlier checkpoints are kept.") from None
 
   def restore(self, abstract_state, run: dict, step: int | None = None):
     """Restores `step` (default: the newest step that restores) into the shardings
@@ -95,10 +113,10 @@ class Checkpointer:
     else:  # none restores: move nothing, a config or library problem looks just like this
       bad, err = unreadable[0]
       raise CheckpointError(f"no checkpoint in {self.directory} restores (steps "
-                            f"{[s for s, _ in unreadable]}); step {bad}: {_one_line(err)}")
+                            f"{[s for s, _ in unreadable]}); step {bad}: {one_line(err)}")
     for bad, err in unreadable:
       logging.warning("Checkpoint of step %d is unreadable (%s): moved to %s; resuming "
-                      "from step %d.", bad, _one_line(err), self._set_aside(bad), step)
+                      "from step %d.", bad, one_line(err), self._set_aside(bad), step)
     if unreadable:
       self.manager.reload()
     saved = dict(restored.run or {})
@@ -131,13 +149,10 @@ class Checkpointer:
       self.manager.wait_until_finished()
       self.manager.check_for_errors()
 
-  def close(self, raise_errors: bool = True) -> None:
+  def close(self) -> None:
     """Waits for the last async save; raises CheckpointError if it failed."""
     try:
       self.wait()
-    except CheckpointError:
-      if raise_errors:
-        raise
     finally:
       self.manager.close()
 
@@ -189,10 +204,11 @@ def _shapes(tree) -> dict[str, tuple]:
           for path, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-def _one_line(e: BaseException) -> str:
+def one_line(e) -> str:
   """The gist of a (TensorStore, orbax) error: its first non-empty line, cut short."""
-  lines = [l.strip() for l in str(e).splitlines() if l.strip()] or [type(e).__name__]
-  return lines[0][:300]
+  line = next((l.strip() for l in str(e).splitlines() if l.strip()), type(e).__name__)
+  # TensorStore puts the OS error (e.g. "No space left on device") at the end.
+  return line if len(line) <= 300 else f"{line[:140]} ... {line[-150:]}"
 
 
 

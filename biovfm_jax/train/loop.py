@@ -350,16 +350,23 @@ def _train(config, workdir: str, preemption: _Preemption) -> dict:
     if pending is not None:
       check_and_log(*pending)
   finally:
-    # Waits for async saves: a finished save is never lost. Its error is raised
-    # unless another one (maybe the same failed save) is already on its way.
-    ckpt.close(raise_errors=sys.exc_info()[0] is None)
-    writer.flush()
-    writer.close()
-    if jsonl:
-      jsonl.close()
-    close = getattr(batches, "close", None)
-    if close:
-      close()
+    # A failed error path must not hide the first error (a full disk fails the
+    # summary writer too): closing then only logs.
+    failing = sys.exc_info()[0] is not None
+    try:
+      # Waits for async saves: a finished save is never lost. A failed one is
+      # the error to report, even over one already on its way (often its effect).
+      ckpt.close()
+    finally:
+      for close in (writer.flush, writer.close, jsonl and jsonl.close,
+                    getattr(batches, "close", None)):
+        try:
+          if close:
+            close()
+        except Exception as e:  # pylint: disable=broad-exception-caught
+          if not failing:
+            raise
+          logging.warning("While stopping: %s", ckpt_lib.one_line(e))
   return last
 
 
