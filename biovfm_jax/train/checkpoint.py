@@ -160,10 +160,9 @@ class Checkpointer:
 def check_same_model(saved: dict, run: dict, step_dir: str, abstract_state=None) -> None:
   """Raises ModelMismatch naming the differing keys when the checkpoint's
   objective/encoder (or, as a backstop, its array shapes) differ from `run`'s."""
-  diffs = [f"{key}: checkpoint {a!r}, config {b!r}"
-           for key, a, b in _differences(
-               {k: saved[k] for k in _MODEL_KEYS if k in saved},
-               {k: run[k] for k in _MODEL_KEYS if k in saved})]
+  diffs = [f"{key}: checkpoint {a!r}, config {b!r}"  # objective first: it says most
+           for k in _MODEL_KEYS if k in saved
+           for key, a, b in _differences(saved[k], run.get(k), f"{k}.")]
   if not diffs and abstract_state is not None:
     try:
       shapes = _shapes(state_metadata(step_dir))
