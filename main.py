@@ -4,7 +4,22 @@
   python main.py --config=configs/vit_l_mae.py --workdir=gs://bucket/run \
       --config.data.shards=/data/biovfm21m/ --config.batch_size=4096
 
-Running it again with the same --workdir resumes from the latest checkpoint.
+Running it again with the same --workdir resumes from the latest checkpoint
+(the newest one that restores: a damaged one is moved to
+<workdir>/checkpoints_unreadable/). One run at a time holds a workdir (the
+lock file <workdir>/run.lock; none on gs://). Ctrl-C saves a checkpoint at the
+next step and exits; a second Ctrl-C aborts at once.
+
+Exit codes (every failure is one line on stderr):
+  0    trained to the last step, stopped for preemption (SIGTERM) after saving,
+       or nothing to do (already finished)
+  2    bad flags or config; bad input data (shards that differ from their
+       manifest or from the checkpoint's run, too many unreadable records);
+       the workdir is in use by another run; or its checkpoint was written
+       for another model or objective
+  3    non-finite loss
+  4    a checkpoint could not be saved (e.g. disk full) or none restores
+  130  stopped by Ctrl-C after saving the checkpoint of the stop step
 """
 import os
 import sys
@@ -48,7 +63,9 @@ def main(argv):
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
   import jax  # after absl parsed flags: lets XLA_FLAGS / JAX_* env settle first
   from biovfm_jax import console, distributed
-  from biovfm_jax.train.loop import NonFiniteLossError, train
+  from biovfm_jax.train import checkpoint, workdir_lock
+  from biovfm_jax.train.loop import Interrupted, NonFiniteLossError, train
+  from data_pipeline.shards import InputDataError
 
   console.setup()
   try:
@@ -62,6 +79,9 @@ def main(argv):
                jax.process_count(), jax.device_count(), jax.devices()[0].device_kind)
   try:
     train(config, workdir)
+  except InputDataError as e:  # before ValueError: it is one
+    logging.error("Bad input data: %s", e)
+    sys.exit(2)
   except ValueError as e:  # config errors: one clear line, no traceback wall
     if "config." in str(e):
       logging.error("Bad config: %s", e)
@@ -70,6 +90,15 @@ def main(argv):
   except NonFiniteLossError as e:
     logging.error("%s", e)
     sys.exit(3)
+  except (workdir_lock.WorkdirBusy, checkpoint.ModelMismatch) as e:
+    logging.error("%s", e)
+    sys.exit(2)
+  except checkpoint.CheckpointError as e:
+    logging.error("%s", e)
+    sys.exit(4)
+  except Interrupted as e:
+    logging.warning("%s", e)
+    sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ import numpy as np
 
 from data_pipeline import multicrop, transforms
 from data_pipeline import selection as selection_lib
+from data_pipeline import shards as shards_lib
 from data_pipeline.records import CorruptRecordError
 
 MAX_SKIP = 16
@@ -79,7 +80,7 @@ _BAD_KEY = "_bad_records"
 _MAX_BAD_LOGGED = 50
 
 
-class CorruptDataError(ValueError):
+class CorruptDataError(shards_lib.InputDataError):
   """Too many records of the shards are unreadable (one line names them)."""
 
 

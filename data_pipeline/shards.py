@@ -19,6 +19,11 @@ MANIFEST = "manifest.json"
 INDEX = "index.npz"
 
 
+class InputDataError(ValueError):
+  """The shards on disk are not what the run expects (missing, resized,
+  changed since the checkpoint, too many unreadable records); one line."""
+
+
 def _sha256(path: str) -> str:
   h = hashlib.sha256()
   with open(path, "rb") as f:
@@ -263,7 +268,7 @@ def check_manifest(shard_dir: str, found: Sequence[str]) -> None:
   problems += [f"{name} is not listed" for name in sizes if name not in listed]
   if problems:
     more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-    raise ValueError(
+    raise InputDataError(
         f"{storage.join(shard_dir, MANIFEST)} does not match the shards beside it: "
         f"{problems[0]}{more}. Restore the shard, or name the shards to use by a glob "
         f"in config.data.shards")

@@ -7,15 +7,20 @@ data spec) and a resume with different values is refused.
 
 Orbax writes each step into a temporary directory and renames it when
 complete, so a killed or failed write never leaves a step that restores.
+A finished step that was damaged later (a truncated or deleted file) is moved
+to `<workdir>/checkpoints_unreadable/<step>`, never deleted, and the newest
+step that restores is used instead.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
 import orbax.checkpoint as ocp
 
 from data_pipeline import storage
+from data_pipeline.shards import InputDataError
 
 # Run facts that define the input stream; a resume must not change them.
 _INPUT_KEYS = ("seed", "batch_size", "data_shards", "num_records", "shards")
@@ -38,7 +43,7 @@ def check_input_facts(saved: dict, run: dict, step: int) -> None:
     what = "; ".join(_describe_change(k, saved[k], run.get(k)) for k in changed)
     allow = (" or set --config.data.allow_input_change=True if the change is intended"
              if all(k in _DATA_KEYS for k in changed) else "")
-    raise ValueError(
+    raise InputDataError(
         f"checkpoint at step {step} was trained on another input stream: {what}. "
         f"Use a new --workdir, restore the old input{allow}.")
 
@@ -55,11 +60,42 @@ def _describe_change(key: str, old, new) -> str:
   if not parts:
     return "shards reordered"
   return ", ".join(parts[:3]) + (f" (and {len(parts) - 3} more)" if len(parts) > 3 else "")
+# Run facts that define the model; a resume with others cannot restore the state.
+_MODEL_KEYS = ("objective", "backbone", "encoder")
+UNREADABLE_DIR = "checkpoints_unreadable"
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint cannot be written or restored; the message is one line."""
+
+
+class ModelMismatch(CheckpointError):
+  """The workdir's checkpoint was written for another model or objective."""
+
+
+class _OrbaxOneLine(logging.Filter):
+  """Orbax logs each failed background write with its traceback, from several
+  threads; the Checkpointer reports the failure itself, in one line. Keep
+  orbax's own lines, without the tracebacks."""
+
+  def filter(self, record):
+    if record.name == "asyncio":  # orbax's failed write tasks, collected later
+      return "orbax" not in record.getMessage()
+    if "/orbax/" in record.pathname and record.exc_info:
+      record.msg, record.args = one_line(record.getMessage()), None
+      record.exc_info = record.exc_text = None
+    return True
+
+
+for _name in ("absl", "asyncio"):
+  logging.getLogger(_name).addFilter(_OrbaxOneLine())
 
 
 class Checkpointer:
 
   def __init__(self, directory: str, *, keep: int, async_save: bool):
+    self.directory = directory
+    self.saving = None  # the step of the last save, for the message if it fails
     self.manager = ocp.CheckpointManager(
         directory,
         options=ocp.CheckpointManagerOptions(
@@ -70,25 +106,140 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def save(self, step: int, state, run: dict) -> None:
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), run=ocp.args.JsonSave(run)), force=True)
+    self.check()  # the previous async save first: it may have failed meanwhile
+    self.saving = step
+    with self._save_errors():
+      self.manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), run=ocp.args.JsonSave(run)), force=True)
+
+  def check(self) -> None:
+    """Raises CheckpointError if an async save has failed (cheap: call every step)."""
+    if not self.manager.is_saving_in_progress():
+      self.wait()  # returns at once; raises the failure of a finished save
+
+  @contextlib.contextmanager
+  def _save_errors(self):
+    try:
+      yield
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      path = os.path.join(self.directory, str(self.saving))
+      raise CheckpointError(f"saving the checkpoint of step {self.saving} to {path} failed: "
+                            f"{one_line(e)}. The earlier checkpoints are kept.") from None
 
   def restore(self, abstract_state, run: dict, step: int | None = None):
-    """Restores `step` (default latest) into the shardings of `abstract_state`."""
-    step = self.latest_step() if step is None else step
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), run=ocp.args.JsonRestore()))
+    """Restores `step` (default: the newest step that restores) into the shardings
+    of `abstract_state`, after checking that it was written for the same model."""
+    steps = [step] if step is not None else sorted(self.manager.all_steps(), reverse=True)
+    unreadable = []
+    for step in steps:
+      step_dir = os.path.join(self.directory, str(step))
+      try:
+        saved = dict(self.manager.restore(step, args=ocp.args.Composite(
+            run=ocp.args.JsonRestore())).run or {})
+      except Exception as e:  # pylint: disable=broad-exception-caught
+        unreadable.append((step, e))
+        continue
+      check_same_model(saved, run, step_dir, abstract_state)
+      try:
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), run=ocp.args.JsonRestore()))
+      except Exception as e:  # pylint: disable=broad-exception-caught
+        unreadable.append((step, e))
+        continue
+      break
+    else:  # none restores: move nothing, a config or library problem looks just like this
+      bad, err = unreadable[0]
+      raise CheckpointError(f"no checkpoint in {self.directory} restores (steps "
+                            f"{[s for s, _ in unreadable]}); step {bad}: {one_line(err)}")
+    for bad, err in unreadable:
+      logging.warning("Checkpoint of step %d is unreadable (%s): moved to %s; resuming "
+                      "from step %d.", bad, one_line(err), self._set_aside(bad), step)
+    if unreadable:
+      self.manager.reload()
     saved = dict(restored.run or {})
     check_input_facts(saved, run, step)
     logging.info("Restored checkpoint at step %d", step)
     return restored.state, saved
 
+  def _set_aside(self, step: int) -> str:
+    """Moves a damaged step out of orbax's sight (process 0 only; it is never deleted)."""
+    import jax  # pylint: disable=import-outside-toplevel
+    src = storage.join(self.directory, str(step))
+    dest = storage.join(storage.dirname(self.directory.rstrip("/")), UNREADABLE_DIR, str(step))
+    if jax.process_index() == 0:
+      if storage.as_path(dest).exists():  # an older one set aside at the same step
+        dest = f"{dest}.{len(list(storage.as_path(dest).parent.glob(f'{step}*')))}"
+      storage.makedirs(storage.dirname(dest))
+      storage.as_path(src).rename(dest)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+      multihost_utils.sync_global_devices(f"set_aside_{step}")
+    return dest
+
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    with self._save_errors():
+      self.manager.wait_until_finished()
+      self.manager.check_for_errors()
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    """Waits for the last async save; raises CheckpointError if it failed."""
+    try:
+      self.wait()
+    finally:
+      self.manager.close()
+
+
+def check_same_model(saved: dict, run: dict, step_dir: str, abstract_state=None) -> None:
+  """Raises ModelMismatch naming the differing keys when the checkpoint's
+  objective/encoder (or, as a backstop, its array shapes) differ from `run`'s."""
+  diffs = [f"{key}: checkpoint {a!r}, config {b!r}"  # objective first: it says most
+           for k in _MODEL_KEYS if k in saved
+           for key, a, b in _differences(saved[k], run.get(k), f"{k}.")]
+  if not diffs and abstract_state is not None:
+    try:
+      shapes = _shapes(state_metadata(step_dir))
+    except Exception:  # pylint: disable=broad-exception-caught
+      shapes = None  # unreadable metadata: the restore says so
+    if shapes is not None:
+      wanted = _shapes(abstract_state)
+      diffs = [f"{k}: checkpoint shape {shapes.get(k)}, config {wanted.get(k)}"
+               for k in sorted(set(shapes) | set(wanted), key=_params_first)
+               if shapes.get(k) != wanted.get(k)]
+  if diffs:
+    more = f" (and {len(diffs) - 3} more)" if len(diffs) > 3 else ""
+    raise ModelMismatch(f"{step_dir} was written for another model or objective: "
+                        f"{'; '.join(diffs[:3])}{more}. Use a new --workdir, or the config "
+                        "the workdir was trained with.")
+
+
+def _params_first(path: str):
+  return not path.startswith("params/"), path  # the optimiser's copies say less
+
+
+def _differences(a, b, prefix=""):
+  if isinstance(a, dict) and isinstance(b, dict):
+    for key in sorted(set(a) | set(b)):
+      yield from _differences(a.get(key), b.get(key), f"{prefix}{key}.")
+  elif _plain(a) != _plain(b):
+    yield prefix.rstrip("."), a, b
+
+
+def _plain(x):
+  return list(x) if isinstance(x, tuple) else x  # JSON turns tuples into lists
+
+
+def _shapes(tree) -> dict[str, tuple]:
+  import jax  # pylint: disable=import-outside-toplevel
+  return {"/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path):
+          tuple(getattr(x, "shape", ()))
+          for path, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def one_line(e) -> str:
+  """The gist of a (TensorStore, orbax) error: its first non-empty line, cut short."""
+  line = next((l.strip() for l in str(e).splitlines() if l.strip()), type(e).__name__)
+  # TensorStore puts the OS error (e.g. "No space left on device") at the end.
+  return line if len(line) <= 300 else f"{line[:140]} ... {line[-150:]}"
 
 
 

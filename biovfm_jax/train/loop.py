@@ -10,6 +10,7 @@ import dataclasses
 import logging
 import os
 import signal
+import sys
 import time
 
 import jax
@@ -27,6 +28,7 @@ from biovfm_jax.train import checkpoint as ckpt_lib
 from biovfm_jax.train import metrics as metrics_lib
 from biovfm_jax.train import optim
 from biovfm_jax.train import state as state_lib
+from biovfm_jax.train import workdir_lock
 from biovfm_jax.train.validate import validate_config
 from data_pipeline import loader as loader_lib
 from data_pipeline import storage
@@ -36,13 +38,17 @@ class NonFiniteLossError(FloatingPointError):
   pass
 
 
+class Interrupted(Exception):
+  """Ctrl-C: the run saved its checkpoint at `step` and stopped."""
+
+
 def _run_facts(config) -> dict:
   """Facts that define the input stream (the records and shards too: a shard
   deleted between runs changes it); checked on resume, see
   checkpoint.check_input_facts."""
   return {"seed": int(config.seed), "batch_size": int(config.batch_size),
           "data_shards": str(config.data.shards), **loader_lib.input_facts(config.data),
-          "allow_input_change": bool(config.data.get("allow_input_change", False))}
+          "allow_input_change": bool(config.data.allow_input_change)}
 
 
 def build_train_step(config, spec: state_lib.ModelSpec, objective, tx, schedule,
@@ -206,28 +212,51 @@ class _StepGuard:
 
 
 class _Preemption:
-  """SIGTERM (preemption notice) -> save at the next step boundary and exit.
+  """SIGTERM (preemption notice) or a first Ctrl-C -> save at the next step
+  boundary and exit; a second Ctrl-C aborts at once.
 
-  One process: a Python signal handler. Several: the notice may reach the
-  hosts at different steps (or only some of them), and a host that stops to
-  save alone deadlocks the others in the next collective. jax.distributed's
-  preemption service catches SIGTERM on any host and has all of them agree on
-  one step to stop at, so no handler of ours replaces its own.
+  One process: Python signal handlers, restored when the run ends. Several: the
+  notice may reach the hosts at different steps (or only some of them), and a
+  host that stops to save alone deadlocks the others in the next collective.
+  jax.distributed's preemption service catches SIGTERM on any host and has all
+  of them agree on one step to stop at, so no handler of ours replaces its own;
+  a Ctrl-C is passed on to it as a SIGTERM to this process.
   """
 
   def __init__(self):
     self.requested = False
+    self.by_user = False  # Ctrl-C rather than SIGTERM
     self.multi_process = jax.process_count() > 1
-    if self.multi_process:
-      return
-    try:
-      signal.signal(signal.SIGTERM, self._handler)
-    except ValueError:  # not in the main thread (e.g. inside some test runners)
-      pass
+    self._previous = {}
+
+  def __enter__(self):
+    wanted = [signal.SIGINT] + ([] if self.multi_process else [signal.SIGTERM])
+    for sig in wanted:
+      try:
+        self._previous[sig] = signal.signal(sig, self._handler)
+      except ValueError:  # not in the main thread (e.g. inside some test runners)
+        pass
+    return self
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
 
   def _handler(self, signum, frame):
-    del signum, frame
-    logging.warning("SIGTERM received: checkpointing at the next step, then exiting.")
+    del frame
+    if signum == signal.SIGINT:
+      # The default action from now on: a second Ctrl-C ends the process at
+      # once, even inside a long compile, without a traceback.
+      signal.signal(signal.SIGINT, signal.SIG_DFL)
+      logging.warning("Ctrl-C: checkpointing at the next step, then exiting (exit code "
+                      "130). Ctrl-C again aborts at once, losing the steps since the "
+                      "last checkpoint.")
+      self.by_user = True
+      if self.multi_process:
+        os.kill(os.getpid(), signal.SIGTERM)  # all hosts agree on the stop step
+        return
+    else:
+      logging.warning("SIGTERM received: checkpointing at the next step, then exiting.")
     self.requested = True
 
   def reached(self, step: int) -> bool:
@@ -290,8 +319,19 @@ def build(config, num_records: int | None = None, devices=None) -> Setup:
 def train(config, workdir: str) -> dict:
   """Pretrains per `config`, resuming from `workdir` when it holds a checkpoint.
 
-  Returns the last logged scalars.
+  Returns the last logged scalars. Holds the workdir's lock throughout
+  (workdir_lock.WorkdirBusy if another run has it); raises Interrupted after
+  saving when stopped by Ctrl-C, checkpoint.CheckpointError when a save fails
+  or no checkpoint restores, checkpoint.ModelMismatch when the workdir was
+  trained with another model or objective.
   """
+  # Process 0 locks for all: the others may share an NFS workdir.
+  with workdir_lock.held(workdir, enabled=jax.process_index() == 0), \
+      _Preemption() as preemption:
+    return _train(config, workdir, preemption)
+
+
+def _train(config, workdir: str, preemption: _Preemption) -> dict:
   s = build(config)
   spec, tx, shardings, objective = s.spec, s.tx, s.shardings, s.objective
   total_steps, batch_sharding, train_step = s.total_steps, s.batch_sharding, s.train_step
@@ -311,11 +351,17 @@ def train(config, workdir: str) -> dict:
               "backbone": "/".join(objective.backbone_path),
               "encoder": dataclasses.asdict(vit_config_from(config.model))}
   if ckpt.latest_step() is not None:
-    state, _ = ckpt.restore(state_lib.abstract_state(spec, tx, objective, shardings), facts)
+    state, _ = ckpt.restore(state_lib.abstract_state(spec, tx, objective, shardings),
+                            run_info)
   else:
     state = state_lib.create_state(spec, tx, objective, shardings,
                                    params=_initial_params(config, spec))
   start_step = int(state.step)
+  if start_step >= total_steps:  # before any compile or input worker starts
+    logging.info("Already finished: step %d of %d in %s; nothing to do.", start_step,
+                 total_steps, workdir)
+    ckpt.close()
+    return {}
   if start_step:
     logging.info("Resuming from step %d.", start_step)
 
@@ -353,7 +399,6 @@ def train(config, workdir: str) -> dict:
   batches = loader_lib.make_pretrain_loader(
       config.data, global_batch_size=config.batch_size, seed=config.seed,
       start_step=start_step)
-  preemption = _Preemption()
   pending = None
   step = start_step
   t0 = time.perf_counter()
@@ -372,6 +417,7 @@ def train(config, workdir: str) -> dict:
         check_and_log(*pending)
       pending = (step, metrics)
       stop = preemption.reached(step)
+      ckpt.check()  # a failed async save stops the run now, not at the next save
       if step % config.checkpoint.every_steps == 0 or step == total_steps or stop:
         check_and_log(*pending)
         pending = None
@@ -398,19 +444,32 @@ def train(config, workdir: str) -> dict:
             jsonl.write({"step": step, **scores})
         chrono.resume()
       if stop:
+        ckpt.wait()  # the stop step's checkpoint is on disk before we say so
+        if preemption.by_user:
+          raise Interrupted(f"Stopped by Ctrl-C at step {step}; its checkpoint is saved "
+                            f"in {workdir}: the same command resumes.")
         logging.warning("Stopped for preemption at step %d (checkpoint saved).", step)
         break
     if pending is not None:
       check_and_log(*pending)
   finally:
-    ckpt.close()  # waits for async saves: a finished save is never lost
-    writer.flush()
-    writer.close()
-    if jsonl:
-      jsonl.close()
-    close = getattr(batches, "close", None)
-    if close:
-      close()
+    # A failed error path must not hide the first error (a full disk fails the
+    # summary writer too): closing then only logs.
+    failing = sys.exc_info()[0] is not None
+    try:
+      # Waits for async saves: a finished save is never lost. A failed one is
+      # the error to report, even over one already on its way (often its effect).
+      ckpt.close()
+    finally:
+      for close in (writer.flush, writer.close, jsonl and jsonl.close,
+                    getattr(batches, "close", None)):
+        try:
+          if close:
+            close()
+        except Exception as e:  # pylint: disable=broad-exception-caught
+          if not failing:
+            raise
+          logging.warning("While stopping: %s", ckpt_lib.one_line(e))
   return last
 
 
