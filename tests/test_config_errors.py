@@ -44,12 +44,7 @@ def test_bad_config_is_one_line_naming_the_key(tmp_path, flag, says):
 
 def _config(**overrides):
   c = quickstart.get_config()
-  for key, value in overrides.items():
-    parent = c
-    *path, leaf = key.split(".")
-    for part in path:
-      parent = parent[part]
-    parent[leaf] = value
+  c.update_from_flattened_dict(overrides)  # "a.b" keys, as on the command line
   return c
 
 

@@ -31,12 +31,7 @@ def ref_config(**changes):
   c.num_train_steps = STEPS
   c.checkpoint.every_steps = EVERY
   c.checkpoint.keep = 4
-  for key, value in changes.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  c.update_from_flattened_dict(changes)  # "a.b" keys, as on the command line
   return c
 
 
