@@ -29,7 +29,7 @@ def get_config(size: str | None = "B") -> config_dict.ConfigDict:
   c.optim.lr_scaling = "linear"
   c.optim.min_lr = 0.0
   c.optim.warmup_epochs = 40
-  c.optim.weight_decay = 0.05
+  c.optim.weight_decay = 0.05       # none on biases, norms; tokens decay (models.layers.no_decay)
   c.optim.b1 = 0.9
   c.optim.b2 = 0.95
   return c

@@ -36,7 +36,8 @@ def test_lr_schedule_is_linear_warmup_then_half_cosine():
 
 
 @pytest.mark.parametrize("scan", [False, True])
-def test_weight_decay_only_on_matrices(scan):
+def test_weight_decay_on_matrices_and_tokens(scan):
+  # The groups themselves are checked against the references in test_decay_groups.py.
   from biovfm_jax.objectives import get_objective
   from biovfm_jax.train.state import ModelSpec
   c = tiny_config()
@@ -47,8 +48,9 @@ def test_weight_decay_only_on_matrices(scan):
   spec = ModelSpec(objective.init_model, 0, mesh, shd.DEFAULT_RULES)
   flat = {"/".join(p): v for p, v in _flatten(spec.decay_mask)}
   decayed = {k for k, v in flat.items() if v}
-  assert decayed and all(k.endswith("kernel") for k in decayed), decayed
-  assert not any(("token" in k or "bias" in k or "norm" in k) for k in decayed)
+  assert decayed and all(k.endswith(("kernel", "token")) for k in decayed), decayed
+  assert {"encoder/cls_token", "mask_token"} <= decayed
+  assert not any(("bias" in k or "norm" in k or "gamma" in k) for k in decayed)
   assert any("mask_token" in k for k in flat) and any("gamma" in k or "layerscale" in k.lower()
                                                      for k in flat)
   # One AdamW step with zero gradients: only decayed weights move, by lr * wd * w.

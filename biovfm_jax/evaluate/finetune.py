@@ -3,8 +3,9 @@
 Global pool (mean patch tokens) -> LayerNorm (trainable, MAE's fc_norm) ->
 linear head (truncated normal std 2e-5, bias 0). AdamW (0.9, 0.999),
 lr = base_lr x batch / 256, linear warmup then cosine per step to min_lr,
-weight decay 0.05 on matrices only, layer-wise lr decay (0.65 for B), drop
-path, label smoothing 0.1 on single-label tasks. The optimiser is the
+weight decay 0.05 on matrices but the cls token and position table (MAE's
+main_finetune groups), layer-wise lr decay (0.65 for B), drop path, label
+smoothing 0.1 on single-label tasks. The optimiser is the
 pretraining one (biovfm_jax/train/optim.py), fed a config of the same shape.
 
 Left out of MAE's recipe: RandAugment, mixup and cutmix (training images get
@@ -67,9 +68,7 @@ def finetune(encoder: Encoder, splits: dict, cfg, *, image_size: int | None) -> 
       "fc_norm": {"scale": jnp.ones((width,)), "bias": jnp.zeros((width,))},
       "head": {"kernel": 2e-5 * jax.random.truncated_normal(key, -2.0, 2.0, (width, n_out)),
                "bias": jnp.zeros((n_out,))}}
-  decay_mask = {"encoder": enc.spec.decay_mask,
-                "fc_norm": {"scale": False, "bias": False},
-                "head": {"kernel": True, "bias": False}}
+  decay_mask = optim.decay_mask(params, finetune=True)  # MAE's fine-tuning groups
   ocfg = _optimizer_config(cfg)
   schedule = optim.lr_schedule(ocfg, total_steps, steps_per_epoch)
   tx = optim.make_optimizer(ocfg, schedule, decay_mask, params=params,

@@ -275,18 +275,17 @@ class BlockStack(nnx.Module):
     return x
 
 
-def no_decay(path: tuple, param) -> bool:
-  """True for parameters that get no weight decay: biases, norm scales,
-  LayerScale gammas (one axis besides a scanned 'layers' axis), tokens and
-  position embeddings. `param` is an nnx.Variable (its logical names tell a
-  stacked 'layers' axis apart) or an array."""
-  name = "/".join(str(k) for k in path)
-  if any(s in name for s in ("token", "pos_embed", "register")):
+def no_decay(path: tuple, *, finetune: bool = False) -> bool:
+  """True for parameters that get no weight decay, by name: biases, norm
+  scales and LayerScale gammas. Tokens (cls, mask, registers) and a learned
+  pos_embed decay, as in both pretraining references: DINOv2 exempts names
+  holding 'bias', 'norm' or 'gamma'; MAE (timm's add_weight_decay) exempts
+  1-D tensors and biases, and stores its tokens as (1, 1, D), so they decay
+  there although ours are (D,) -- hence names, not shapes.
+  finetune=True is MAE's fine-tuning rule, which also exempts cls_token and
+  pos_embed (timm's no_weight_decay list). tests/test_decay_groups.py checks
+  each rule against its reference."""
+  leaf = str(path[-1])
+  if finetune and leaf in ("cls_token", "pos_embed"):
     return True
-  value = param.get_value() if isinstance(param, nnx.Variable) else param
-  ndim = len(value.shape)
-  if isinstance(param, nnx.Variable):
-    names = param.get_metadata().get("out_sharding") or ()
-    if names and names[0] == "layers":
-      ndim -= 1
-  return ndim <= 1
+  return leaf.endswith("bias") or leaf in ("scale", "gamma")

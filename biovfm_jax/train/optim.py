@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from biovfm_jax.models.layers import no_decay
+
 
 def peak_lr(config) -> float:
   """lr = base_lr x batch / lr_batch_base (MAE, 'linear') or x sqrt(...) (DINOv2)."""
@@ -49,6 +51,13 @@ _EMBEDDING = ("patch_embed", "cls_token", "pos_embed", "register", "mask_token")
 
 def _path_names(path) -> list[str]:
   return [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+
+
+def decay_mask(params, *, finetune: bool = False):
+  """True where a parameter decays (models.layers.no_decay names the rest),
+  as a tree like `params` (abstract is fine)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda p, _: not no_decay(tuple(_path_names(p)), finetune=finetune), params)
 
 
 def lr_multipliers(params, *, depth: int, layer_decay: float, patch_embed_mult: float):

@@ -16,7 +16,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from biovfm_jax import sharding as shd
-from biovfm_jax.models.layers import no_decay
+from biovfm_jax.train.optim import decay_mask
 
 
 @flax.struct.dataclass
@@ -45,9 +45,7 @@ class ModelSpec:
     self.param_shardings = jax.tree.map(
         lambda spec: NamedSharding(mesh, shd.logical_to_mesh(tuple(spec), rules, mesh)),
         logical, is_leaf=lambda x: isinstance(x, P))
-    # Weight decay on matrices only: the model's rule knows a scanned 'layers' axis.
-    self.decay_mask = nnx.to_pure_dict(nnx.from_flat_state(
-        [(path, not no_decay(path, var)) for path, var in nnx.to_flat_state(abs_params)]))
+    self.decay_mask = decay_mask(self.abstract_params)  # the pretraining references' groups
     self.replicated = NamedSharding(mesh, P())
     self._constants = None
 
