@@ -69,7 +69,7 @@ def get_config(size: str | None) -> config_dict.ConfigDict:
   c.optim.lr_scaling = "linear"     # lr = base_lr x batch / lr_batch_base, or x sqrt(...)
   c.optim.min_lr = 0.0
   c.optim.warmup_epochs = 10
-  c.optim.weight_decay = 0.05       # none on biases, norms, tokens, position embeddings
+  c.optim.weight_decay = 0.05       # none on biases, norm scales, LayerScale gammas (tokens decay, as in both references)
   c.optim.weight_decay_end = config_dict.placeholder(float)  # cosine to it, if set
   c.optim.b1 = 0.9
   c.optim.b2 = 0.999
