@@ -392,6 +392,13 @@ def test_visualize(trained):
 def test_bad_configs_name_the_key():
   with pytest.raises(ValueError, match=r"config\.dinov2\.centering"):
     DINOv2Objective(make_config(centering="kmeans"), total_steps=1, steps_per_epoch=1)
+  for key in ("koleo_scope", "ibot_center_scope"):
+    with pytest.raises(ValueError, match=rf"config\.dinov2\.{key}='gpu'"):
+      DINOv2Objective(make_config(**{key: "gpu"}), total_steps=1, steps_per_epoch=1)
+  obj = DINOv2Objective(make_config(koleo_group_size=3), total_steps=1, steps_per_epoch=1)
+  assert obj._koleo_group(24, 2) == 3   # pylint: disable=protected-access
+  with pytest.raises(ValueError, match=r"config\.dinov2\.koleo_group_size=3"):
+    obj._koleo_group(16, 2)             # pylint: disable=protected-access
   c = make_config()
   c.data.global_crop_size = 48
   with pytest.raises(ValueError, match=r"config\.data\.global_crop_size"):

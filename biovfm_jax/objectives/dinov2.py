@@ -100,6 +100,8 @@ class DINOv2Objective:
       better density estimate, and independent of the device count).
       koleo_group_size=n: within groups of n consecutive images instead (the
       reference's run with n images per GPU); must divide the scope's batch.
+      A shard of one image has no neighbour: its KoLeo is a constant without
+      gradient, as on a reference GPU with one image.
     - The iBOT patch center (ibot_center_scope="shard"): each shard's mean
       over its masked patches, averaged over the shards that have any.
       "global": one mean over all masked patches (each patch weighs the same).
