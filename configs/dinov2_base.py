@@ -43,6 +43,11 @@ def get_config(size: str | None = "B") -> config_dict.ConfigDict:
   c.dinov2.center_momentum = 0.9
   c.dinov2.sinkhorn_iterations = 3
   c.dinov2.koleo_weight = 0.1
+  # The reference computes KoLeo on each GPU's images and the iBOT center as
+  # the mean of each GPU's mean; "shard" does the same per batch shard (data x
+  # fsdp devices). "global": over the whole batch (device-count independent).
+  c.dinov2.koleo_scope = "shard"
+  c.dinov2.ibot_center_scope = "shard"
   c.dinov2.dino_weight = 1.0
   c.dinov2.ibot_weight = 1.0
   c.dinov2.teacher_momentum = 0.994 if large else 0.992

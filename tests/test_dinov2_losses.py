@@ -1,5 +1,6 @@
-"""DINOv2 loss maths against numpy references written from PAPER.md's
-description of how the reference assembles its loss."""
+"""DINOv2 loss maths against numpy transcriptions of the reference's
+formulas (facebookresearch/dinov2: dinov2/loss/*.py and
+train/ssl_meta_arch.py), each on one GPU's inputs."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -53,7 +54,7 @@ def ref_dino(student_global, student_local, teacher_probs):
   b = teacher_probs.shape[0] // 2
   swapped = np.concatenate([teacher_probs[b:], teacher_probs[:b]])
   targets = [swapped[:b], swapped[b:]]
-  n_terms = 2 * 1 + 2 * len(student_local)
+  n_terms = 2 * 1 + max(2 * len(student_local), 1)   # the reference's max(., 1)
   local = 0.0
   for s in student_local:
     for t in targets:
@@ -74,13 +75,16 @@ def ref_ibot(student, teacher, masks, n_global=2):
 
 
 def ref_koleo(x, eps=1e-8):
+  """KoLeoLoss on one GPU's rows: normalise (norm floored at eps), nearest
+  neighbour = largest dot product with the diagonal set to -1, distance as
+  torch's PairwiseDistance(eps): |a - b + eps|, then -mean(log(d + eps))."""
   x = x.astype(np.float64)
   x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), eps)
-  out = []
-  for i in range(len(x)):
-    d = [np.linalg.norm(x[i] - x[j]) for j in range(len(x)) if j != i]
-    out.append(-np.log(min(d) + eps))
-  return np.mean(out)
+  dots = x @ x.T
+  np.fill_diagonal(dots, -1.0)
+  nn = dots.argmax(1)
+  d = np.linalg.norm(x - x[nn] + eps, axis=1)
+  return np.mean(-np.log(d + eps))
 
 
 # --- teacher targets -------------------------------------------------------------
@@ -101,6 +105,16 @@ def test_softmax_centering_and_lazy_center_update():
   np.testing.assert_allclose(L.update_center(c, t, 0.9, weights=w),
                              0.9 * c + 0.1 * t[w > 0].mean(0, keepdims=True), rtol=1e-6)
   np.testing.assert_array_equal(L.update_center(c, t, 0.9, weights=np.zeros(6)), c)
+  # Per shard (the reference's iBOT center): the mean of each block's own
+  # mean; a block without counted rows is left out.
+  w = np.array([1, 0, 1, 1, 1, 1, 0, 0, 0, 1, 0, 1], np.float32)
+  t = rand((12, K), 3)
+  blocks = [t[i:i + 3][w[i:i + 3] > 0].mean(0) for i in (0, 3, 9)]   # block 2 is empty
+  np.testing.assert_allclose(L.update_center(c, t, 0.9, weights=w, shards=4),
+                             0.9 * c + 0.1 * np.mean(blocks, 0, keepdims=True), rtol=1e-5)
+  assert abs(np.mean(blocks, 0) - t[w > 0].mean(0)).max() > 1e-2   # differs from global
+  np.testing.assert_allclose(L.update_center(c, t, 0.9, weights=w, shards=1),
+                             0.9 * c + 0.1 * t[w > 0].mean(0, keepdims=True), rtol=1e-5)
 
 
 def test_sinkhorn_knopp_matches_reference():
@@ -167,7 +181,8 @@ def test_dino_loss_terms_swap_and_scaling(n_local):
   np.testing.assert_allclose(glob, want_global, rtol=1e-5)
   np.testing.assert_allclose(local, want_local, rtol=1e-5, atol=1e-7)
   # Student crop c is paired with teacher crop 1-c (never with its own crop).
-  t = 2 + 2 * n_local
+  # With no local crops the reference still counts one local term: T = 3.
+  t = 2 + max(2 * n_local, 1)
   direct = (ref_cost(s_global[:b], t_probs[b:]) + ref_cost(s_global[b:], t_probs[:b])) / t
   own = (ref_cost(s_global[:b], t_probs[:b]) + ref_cost(s_global[b:], t_probs[b:])) / t
   np.testing.assert_allclose(glob, direct, rtol=1e-5)
@@ -218,8 +233,11 @@ def test_koleo_matches_reference():
 def test_koleo_is_finite_on_duplicates_with_finite_gradient():
   x = rand((6, 16), 42)
   x[3] = x[1]             # a duplicate image
+  # The reference's distance |a - b + eps| = 4e-8 here, not sqrt(0 + eps^2).
+  np.testing.assert_allclose(L.koleo(x), ref_koleo(x), rtol=1e-5)
   x[5] = 2.0 * x[0]       # same direction: duplicate after normalisation
   val, grad = jax.value_and_grad(L.koleo)(jnp.asarray(x))
+  np.testing.assert_allclose(val, ref_koleo(x), rtol=1e-5)
   assert np.isfinite(float(val)) and np.isfinite(np.asarray(grad)).all()
   # Duplicates contribute -log(d + eps) with d ~ eps, a large but finite term.
   assert float(val) > 0.5 * -np.log(2e-8) * 4 / 6

@@ -11,7 +11,8 @@ from flax import nnx
 
 from biovfm_jax.models.dino_head import DINOHead
 from biovfm_jax.objectives.dinov2 import DINOv2Objective
-from test_dinov2_losses import ref_dino, ref_ibot, ref_koleo, ref_sinkhorn, ref_softmax
+from test_dinov2_losses import (ref_cost, ref_dino, ref_ibot, ref_koleo, ref_log_softmax,
+                                ref_sinkhorn, ref_softmax)
 
 K = 64
 B = 8
@@ -391,6 +392,13 @@ def test_visualize(trained):
 def test_bad_configs_name_the_key():
   with pytest.raises(ValueError, match=r"config\.dinov2\.centering"):
     DINOv2Objective(make_config(centering="kmeans"), total_steps=1, steps_per_epoch=1)
+  for key in ("koleo_scope", "ibot_center_scope"):
+    with pytest.raises(ValueError, match=rf"config\.dinov2\.{key}='gpu'"):
+      DINOv2Objective(make_config(**{key: "gpu"}), total_steps=1, steps_per_epoch=1)
+  obj = DINOv2Objective(make_config(koleo_group_size=3), total_steps=1, steps_per_epoch=1)
+  assert obj._koleo_group(24, 2) == 3   # pylint: disable=protected-access
+  with pytest.raises(ValueError, match=r"config\.dinov2\.koleo_group_size=3"):
+    obj._koleo_group(16, 2)             # pylint: disable=protected-access
   c = make_config()
   c.data.global_crop_size = 48
   with pytest.raises(ValueError, match=r"config\.data\.global_crop_size"):
@@ -402,10 +410,13 @@ def test_bad_configs_name_the_key():
 
 
 def test_sharded_loss_matches_unsharded(trained):
-  """Batch over 'data', prototypes and MLPs over 'tensor': the same loss and
-  centers as on one device (all batch statistics are global)."""
+  """Batch over 'data', prototypes and MLPs over 'tensor', with the global
+  KoLeo and iBOT center: the same loss and centers as on one device."""
   from biovfm_jax import sharding as shd
-  obj, model, params, extra, _, _ = trained
+  _, model, params, extra, _, _ = trained
+  obj = DINOv2Objective(make_config(dict(init="mae", layerscale_init=None),
+                                    koleo_scope="global", ibot_center_scope="global"),
+                        total_steps=50, steps_per_epoch=5)
   graphdef, _, rest = nnx.split(model, nnx.Param, ...)
   batch = make_batch(6)
 
@@ -428,3 +439,102 @@ def test_sharded_loss_matches_unsharded(trained):
     got = jax.jit(loss_fn)(sharded_params, sharded_extra, sharded_batch)
   for g, w in zip(got, want):
     np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
+
+
+def _per_gpu_reference(student, teacher, batch, extra, temp, world, n_local):
+  """The reference's step on `world` GPUs, each given a contiguous block of
+  images, transcribed to numpy from dinov2's loss classes and
+  SSLMetaArch.forward_backward (softmax centering). Each rank's tensors are
+  crop-major (crop 0 of its images, then crop 1). Returns each term as the
+  mean over ranks (the gradient all-reduce averages the ranks' losses, so
+  the mean is the loss that is optimised) and the new centers."""
+  gc, lc, masks = batch["global_crops"], batch["local_crops"], batch["masks"]
+  f64 = lambda x: np.asarray(x, np.float64)  # noqa: E731
+  crop = lambda net, c, m=None: net.encode(jnp.asarray(gc[:, c]),  # noqa: E731
+                                           masks=None if m is None else jnp.asarray(m))
+  t_out = [crop(teacher, c) for c in range(2)]
+  s_out = [crop(student, c, masks[:, c]) for c in range(2)]
+  t_cls = [f64(teacher.dino_head(o[0])) for o in t_out]             # [crop] (B, K)
+  t_patch = [f64(teacher.patch_head()(o[1])) for o in t_out]        # [crop] (B, N, K)
+  s_cls = [f64(o[0]) for o in s_out]
+  s_head = [f64(student.dino_head(o[0])) for o in s_out]
+  s_patch = [f64(student.patch_head()(o[1])) for o in s_out]
+  s_loc = [f64(student.dino_head(student.encode(jnp.asarray(lc[:, i]))[0]))
+           for i in range(n_local)]
+  center, patch_center = f64(extra["center"]), f64(extra["patch_center"])
+  bl = gc.shape[0] // world
+  n_terms = 2 * 1 + max(n_local * 2, 1)
+  terms = {k: [] for k in ("dino_local", "dino_global", "koleo", "ibot")}
+  center_sum, patch_means = 0.0, []
+  for r in range(world):
+    rows = slice(r * bl, (r + 1) * bl)
+    cat = lambda xs: np.concatenate([x[rows] for x in xs])  # noqa: E731
+    t_logits = cat(t_cls)
+    t_probs = ref_softmax((t_logits - center) / temp).reshape(2, bl, K)
+    targets = [t_probs[1], t_probs[0]]          # chunked and cat'd in reverse
+    center_sum = center_sum + t_logits.sum(0)
+    m = cat([masks[:, 0], masks[:, 1]])          # (2bl, N)
+    t_masked = cat(t_patch)[m]                   # the rank's masked patches, in order
+    patch_means.append(t_masked.mean(0))
+    t_masked_probs = ref_softmax((t_masked - patch_center) / temp)
+    local = sum(ref_cost(s[rows], t) for s in s_loc for t in targets) / n_terms
+    glob = ref_cost(cat(s_head), np.concatenate(targets)) * 2 / n_terms
+    koleo = sum(ref_koleo(x[rows]) for x in s_cls)
+    weight = np.repeat(1 / np.maximum(m.sum(-1), 1), m.sum(-1))
+    lsm = ref_log_softmax(cat(s_patch)[m] / 0.1)
+    ibot = -((t_masked_probs * lsm).sum(-1) * weight).sum() / m.shape[0] * 2 * (1 / 2)
+    for k, v in zip(terms, (local if n_local else 0.0, glob, koleo, ibot)):
+      terms[k].append(v)
+  out = {k: np.mean(v) for k, v in terms.items()}
+  out["loss"] = out["dino_local"] + out["dino_global"] + 0.1 * out["koleo"] + out["ibot"]
+  out["center"] = 0.9 * center + 0.1 * center_sum / (2 * bl * world)
+  out["patch_center"] = 0.9 * patch_center + 0.1 * np.sum(patch_means, 0) / world
+  return out
+
+
+@pytest.mark.parametrize("n_local", [N_LOCAL, 0])
+def test_loss_on_8_devices_matches_reference_per_gpu(n_local):
+  """Stock settings on a data 4 x fsdp 2 mesh: every term and both centers
+  equal the reference's on 8 GPUs with the same images per GPU; and with
+  the global options, KoLeo and the iBOT center differ from it."""
+  from biovfm_jax import sharding as shd
+  b = 32                                   # 4 images per device
+  cfg = dict(drop_path_rate=0.0, layerscale_init=None, init="mae")
+  obj = DINOv2Objective(make_config(cfg, n_local_crops=n_local), total_steps=50,
+                        steps_per_epoch=5)
+  student, teacher = obj.init_model(nnx.Rngs(0)), obj.init_model(nnx.Rngs(1))
+  rng = np.random.default_rng(8)
+  extra = {"teacher": params_of(teacher),
+           "center": jnp.asarray(rng.normal(size=(1, K)) * 0.1, jnp.float32),
+           "patch_center": jnp.asarray(rng.normal(size=(1, K)) * 0.1, jnp.float32)}
+  batch = make_batch(9, b)
+  batch["local_crops"] = batch["local_crops"][:, :n_local]
+  mesh = shd.make_mesh({"data": 4, "fsdp": 2})
+  sharded = jax.device_put(batch, shd.named_sharding(("batch",), mesh))
+  # Device k of the batch axis holds images 4k..4k+3: the blocks of the reference below.
+  first = {d: i[0].start for d, i in sharded["masks"].sharding.devices_indices_map(
+      (b, 2, 16)).items()}
+  assert sorted(first.values()) == list(range(0, b, 4))
+  graphdef, state = nnx.split(student)
+
+  def run(o):
+    with shd.use_mesh(mesh):
+      return jax.jit(lambda st, bt: o.loss(nnx.merge(graphdef, st), bt, jax.random.key(0),
+                                           3, extra))(state, sharded)
+
+  loss, aux, new_extra = run(obj)
+  want = _per_gpu_reference(student, teacher, batch, extra,
+                            float(obj.teacher_temperature(3)), 8, n_local)
+  for key in ("dino_local", "dino_global", "koleo", "ibot"):
+    np.testing.assert_allclose(aux[key], want[key], rtol=2e-4, atol=1e-5, err_msg=key)
+  np.testing.assert_allclose(loss, want["loss"], rtol=2e-4)
+  for key in ("center", "patch_center"):
+    np.testing.assert_allclose(new_extra[key], want[key], rtol=1e-4, atol=1e-6, err_msg=key)
+  # The global variants really are different quantities here.
+  glob = DINOv2Objective(make_config(cfg, n_local_crops=n_local, koleo_scope="global",
+                                     ibot_center_scope="global"),
+                         total_steps=50, steps_per_epoch=5)
+  _, aux_g, extra_g = run(glob)
+  assert abs(float(aux_g["koleo"]) - want["koleo"]) > 1e-2 * abs(want["koleo"])
+  assert np.abs(np.asarray(extra_g["patch_center"]) - want["patch_center"]).max() > 1e-4
+  np.testing.assert_allclose(aux_g["dino_global"], want["dino_global"], rtol=2e-4)

@@ -3,8 +3,9 @@
 Conventions: logits/probabilities have prototypes on the last axis; leading
 axes are rows. Crop-indexed inputs are (crops, batch, K). Inputs may be
 bf16: everything is cast to float32 first. In a multi-device jit the arrays
-are global, so every sum/mean here is already over the global batch (the
-reference's all_reduce calls are implicit).
+are global, so every sum/mean here is over the global batch (the reference's
+all_reduce calls are implicit), except where a function takes `shards` or
+`group_size`: the reference computes those terms on each GPU's local batch.
 """
 from __future__ import annotations
 
@@ -34,23 +35,34 @@ def softmax_center_teacher(teacher_logits, center, temp) -> jax.Array:
   return jax.nn.softmax((_f32(teacher_logits) - _f32(center)) / temp, axis=-1)
 
 
-def update_center(center, teacher_logits, momentum, weights=None) -> jax.Array:
+def update_center(center, teacher_logits, momentum, weights=None, shards: int = 1) -> jax.Array:
   """center * m + mean_rows(t) * (1 - m); (1, K).
 
   `weights` (rows,), 0/1: only rows with weight count in the mean (iBOT's
-  padded patch rows). With no counted row the center is kept. The caller
-  uses the *old* center for this step's targets and stores the new one for
-  the next step: the reference applies each update one step late.
+  padded patch rows). With no counted row the center is kept. `shards`: the
+  rows are that many equal consecutive blocks (one per device); the mean is
+  then each block's own weighted mean, averaged over the blocks that have a
+  counted row (the reference's iBOT center: each GPU's mean over its masked
+  patches, all-reduced; a GPU without one would make the reference's center
+  NaN, here it is left out). Without weights the blocks are equal, so the
+  mean is the global one either way. The caller uses the *old* center for
+  this step's targets and stores the new one for the next step: the
+  reference applies each update one step late.
   """
   t = _rows(teacher_logits)
   if weights is None:
     mean = t.mean(axis=0, keepdims=True)
     return _f32(center) * momentum + mean * (1 - momentum)
-  w = _f32(weights).reshape(-1, 1)
-  count = w.sum()
-  mean = (w * t).sum(axis=0, keepdims=True) / jnp.maximum(count, 1.0)
+  if t.shape[0] % shards:
+    raise ValueError(f"{t.shape[0]} center rows do not split into {shards} shards")
+  w = _f32(weights).reshape(shards, -1, 1)
+  t = t.reshape(shards, -1, t.shape[-1])
+  count = w.sum(axis=(1, 2))                                         # (shards,)
+  means = (w * t).sum(axis=1) / jnp.maximum(count, 1.0)[:, None]     # (shards, K)
+  has = (count > 0).astype(jnp.float32)
+  mean = (has[:, None] * means).sum(axis=0, keepdims=True) / jnp.maximum(has.sum(), 1.0)
   new = _f32(center) * momentum + mean * (1 - momentum)
-  return jnp.where(count > 0, new, _f32(center))
+  return jnp.where(has.sum() > 0, new, _f32(center))
 
 
 def sinkhorn_knopp(teacher_logits, temp, n_iterations: int = 3, weights=None) -> jax.Array:
@@ -105,17 +117,20 @@ def dino_loss_terms(student_global, student_local, teacher_probs, student_temp):
 
   student_global (G, B, K) and teacher_probs (G, B, K): crop c of every
   image, teacher targets in the teacher's own crop order (the swap is done
-  here); student_local (L, B, K), L may be 0. With T = G(G-1) + G*L:
+  here); student_local (L, B, K), L may be 0. With T = G(G-1) + max(G*L, 1)
+  (the reference's count; with no local crops it is 3, not 2):
     local  = sum_l sum_g CE(s_l, p_g) / T
     global = CE(stack(s_0, s_1), stack(p_1, p_0)) * 2 / T
            = (CE(s_0, p_1) + CE(s_1, p_0)) / T   (each CE a mean over B rows)
+  Each CE is a mean over rows, so the reference's per-GPU means, averaged
+  over GPUs by its gradient all-reduce, are this global mean.
   """
   g = student_global.shape[0]
   if g != 2 or teacher_probs.shape[0] != 2:
     raise ValueError("DINOv2's loss swaps exactly 2 global crops, got "
                      f"{student_global.shape[0]} student / {teacher_probs.shape[0]} teacher")
   n_local = student_local.shape[0]
-  n_terms = g * (g - 1) + g * n_local
+  n_terms = g * (g - 1) + max(g * n_local, 1)
   p = _f32(teacher_probs)
   if n_local:
     # CE is linear in the target: sum_g CE(s_l, p_g) = CE(s_l, sum_g p_g), so
@@ -153,13 +168,13 @@ def ibot_patch_loss(student_patch_logits, teacher_patch_probs, masks, student_te
 
 def koleo(x, eps: float = 1e-8, group_size: int | None = None) -> jax.Array:
   """KoLeo regulariser: -mean(log(d_nn + eps)) over the L2-normalised rows of
-  x (n, D), d_nn the distance to the nearest *other* row.
+  x (n, D), d_nn the distance to the nearest *other* row (largest dot).
 
-  The distance is sqrt(|x_i - x_nn|^2 + eps^2): equal to d_nn up to eps^2 /
-  (2 d_nn), but finite with a finite (zero) gradient for duplicate rows,
-  where the plain sqrt's gradient is infinite. group_size: KoLeo within
-  consecutive groups of rows, averaged over groups (the reference works on
-  each GPU's local batch); None = all rows.
+  The distance is |x_i - x_nn + eps| (eps added to every component), as
+  torch's PairwiseDistance(eps=1e-8) in the reference: for a duplicate row
+  it is eps*sqrt(D), with a finite gradient (the plain norm's is not).
+  group_size: KoLeo within consecutive groups of rows, averaged over groups
+  (the reference works on each GPU's local batch); None = all rows.
   """
   x = _f32(x)
   if group_size is not None and group_size < x.shape[0]:
@@ -172,8 +187,8 @@ def koleo(x, eps: float = 1e-8, group_size: int | None = None) -> jax.Array:
   sim = x @ x.T
   sim = jnp.where(jnp.eye(n, dtype=bool), -jnp.inf, sim)  # never pick oneself
   nn_idx = jnp.argmax(sim, axis=1)
-  diff = x - x[nn_idx]
-  d = jnp.sqrt((diff * diff).sum(-1) + eps * eps)
+  diff = x - x[nn_idx] + eps
+  d = jnp.sqrt((diff * diff).sum(-1))
   return -jnp.log(d + eps).mean()
 
 

@@ -34,9 +34,24 @@ _DEFAULTS = dict(
     n_local_crops=8,
     # Not in the stock list (optional): the iBOT slot cap per image as a
     # fraction of the patches (None: the upper end of config.data.mask_ratio,
-    # else 0.5, the reference's), and the KoLeo group (the reference uses
-    # each GPU's local batch; None = the global batch).
-    ibot_max_masked_fraction=None, koleo_group_size=None)
+    # else 0.5, the reference's), and the KoLeo group (images per group
+    # within the koleo_scope; None = the whole scope).
+    ibot_max_masked_fraction=None, koleo_group_size=None,
+    koleo_scope="shard", ibot_center_scope="shard")
+
+_SCOPES = ("shard", "global")
+
+
+def _batch_shards() -> int:
+  """How many devices the batch axis is split over in the active mesh (the
+  reference's GPU count); 1 without a mesh."""
+  ctx = shd.active_mesh()
+  if ctx is None:
+    return 1
+  mesh, rules = ctx
+  axes = shd.logical_to_mesh(("batch",), rules, mesh)[0] or ()
+  axes = (axes,) if isinstance(axes, str) else axes
+  return int(np.prod([mesh.shape[a] for a in axes]))
 
 
 def _vit_forward_flops(vit: ViTConfig, image_size: int) -> float:
@@ -72,6 +87,32 @@ class DINOv2Objective:
   extra = {"teacher": params-shaped EMA, "center": (1, K), "patch_center":
   (1, K_patch)}, float32 centers. Batches: global_crops (B, 2, G, G, C),
   local_crops (B, L, l, l, C), masks (B, 2, (G/p)^2) bool, True = masked.
+
+  Several devices. The reference computes each term on every GPU's local
+  batch and averages gradients over GPUs; its "GPU" is here a shard of the
+  batch axis (the mesh's data x fsdp devices; within a gradient-accumulation
+  micro-batch, that micro-batch's shard). Means over rows (DINO CE, iBOT,
+  the DINO center, Sinkhorn-Knopp, whose sums the reference all-reduces)
+  are therefore global. Two terms are not, and follow the reference by
+  default:
+    - KoLeo (koleo_scope="shard"): nearest neighbours within each shard's
+      images, averaged over shards. "global": within the whole batch (a
+      better density estimate, and independent of the device count).
+      koleo_group_size=n: within groups of n consecutive images instead (the
+      reference's run with n images per GPU); must divide the scope's batch.
+      A shard of one image has no neighbour: its KoLeo is a constant without
+      gradient, as on a reference GPU with one image.
+    - The iBOT patch center (ibot_center_scope="shard"): each shard's mean
+      over its masked patches, averaged over the shards that have any.
+      "global": one mean over all masked patches (each patch weighs the same).
+  Also as the reference: with no local crops the DINO terms are divided by
+  3 (its max(2L, 1) + 2 term count), not 2; KoLeo's distance is |a - b + eps|.
+
+  Logged values: dino_local, dino_global, ibot and koleo are the terms of
+  loss = dino_weight * (dino_local + dino_global) + koleo_weight * koleo
+  + ibot_weight * ibot, koleo unweighted. The reference's logs show halves:
+  its koleo_loss = koleo_weight * koleo / 2 and ibot_loss = ibot / 2 (its
+  dino_*_crops_loss are ours).
   """
 
   # Where the backbone to evaluate and export lives in the train state: the
@@ -111,6 +152,12 @@ class DINOv2Objective:
     self.momentum_end = float(get("teacher_momentum_end"))
     self.n_local_crops = int(get("n_local_crops"))
     self.koleo_group_size = get("koleo_group_size")
+    self.koleo_scope = str(get("koleo_scope"))
+    self.ibot_center_scope = str(get("ibot_center_scope"))
+    for key in ("koleo_scope", "ibot_center_scope"):
+      if getattr(self, key) not in _SCOPES:
+        raise ValueError(f"config.dinov2.{key}={getattr(self, key)!r} must be one of "
+                         f"{_SCOPES}")
     self.total_steps = int(total_steps)
     self.steps_per_epoch = int(steps_per_epoch)
     if self.centering not in _CENTERINGS:
@@ -208,6 +255,10 @@ class DINOv2Objective:
                          (gc.shape[3] // self.vit.patch_size)), bool)
     masks = masks.astype(bool).reshape(b * n_global, -1)
     idx, valid, count = self._ibot_slots(masks)
+    shards = _batch_shards()
+    if b % shards:
+      raise ValueError(f"DINOv2: the batch of {b} images does not split over {shards} "
+                       "batch shards")
     do_ibot = self.ibot_weight > 0
     temp = self.teacher_temperature(step)
     crops_first = lambda x, n: jnp.swapaxes(x.reshape((b, n) + x.shape[1:]), 0, 1)  # noqa: E731
@@ -229,7 +280,8 @@ class DINOv2Objective:
         t_patch_probs = L.softmax_center_teacher(t_patch_logits, extra["patch_center"], temp)
         new_extra["patch_center"] = L.update_center(
             extra["patch_center"], t_patch_logits, self.center_momentum,
-            weights=valid.reshape(-1))
+            weights=valid.reshape(-1),
+            shards=shards if self.ibot_center_scope == "shard" else 1)
       else:
         t_patch_probs = L.sinkhorn_knopp(t_patch_logits, temp, self.sinkhorn_iterations,
                                          weights=valid.reshape(-1))
@@ -251,7 +303,7 @@ class DINOv2Objective:
 
     # KoLeo on each global crop's backbone cls tokens, summed over the crops.
     cls_by_crop = crops_first(s_cls, n_global)
-    koleo = sum(L.koleo(cls_by_crop[c], group_size=self.koleo_group_size)
+    koleo = sum(L.koleo(cls_by_crop[c], group_size=self._koleo_group(b, shards))
                 for c in range(n_global))
 
     if do_ibot:
@@ -275,6 +327,18 @@ class DINOv2Objective:
         teacher_momentum=jnp.asarray(self.teacher_momentum(step), jnp.float32),
         ibot_masked_fraction=masks.mean(dtype=jnp.float32))
     return loss, aux, new_extra
+
+  def _koleo_group(self, b: int, shards: int) -> int:
+    """Images per KoLeo group for a batch of b split over `shards` devices."""
+    scope = b // shards if self.koleo_scope == "shard" else b
+    if self.koleo_group_size is None:
+      return scope
+    group = int(self.koleo_group_size)
+    if group < 2 or scope % group:
+      raise ValueError(f"config.dinov2.koleo_group_size={group} must be at least 2 and "
+                       f"divide the {scope} images of a KoLeo scope "
+                       f"(config.dinov2.koleo_scope={self.koleo_scope!r})")
+    return group
 
   # --- reporting ---------------------------------------------------------------
 
