@@ -39,7 +39,9 @@ def main(argv):
                                    benchmarks=_BENCHMARKS.value, image_size=_IMAGE_SIZE.value,
                                    out_dir=_OUT_DIR.value)
     runner.run(config)
-  except (ValueError, FileNotFoundError) as e:  # one clear line; -v 1 shows the traceback
+  # One clear line (-v 1 shows the traceback): a ConfigError, or a checkpoint or
+  # benchmark file that is missing or does not match.
+  except (ValueError, FileNotFoundError) as e:
     logging.error("%s", e)
     logging.debug("traceback:", exc_info=True)
     sys.exit(2)

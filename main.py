@@ -65,6 +65,7 @@ def main(argv):
   from biovfm_jax import console, distributed
   from biovfm_jax.train import checkpoint, workdir_lock
   from biovfm_jax.train.loop import Interrupted, NonFiniteLossError, train
+  from data_pipeline.errors import ConfigError
   from data_pipeline.shards import InputDataError
 
   console.setup()
@@ -79,14 +80,12 @@ def main(argv):
                jax.process_count(), jax.device_count(), jax.devices()[0].device_kind)
   try:
     train(config, workdir)
-  except InputDataError as e:  # before ValueError: it is one
+  except InputDataError as e:
     logging.error("Bad input data: %s", e)
     sys.exit(2)
-  except ValueError as e:  # config errors: one clear line, no traceback wall
-    if "config." in str(e):
-      logging.error("Bad config: %s", e)
-      sys.exit(2)
-    raise
+  except ConfigError as e:  # one clear line, no traceback wall
+    logging.error("Bad config: %s", e)
+    sys.exit(2)
   except NonFiniteLossError as e:
     logging.error("%s", e)
     sys.exit(3)

@@ -16,6 +16,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from data_pipeline.errors import ConfigError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # Parameters use `embed`, `mlp`, `heads`, `kv`, `prototypes`; activations use
@@ -86,29 +88,29 @@ def make_mesh(shape: dict | None = None, devices=None) -> Mesh:
   shape = dict(shape or {"data": -1})
   unknown = sorted(set(shape) - set(MESH_AXES) - {"slices"})
   if unknown:
-    raise ValueError(f"config.mesh: unknown axes {unknown}; known: {MESH_AXES + ('slices',)}")
+    raise ConfigError(f"config.mesh: unknown axes {unknown}; known: {MESH_AXES + ('slices',)}")
   slices = int(shape.get("slices", 1) or 1)
   if slices < 1 or devices.size % slices:
-    raise ValueError(f"config.mesh.slices={slices} does not divide {devices.size} devices")
+    raise ConfigError(f"config.mesh.slices={slices} does not divide {devices.size} devices")
   per_slice = devices.size // slices
   sizes = [int(shape.get(a, 1)) for a in MESH_AXES]
   if sizes.count(-1) > 1:
-    raise ValueError(f"config.mesh: at most one axis may be -1, got {shape}")
+    raise ConfigError(f"config.mesh: at most one axis may be -1, got {shape}")
   known = int(np.prod([s for s in sizes if s != -1]))
   if -1 in sizes:
     if per_slice % known:
-      raise ValueError(f"config.mesh={shape}: {per_slice} devices per slice are not "
+      raise ConfigError(f"config.mesh={shape}: {per_slice} devices per slice are not "
                        f"divisible by {known}")
     sizes[sizes.index(-1)] = per_slice // known
   if int(np.prod(sizes)) != per_slice:
-    raise ValueError(f"config.mesh={shape} needs {int(np.prod(sizes)) * slices} devices, "
+    raise ConfigError(f"config.mesh={shape} needs {int(np.prod(sizes)) * slices} devices, "
                      f"{devices.size} are available")
   if slices == 1:
     grid = devices.reshape(sizes)
   else:
     from jax.experimental import mesh_utils  # pylint: disable=import-outside-toplevel
     if not hasattr(devices.flat[0], "slice_index"):
-      raise ValueError(f"config.mesh.slices={slices}: these devices have no slice index "
+      raise ConfigError(f"config.mesh.slices={slices}: these devices have no slice index "
                        "(multi-slice meshes are for TPU slices joined over DCN)")
     grid = mesh_utils.create_hybrid_device_mesh(
         sizes, [slices, 1, 1], devices=list(devices.flat))

@@ -37,6 +37,9 @@ def get_config(size: str | None) -> config_dict.ConfigDict:
   c.model.attention_impl = "xla"    # or "cudnn" on GPU
   c.model.remat_policy = "none"     # none | full | dots_saveable | ...
   c.model.scan_layers = False
+  c.model.in_channels = 3
+  c.model.mask_token = False        # a learned token for masked patches (iBOT)
+  c.model.init = "mae"              # "mae" (xavier) or "dinov2" (truncated normal)
 
   c.data = config_dict.ConfigDict()
   c.data.shards = "mini"            # "mini", a directory, a glob, a comma list, or a
@@ -47,6 +50,7 @@ def get_config(size: str | None) -> config_dict.ConfigDict:
   c.data.cache_dir = config_dict.placeholder(str)
   c.data.crops = "single"           # "single" (MAE) or "multicrop" (DINOv2)
   c.data.image_size = image_size
+  c.data.crop_ratio = (3 / 4, 4 / 3)  # aspect range of the random resized crops
   c.data.mean = IMAGENET_MEAN
   c.data.std = IMAGENET_STD
   c.data.num_workers = 0            # grain worker processes (0: in-process)
@@ -73,11 +77,13 @@ def get_config(size: str | None) -> config_dict.ConfigDict:
   c.optim.weight_decay_end = config_dict.placeholder(float)  # cosine to it, if set
   c.optim.b1 = 0.9
   c.optim.b2 = 0.999
+  c.optim.eps = 1e-8                # Adam's epsilon
   c.optim.grad_clip_norm = 0.0      # 0 disables
   c.optim.grad_accum_steps = 1      # micro-batches per step (same maths, less memory)
   c.optim.layer_decay = 1.0         # layer-wise lr decay (1: none)
   c.optim.patch_embed_lr_mult = 1.0
   c.optim.freeze_last_layer_epochs = 0
+  c.optim.freeze_pattern = "last_layer"  # regex over param paths frozen for those epochs
   # A step whose loss or gradients are not finite leaves params, optimiser state and
   # EMA unchanged (the step count advances) instead of stopping the run ...
   c.optim.skip_nonfinite = False

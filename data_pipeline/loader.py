@@ -37,6 +37,7 @@ import numpy as np
 from data_pipeline import multicrop, transforms
 from data_pipeline import selection as selection_lib
 from data_pipeline import shards as shards_lib
+from data_pipeline.errors import ConfigError
 from data_pipeline.records import CorruptRecordError
 
 MAX_SKIP = 16
@@ -44,35 +45,6 @@ MAX_SKIP = 16
 # and keeps grain's index arithmetic within int64.
 _ENDLESS_STEPS = 1 << 40
 
-DEFAULTS = {
-    "shards": "mini",
-    "cache_dir": None,
-    "crops": "single",
-    # crops == "single"
-    "image_size": 224,
-    "crop_scale": (0.2, 1.0),
-    "crop_ratio": (3 / 4, 4 / 3),
-    "hflip": True,
-    # crops == "multicrop" (the DINOv2 defaults; local 98 goes with patch 14)
-    "global_crop_size": 224,
-    "global_crop_scale": (0.32, 1.0),
-    "local_crop_size": 96,
-    "local_crop_scale": (0.05, 0.32),
-    "num_local_crops": 8,
-    "mask_probability": 0.5,
-    "mask_ratio": (0.1, 0.5),
-    "patch_size": 16,  # the mask grid is global_crop_size // patch_size square
-    # both
-    "mean": transforms.IMAGENET_MEAN,
-    "std": transforms.IMAGENET_STD,
-    "mixture": None,   # dict(by="modality"|"source", weights={name: w}); see selection.py
-    "num_workers": 0,
-    "prefetch_buffer": 2,
-    "read_threads": 2,
-    # Stop when the distinct bad records found exceed this fraction of the records
-    # in play; None: never (configs/common.py sets 0.01 for training runs).
-    "max_skipped_fraction": None,
-}
 # The record numbers an example had to skip travel under this key from the
 # (possibly worker-process) example to the iterator, which logs them.
 _BAD_KEY = "_bad_records"
@@ -82,12 +54,6 @@ _MAX_BAD_LOGGED = 50
 
 class CorruptDataError(shards_lib.InputDataError):
   """Too many records of the shards are unreadable (one line names them)."""
-
-
-def _cfg(data_cfg: Any, name: str) -> Any:
-  """data_cfg.name, or the default when the config does not set it."""
-  value = getattr(data_cfg, name, None) if data_cfg is not None else None
-  return DEFAULTS[name] if value is None else value
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -219,21 +185,22 @@ _MULTICROP_FIELDS = ("global_crop_size", "global_crop_scale", "local_crop_size",
 
 
 def make_example(data_cfg: Any, seed: int) -> _Example:
-  """The per-example function that `data_cfg.crops` asks for."""
-  spec = _cfg(data_cfg, "shards")
-  paths, chosen = selection_lib.resolve(spec, _cfg(data_cfg, "cache_dir"),
-                                        _cfg(data_cfg, "mixture"))
-  crops = _cfg(data_cfg, "crops")
+  """The per-example function that `data_cfg.crops` asks for. data_cfg is a
+  pretraining config's `data` (configs/common.py: every key there, no defaults here)."""
+  spec = data_cfg.shards
+  paths, chosen = selection_lib.resolve(spec, data_cfg.cache_dir,
+                                        data_cfg.mixture)
+  crops = data_cfg.crops
   if crops == "single":
     return PretrainExample(
-        paths, str(spec), int(seed), image_size=_cfg(data_cfg, "image_size"),
-        crop_scale=_cfg(data_cfg, "crop_scale"), crop_ratio=_cfg(data_cfg, "crop_ratio"),
-        hflip=_cfg(data_cfg, "hflip"), mean=_cfg(data_cfg, "mean"),
-        std=_cfg(data_cfg, "std"), chosen=chosen)
+        paths, str(spec), int(seed), image_size=data_cfg.image_size,
+        crop_scale=data_cfg.crop_scale, crop_ratio=data_cfg.crop_ratio,
+        hflip=data_cfg.hflip, mean=data_cfg.mean,
+        std=data_cfg.std, chosen=chosen)
   if crops == "multicrop":
     return MultiCropExample(paths, str(spec), int(seed), chosen,
-                            **{k: _cfg(data_cfg, k) for k in _MULTICROP_FIELDS})
-  raise ValueError(f"data.crops must be 'single' or 'multicrop', got {crops!r}")
+                            **{k: data_cfg[k] for k in _MULTICROP_FIELDS})
+  raise ConfigError(f"config.data.crops must be 'single' or 'multicrop', got {crops!r}")
 
 
 class _GlobalPosition:
@@ -252,16 +219,16 @@ class _GlobalPosition:
 
 def num_records(data_cfg: Any) -> int:
   """How many records the config's shards (or subset) hold, for epoch and step maths."""
-  _, chosen = selection_lib.resolve(_cfg(data_cfg, "shards"), _cfg(data_cfg, "cache_dir"),
-                                    _cfg(data_cfg, "mixture"))
+  _, chosen = selection_lib.resolve(data_cfg.shards, data_cfg.cache_dir,
+                                    data_cfg.mixture)
   return chosen.size
 
 
 def input_facts(data_cfg: Any) -> dict[str, Any]:
   """What the config's input stream is made of, for the resume check: the
   records in play and every shard as [file name, bytes]."""
-  paths, chosen = selection_lib.resolve(_cfg(data_cfg, "shards"), _cfg(data_cfg, "cache_dir"),
-                                        _cfg(data_cfg, "mixture"))
+  paths, chosen = selection_lib.resolve(data_cfg.shards, data_cfg.cache_dir,
+                                        data_cfg.mixture)
   from data_pipeline.shards import shard_sizes  # pylint: disable=import-outside-toplevel
   return {"num_records": chosen.size,
           "shards": [[p.rsplit("/", 1)[-1], n] for p, n in zip(paths, shard_sizes(paths))]}
@@ -312,9 +279,9 @@ def make_pretrain_loader(data_cfg: Any, *, global_batch_size: int, seed: int,
         # makes whole batches, so a batch never depends on num_workers.
         .batch(local_batch, drop_remainder=True))
   ds = ds.to_iter_dataset(grain.ReadOptions(
-      num_threads=int(_cfg(data_cfg, "read_threads")),
-      prefetch_buffer_size=int(_cfg(data_cfg, "prefetch_buffer"))))
-  num_workers = int(_cfg(data_cfg, "num_workers"))
+      num_threads=int(data_cfg.read_threads),
+      prefetch_buffer_size=int(data_cfg.prefetch_buffer)))
+  num_workers = int(data_cfg.num_workers)
   if num_workers > 0:
     # grain's worker start-up reads absl flags. A program run with absl's
     # app.run has parsed them; otherwise (tests, notebooks) use the defaults.
@@ -322,7 +289,7 @@ def make_pretrain_loader(data_cfg: Any, *, global_batch_size: int, seed: int,
     if not flags.FLAGS.is_parsed():
       flags.FLAGS.mark_as_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
-  return _Batches(iter(ds), example, _cfg(data_cfg, "max_skipped_fraction"))
+  return _Batches(iter(ds), example, data_cfg.max_skipped_fraction)
 
 
 class _Batches:

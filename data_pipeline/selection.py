@@ -28,6 +28,7 @@ import numpy as np
 
 from data_pipeline import shards as shards_lib
 from data_pipeline import storage
+from data_pipeline.errors import ConfigError
 
 SUBSET_SUFFIX = ".subset.json"
 
@@ -58,7 +59,7 @@ def parse_weights(text: str) -> dict[str, float]:
         raise ValueError
       out[name.strip()] = float(value)
     except ValueError:
-      raise ValueError(f"config.data.mixture.weights: {part!r} is not name:weight") from None
+      raise ConfigError(f"config.data.mixture.weights: {part!r} is not name:weight") from None
   return out
 
 
@@ -174,9 +175,9 @@ def resolve(spec, cache_dir: str | None, mixture: Any = None) -> tuple[list[str]
   if mixture.get("weights"):
     by = mixture.get("by", "modality")
     if by not in ("modality", "source"):
-      raise ValueError(f"config.data.mixture.by={by!r}: 'modality' or 'source'")
+      raise ConfigError(f"config.data.mixture.by={by!r}: 'modality' or 'source'")
     if len({storage.dirname(p) for p in paths}) != 1:
-      raise ValueError("config.data.mixture needs the shards of one folder (its index.npz)")
+      raise ConfigError("config.data.mixture needs the shards of one folder (its index.npz)")
     index = shards_lib.read_index(shard_dir)
     if len(index[by]) != total:
       raise ValueError(f"{shard_dir}/index.npz does not match its shards")
@@ -185,19 +186,19 @@ def resolve(spec, cache_dir: str | None, mixture: Any = None) -> tuple[list[str]
     groups, weights = [], []
     for name, w in sorted(dict(mixture["weights"]).items()):
       if name not in table:
-        raise ValueError(f"config.data.mixture.weights: no {by} named {name!r}; the shards "
+        raise ConfigError(f"config.data.mixture.weights: no {by} named {name!r}; the shards "
                          f"hold {table}")
       if float(w) < 0:
-        raise ValueError(f"config.data.mixture.weights.{name}={w} must be >= 0")
+        raise ConfigError(f"config.data.mixture.weights.{name}={w} must be >= 0")
       group = members[index[by][members] == table.index(name)]
       if float(w) > 0:
         if len(group) == 0:
-          raise ValueError(f"config.data.mixture.weights.{name}: the selection has no "
+          raise ConfigError(f"config.data.mixture.weights.{name}: the selection has no "
                            f"records of {by} {name!r}")
         groups.append(group)
         weights.append(float(w))
     if not groups:
-      raise ValueError("config.data.mixture.weights are all zero")
+      raise ConfigError("config.data.mixture.weights are all zero")
     weights = np.asarray(weights) / np.sum(weights)
   return paths, Selection(total, ids, groups, weights)
 

@@ -8,11 +8,11 @@ import subprocess
 import sys
 import textwrap
 
-import ml_collections
 import numpy as np
 import pytest
 
 from biovfm_jax.train import checkpoint as ckpt_lib
+from configs import mae_base
 from data_pipeline import loader, shards
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,9 +49,9 @@ def _where(d) -> str:
 
 
 def cfg(spec, **kw):
-  c = ml_collections.ConfigDict(dict(shards=spec, image_size=16, num_workers=0,
-                                     read_threads=1, max_skipped_fraction=0.1))
-  c.update(kw)
+  c = mae_base.get_config(None).data
+  c.update(dict(shards=spec, image_size=16, num_workers=0, read_threads=1,
+                max_skipped_fraction=0.1), **kw)
   return c
 
 
@@ -98,13 +98,13 @@ def test_rotten_chunk_with_worker_processes(rotten_dir, tmp_path):
   """The bad record is found in a worker; the calling process counts and names it."""
   script = tmp_path / "mp.py"
   script.write_text(textwrap.dedent(f"""
-      import ml_collections
+      from configs import mae_base
       from data_pipeline import loader
 
       if __name__ == "__main__":
-        c = ml_collections.ConfigDict(dict(shards={rotten_dir!r}, image_size=16,
-                                           num_workers=2, read_threads=1,
-                                           max_skipped_fraction=0.1))
+        c = mae_base.get_config(None).data
+        c.update(dict(shards={rotten_dir!r}, image_size=16, num_workers=2, read_threads=1,
+                      max_skipped_fraction=0.1))
         it = loader.make_pretrain_loader(c, global_batch_size=8, seed=0,
                                          process_index=0, process_count=1)
         skipped = sum(int(next(it)["skipped"].sum()) for _ in range(5))

@@ -4,23 +4,23 @@ import subprocess
 import sys
 import textwrap
 
-import ml_collections
 import numpy as np
 import pytest
 from array_record.python.array_record_module import ArrayRecordWriter
 from PIL import Image
 
+from configs import mae_base
 from data_pipeline import loader, records, transforms
 
 N = 40
 
 
 def cfg(spec, **kw):
-  c = ml_collections.ConfigDict(dict(
-      shards=spec, cache_dir=None, image_size=16, crop_scale=(0.2, 1.0), hflip=True,
-      mean=transforms.IMAGENET_MEAN, std=transforms.IMAGENET_STD, num_workers=0,
-      prefetch_buffer=2, read_threads=1))
-  c.update(kw)
+  c = mae_base.get_config(None).data  # the recipe's keys; the test's values
+  c.update(dict(shards=spec, image_size=16, crop_scale=(0.2, 1.0), hflip=True,
+                mean=transforms.IMAGENET_MEAN, std=transforms.IMAGENET_STD, num_workers=0,
+                prefetch_buffer=2, read_threads=1,
+                max_skipped_fraction=None), **kw)  # None: skip, never stop
   return c
 
 
@@ -160,18 +160,20 @@ def test_default_process_index_comes_from_jax(shard_dir):
 
 @pytest.mark.parametrize("fields", [
     dict(image_size=16),
-    dict(crops="multicrop", global_crop_size=32, local_crop_size=16, num_local_crops=2,
+    dict(base="dinov2_base", global_crop_size=32, local_crop_size=16, num_local_crops=2,
          patch_size=8)], ids=["single", "multicrop"])
 def test_worker_processes_give_the_same_batches(shard_dir, tmp_path, fields):
   script = tmp_path / "mp_loader.py"
   script.write_text(textwrap.dedent(f"""
       import numpy as np
-      import ml_collections
+      import importlib
       from data_pipeline import loader
 
       def batches(workers):
-        c = ml_collections.ConfigDict(dict(shards={shard_dir!r}, num_workers=workers,
-                                           read_threads=1, **{fields!r}))
+        fields = dict({fields!r})
+        base = importlib.import_module("configs." + fields.pop("base", "mae_base"))
+        c = base.get_config(None).data
+        c.update(dict(shards={shard_dir!r}, num_workers=workers, read_threads=1, **fields))
         it = loader.make_pretrain_loader(c, global_batch_size=4, seed=9, start_step=2,
                                          process_index=0, process_count=1)
         out = [next(it) for _ in range(5)]

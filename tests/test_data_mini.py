@@ -109,10 +109,11 @@ def test_concurrent_builds_build_once(tmp_path, monkeypatch):
 
 
 def test_loader_reads_mini(built):
-  import ml_collections
+  from configs import mae_base
   from data_pipeline import loader
   cache, _, _ = built
-  c = ml_collections.ConfigDict(dict(shards="mini", cache_dir=cache, image_size=32))
+  c = mae_base.get_config(None).data
+  c.update(dict(shards="mini", cache_dir=cache, image_size=32))
   assert loader.num_records(c) == shards.read_manifest(mini.corpus_dir(cache))["num_records"]
   b = next(loader.make_pretrain_loader(c, global_batch_size=4, seed=0, process_index=0,
                                        process_count=1))

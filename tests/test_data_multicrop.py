@@ -1,10 +1,10 @@
 """DINOv2 multi-crop input: the photometric ops, iBOT block masks, and the
 loader's "multicrop" mode (shapes, determinism, process split, skipping)."""
-import ml_collections
 import numpy as np
 import pytest
 from array_record.python.array_record_module import ArrayRecordWriter
 
+from configs import dinov2_base
 from data_pipeline import loader, masking, multicrop, records, transforms
 
 N = 40
@@ -13,8 +13,9 @@ SMALL = dict(global_crop_size=32, local_crop_size=16, num_local_crops=3, patch_s
 
 def cfg(spec, small=True, **kw):
   """A multicrop data config; small crops unless `small` is False (defaults)."""
-  c = ml_collections.ConfigDict(dict(shards=spec, crops="multicrop", read_threads=1,
-                                     prefetch_buffer=2, num_workers=0))
+  c = dinov2_base.get_config(None).data
+  c.update(dict(shards=spec, read_threads=1, prefetch_buffer=2, num_workers=0,
+                max_skipped_fraction=None))  # None: skip, never stop
   c.update(SMALL if small else {})
   c.update(kw)
   return c
@@ -146,8 +147,8 @@ def test_corrupt_records_are_skipped_in_multicrop_mode(tmp_path):
   writer.close()
   n = 14
   multi = take(cfg(str(tmp_path)), 2, global_batch_size=n, seed=2)
-  single = take(cfg(str(tmp_path), crops="single", image_size=8), 2, global_batch_size=n,
-                seed=2)
+  single = take(cfg(str(tmp_path), crops="single", image_size=8, crop_scale=(0.2, 1.0),
+                    hflip=True), 2, global_batch_size=n, seed=2)
   # Both modes share `read`: the same substitutions, counted the same.
   for m, s in zip(multi, single):
     np.testing.assert_array_equal(m["skipped"], s["skipped"])

@@ -6,6 +6,7 @@ import sys
 import numpy as np
 import pytest
 
+from configs import mae_base
 from data_pipeline import loader, records, selection, shards
 
 # 60 records: modality A (10, source s1), B (20, s1), C (30, s2).
@@ -75,9 +76,11 @@ def test_loader_reads_only_the_subset(corpus):
   assert pixel_values <= set(range(10)), pixel_values
 
 
-class _Cfg:
-  def __init__(self, d):
-    self.__dict__.update(d)
+def _Cfg(d):
+  """A pretraining data config with the test's values."""
+  c = mae_base.get_config(None).data
+  c.update(d)
+  return c
 
 
 def test_mixture_weights_set_the_sampled_proportions(corpus):

@@ -2,8 +2,8 @@
 (checked against numpy), gradients, teacher EMA, centers, bf16, FLOPs,
 visualisation, and a short training run that does not collapse."""
 import jax
-import jax.numpy as jnp
 import ml_collections
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -11,6 +11,7 @@ from flax import nnx
 
 from biovfm_jax.models.dino_head import DINOHead
 from biovfm_jax.objectives.dinov2 import DINOv2Objective
+from configs import dinov2_base
 from test_dinov2_losses import (ref_cost, ref_dino, ref_ibot, ref_koleo, ref_log_softmax,
                                 ref_sinkhorn, ref_softmax)
 
@@ -21,13 +22,15 @@ MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
 
 def make_config(model=None, **dinov2):
-  return ml_collections.ConfigDict(dict(
-      model={**dict(size=None, width=32, depth=2, num_heads=2, patch_size=8,
-                    image_size=32, pos_embed="learned", layerscale_init=1e-5,
-                    drop_path_rate=0.1), **(model or {})},
-      dinov2={**dict(head_hidden=64, head_bottleneck=16, head_layers=3,
-                     num_prototypes=K, n_local_crops=N_LOCAL), **dinov2},
-      data=dict(global_crop_size=32, local_crop_size=16, mean=MEAN, std=STD)))
+  c = dinov2_base.get_config(None)
+  c.image_size = 32  # the global crops too
+  c.model.update(dict(width=32, depth=2, num_heads=2, patch_size=8, pos_embed="learned",
+                      layerscale_init=1e-5, drop_path_rate=0.1, dtype="float32"),
+                 **(model or {}))
+  c.dinov2.update(dict(head_hidden=64, head_bottleneck=16, head_layers=3,
+                       num_prototypes=K, n_local_crops=N_LOCAL), **dinov2)
+  c.data.update(local_crop_size=16, mean=MEAN, std=STD)
+  return c
 
 
 def make_batch(seed=0, b=B):
@@ -364,10 +367,7 @@ def test_flops_per_example():
   assert obj.flops_per_example() == 3 * student + teacher
   # ViT-B/16 with the stock recipe: ~35 GFLOPs per 224 crop forward; 2 global
   # + 8 local crops, student x3 plus the teacher, heads with 65k prototypes.
-  big = make_config()
-  big.model = ml_collections.ConfigDict(dict(size="B", pos_embed="learned"))
-  big.dinov2 = ml_collections.ConfigDict(dict(n_local_crops=8))
-  big.data = ml_collections.ConfigDict(dict(global_crop_size=224, local_crop_size=96))
+  big = dinov2_base.get_config("B")  # 8 local crops, 224 and 96 px
   f = DINOv2Objective(big, total_steps=10, steps_per_epoch=5).flops_per_example()
   assert 4.2e11 < f < 5.2e11, f
 
@@ -400,7 +400,7 @@ def test_bad_configs_name_the_key():
   with pytest.raises(ValueError, match=r"config\.dinov2\.koleo_group_size=3"):
     obj._koleo_group(16, 2)             # pylint: disable=protected-access
   c = make_config()
-  c.data.global_crop_size = 48
+  c.data.global_crop_size = ml_collections.FieldReference(48)  # not image_size's reference
   with pytest.raises(ValueError, match=r"config\.data\.global_crop_size"):
     DINOv2Objective(c, total_steps=1, steps_per_epoch=1)
   c = make_config()

@@ -4,12 +4,12 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
 
 from biovfm_jax.models import MaskedAutoencoder, vit_config
+from configs import mae_base
 from biovfm_jax.objectives.mae import (MAEObjective, mae_loss, patchify,
                                        random_masking, unpatchify)
 
@@ -113,12 +113,13 @@ def test_norm_pix_uses_unbiased_variance():
 # --- model + objective -----------------------------------------------------------
 
 def make_config(**mae):
-  return ml_collections.ConfigDict(dict(
-      model=dict(size=None, width=64, depth=2, num_heads=4, patch_size=P,
-                 image_size=32),
-      mae={**dict(mask_ratio=0.75, decoder_width=32, decoder_depth=1,
-                  decoder_heads=4, norm_pix_loss=True), **mae},
-      data=dict(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))))
+  c = mae_base.get_config(None)
+  c.image_size = 32
+  c.model.update(width=64, depth=2, num_heads=4, patch_size=P, dtype="float32")
+  c.mae.update(dict(mask_ratio=0.75, decoder_width=32, decoder_depth=1, decoder_heads=4,
+                    norm_pix_loss=True), **mae)
+  c.data.update(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+  return c
 
 
 @pytest.fixture(scope="module")
@@ -200,9 +201,7 @@ def test_flops_per_example():
   # ViT-B MAE at 75% masking, 224 px: the encoder on 50 tokens is ~1/4 of a
   # full ViT-B forward (~35 GFLOPs), the 8-block decoder on 197 tokens
   # ~10.7 GFLOPs: ~19.5 GFLOPs forward, ~59 GFLOPs per training image.
-  big = make_config()
-  big.model = ml_collections.ConfigDict(dict(size="B"))
-  big.mae = ml_collections.ConfigDict(dict(mask_ratio=0.75))
+  big = mae_base.get_config("B")  # mask ratio 0.75
   fb = MAEObjective(big).flops_per_example()
   assert 55e9 < fb < 62e9
 

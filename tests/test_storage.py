@@ -13,6 +13,7 @@ import pytest
 
 from biovfm_jax.train import checkpoint as ckpt_lib
 from biovfm_jax.train import metrics as metrics_lib
+from configs import mae_base
 from data_pipeline import loader, records, selection, shards, storage
 
 BUCKET = "biovfm-test"
@@ -170,6 +171,8 @@ def test_metrics_jsonl_in_a_bucket_is_uploaded_whole(gcs):
   assert [json.loads(line)["step"] for line in lines] == [1, 2, 3]
 
 
-class _Cfg:
-  def __init__(self, d):
-    self.__dict__.update(d)
+def _Cfg(d):
+  """A pretraining data config with the test's values."""
+  c = mae_base.get_config(None).data
+  c.update(d)
+  return c

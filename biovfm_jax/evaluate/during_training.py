@@ -21,6 +21,7 @@ from biovfm_jax.evaluate import protocols
 from biovfm_jax.evaluate.encoder import Encoder
 from biovfm_jax.models.vit import vit_config_from
 from configs.eval import common as eval_common
+from data_pipeline.errors import ConfigError
 from data_pipeline.sources import medmnist
 
 
@@ -31,10 +32,10 @@ class Evaluator:
     self.name = name
     kind = entry.pop("type", None)
     if kind not in protocols.PROTOCOLS:
-      raise ValueError(f"config.evals.{name}.type={kind!r}; known: {protocols.PROTOCOLS}")
+      raise ConfigError(f"config.evals.{name}.type={kind!r}; known: {protocols.PROTOCOLS}")
     self.every_steps = int(entry.pop("every_steps", 0))
     if self.every_steps <= 0:
-      raise ValueError(f"config.evals.{name}.every_steps must be a positive integer")
+      raise ConfigError(f"config.evals.{name}.every_steps must be a positive integer")
     self.config = eval_common.get_config(kind)
     self.config.features.cache = False   # the features change as the model trains
     # Decode in the training thread: reader threads started anew at each evaluation
@@ -44,11 +45,11 @@ class Evaluator:
     try:
       self.config.update(entry)
     except (KeyError, AttributeError) as e:
-      raise ValueError(f"config.evals.{name}: unknown key {e}") from None
+      raise ConfigError(f"config.evals.{name}: unknown key {e}") from None
     eval_common.expand_paths(self.config)  # its default cache is under '~'
     self.benchmarks = protocols.benchmark_names(self.config.benchmarks)
     if self.config.image_size not in medmnist.SIZES:  # the stored sizes, mini's too
-      raise ValueError(f"config.evals.{name}.image_size={self.config.image_size}: the "
+      raise ConfigError(f"config.evals.{name}.image_size={self.config.image_size}: the "
                        f"benchmarks are stored at {medmnist.SIZES}")
     self._splits = {}
 

@@ -39,15 +39,17 @@ def _loss(logits, labels, task: str, smoothing: float):
   return optax.softmax_cross_entropy(logits, onehot).mean()
 
 
+# config.finetune's fields that train/optim.py reads under config.optim.
+_OPTIM_KEYS = ("base_lr", "lr_batch_base", "lr_scaling", "min_lr", "warmup_epochs", "weight_decay", "weight_decay_end",
+               "b1", "b2", "eps", "grad_clip_norm", "layer_decay", "patch_embed_lr_mult",
+               "freeze_last_layer_epochs", "freeze_pattern")
+
+
 def _optimizer_config(cfg) -> ml_collections.ConfigDict:
   """The eval config's finetune fields in the shape train/optim.py reads."""
   return ml_collections.ConfigDict({
       "batch_size": int(cfg.batch_size),
-      "optim": {"base_lr": cfg.base_lr, "lr_batch_base": cfg.lr_batch_base,
-                "lr_scaling": "linear", "min_lr": cfg.min_lr,
-                "warmup_epochs": cfg.warmup_epochs, "weight_decay": cfg.weight_decay,
-                "b1": cfg.b1, "b2": cfg.b2, "grad_clip_norm": cfg.grad_clip_norm,
-                "layer_decay": cfg.layer_decay, "patch_embed_lr_mult": 1.0}})
+      "optim": {k: cfg[k] for k in _OPTIM_KEYS}})
 
 
 def finetune(encoder: Encoder, splits: dict, cfg, *, image_size: int | None) -> dict:

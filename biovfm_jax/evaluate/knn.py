@@ -12,6 +12,7 @@ import numpy as np
 
 from biovfm_jax.evaluate.linear_probe import MULTI_LABEL
 from biovfm_jax.evaluate.metrics import score
+from data_pipeline.errors import ConfigError
 
 
 def _normalize(x):
@@ -32,7 +33,7 @@ def knn_scores(train_feats, train_labels, query_feats, *, task: str, num_classes
   """(Q, C) scores for `query_feats` from the labelled `train_feats`."""
   n = len(train_feats)
   if not 1 <= k <= n:
-    raise ValueError(f"config.knn.k={k} must be in [1, {n}] (the training examples)")
+    raise ConfigError(f"config.knn.k={k} must be in [1, {n}] (the training examples)")
   labels = np.asarray(train_labels)
   if task == MULTI_LABEL:
     targets = labels.astype(np.float32)

@@ -19,6 +19,7 @@ import numpy as np
 from biovfm_jax.evaluate import features as feat_lib
 from biovfm_jax.evaluate import knn as knn_lib
 from biovfm_jax.evaluate import linear_probe
+from data_pipeline.errors import ConfigError
 from data_pipeline import eval_loader
 from data_pipeline.sources import medmnist
 
@@ -38,10 +39,10 @@ def benchmark_names(spec) -> list[str]:
     elif item in medmnist.FLAGS or item + "mnist" in medmnist.FLAGS:
       names.append(item if item in medmnist.FLAGS else item + "mnist")
     else:
-      raise ValueError(f"config.benchmarks: {item!r} is not a benchmark; use 'all', "
+      raise ConfigError(f"config.benchmarks: {item!r} is not a benchmark; use 'all', "
                        f"'mini' or MedMNIST flags {list(medmnist.FLAGS)}")
   if not names:
-    raise ValueError("config.benchmarks is empty")
+    raise ConfigError("config.benchmarks is empty")
   return list(dict.fromkeys(names))
 
 
@@ -94,7 +95,7 @@ def run_protocol(encoder, splits: dict, config) -> dict:
     from biovfm_jax.evaluate import finetune
     return finetune.finetune(encoder, splits, config.finetune,
                              image_size=input_size(encoder, config))
-  raise ValueError(f"config.protocol={protocol!r} is unknown; known: {PROTOCOLS}")
+  raise ConfigError(f"config.protocol={protocol!r} is unknown; known: {PROTOCOLS}")
 
 
 def evaluate_encoder(encoder, config, scores_dir: str | None = None) -> dict[str, dict]:

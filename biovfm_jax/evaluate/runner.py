@@ -7,6 +7,8 @@ import os
 
 from absl import logging
 
+from data_pipeline.errors import ConfigError
+
 
 def resolve_config(config, *, checkpoint=None, benchmarks=None, image_size=None,
                    out_dir=None):
@@ -22,16 +24,16 @@ def resolve_config(config, *, checkpoint=None, benchmarks=None, image_size=None,
         config[key] = value
     common.expand_paths(config)  # once, here: '~' expanded, relative made absolute
     if not config.checkpoint:
-      raise ValueError("config.checkpoint is empty: pass --checkpoint=DIR")
+      raise ConfigError("config.checkpoint is empty: pass --checkpoint=DIR")
     if not config.out_dir:
-      raise ValueError("config.out_dir is empty: pass --out_dir=DIR")
+      raise ConfigError("config.out_dir is empty: pass --out_dir=DIR")
     config.cache_dir = config.cache_dir or os.path.join(config.out_dir, "features")
     config.name = config.name or os.path.basename(config.checkpoint.rstrip("/"))
   if config.protocol not in protocols.PROTOCOLS:
-    raise ValueError(f"config.protocol={config.protocol!r}; known: {protocols.PROTOCOLS}")
+    raise ConfigError(f"config.protocol={config.protocol!r}; known: {protocols.PROTOCOLS}")
   names = protocols.benchmark_names(config.benchmarks)
   if any(n != protocols.MINI for n in names) and config.image_size not in medmnist.SIZES:
-    raise ValueError(f"config.image_size={config.image_size}: MedMNIST+ comes in "
+    raise ConfigError(f"config.image_size={config.image_size}: MedMNIST+ comes in "
                      f"{medmnist.SIZES}")
   return config
 

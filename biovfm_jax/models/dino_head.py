@@ -13,6 +13,7 @@ from flax import nnx
 
 from biovfm_jax.models import layers
 from biovfm_jax.models.vit import ViTConfig, VisionTransformer
+from data_pipeline.errors import ConfigError
 
 # F.normalize's eps in fp32 (the reference uses 1e-6 only under fp16).
 _NORM_EPS = 1e-12
@@ -49,7 +50,7 @@ class DINOHead(nnx.Module):
                bottleneck_dim: int = 256, nlayers: int = 3, param_dtype=jnp.float32,
                dtype=jnp.float32, rngs: nnx.Rngs):
     if nlayers < 1:
-      raise ValueError(f"config.dinov2.head_layers={nlayers} must be >= 1")
+      raise ConfigError(f"config.dinov2.head_layers={nlayers} must be >= 1")
     self.dtype = jnp.dtype(dtype)
     pdt = jnp.dtype(param_dtype)
     dims = [in_dim] + [hidden_dim] * (nlayers - 1) + [bottleneck_dim]

@@ -11,6 +11,7 @@ from biovfm_jax.models import layers
 from biovfm_jax.models.patches import random_masking, sincos_2d
 from biovfm_jax.models.vit import ViTConfig, VisionTransformer
 from biovfm_jax.sharding import constrain
+from data_pipeline.errors import ConfigError
 
 _ACT = ("batch", "length", "act_embed")
 
@@ -27,10 +28,10 @@ class MaskedAutoencoder(nnx.Module):
                decoder_depth: int = 8, decoder_heads: int = 16,
                decoder_mlp_dim: int | None = None, rngs: nnx.Rngs):
     if decoder_width % decoder_heads:
-      raise ValueError(f"config.mae.decoder_width={decoder_width} is not "
+      raise ConfigError(f"config.mae.decoder_width={decoder_width} is not "
                        f"divisible by config.mae.decoder_heads={decoder_heads}")
     if decoder_width % 4:
-      raise ValueError(f"config.mae.decoder_width={decoder_width} must be "
+      raise ConfigError(f"config.mae.decoder_width={decoder_width} must be "
                        "divisible by 4 (sin-cos position embedding)")
     self.encoder = VisionTransformer(encoder, rngs=rngs)
     dec = dataclasses.replace(

@@ -12,6 +12,7 @@ from flax import nnx
 from biovfm_jax.models import layers
 from biovfm_jax.models.patches import patchify, sincos_2d
 from biovfm_jax.sharding import constrain
+from data_pipeline.errors import ConfigError
 
 _ACT = ("batch", "length", "act_embed")
 
@@ -68,7 +69,7 @@ class ViTConfig:
 
   def __post_init__(self):
     def bad(key, msg):
-      raise ValueError(f"config.model.{key}={getattr(self, key)!r} {msg}")
+      raise ConfigError(f"config.model.{key}={getattr(self, key)!r} {msg}")
 
     for key in ("width", "depth", "num_heads", "mlp_dim", "patch_size",
                 "image_size", "in_channels"):
@@ -131,18 +132,18 @@ def vit_config(size: str | None = None, **overrides) -> ViTConfig:
   overrides = {k: v for k, v in overrides.items() if v is not None}
   unknown = sorted(set(overrides) - set(_FIELDS))
   if unknown:
-    raise ValueError(f"unknown config.model keys {unknown}; known: {_FIELDS}")
+    raise ConfigError(f"unknown config.model keys {unknown}; known: {_FIELDS}")
   if size is None:
     base = {}
   elif size in VIT_SIZES:
     base = dict(VIT_SIZES[size])
   else:
-    raise ValueError(f"config.model.size={size!r} is not one of "
+    raise ConfigError(f"config.model.size={size!r} is not one of "
                      f"{sorted(VIT_SIZES)} (or None)")
   merged = {**base, **overrides}
   for key in ("width", "depth", "num_heads"):
     if key not in merged:
-      raise ValueError(f"config.model.{key} is required when config.model.size "
+      raise ConfigError(f"config.model.{key} is required when config.model.size "
                        "is None")
   if "mlp_dim" not in overrides and (
       "mlp_dim" not in base or merged["width"] != base.get("width")

@@ -1,4 +1,5 @@
 """Self-supervised objectives. The train loop knows only this registry."""
+from data_pipeline.errors import ConfigError
 
 
 def get_objective(config, *, total_steps: int, steps_per_epoch: int):
@@ -18,4 +19,4 @@ def get_objective(config, *, total_steps: int, steps_per_epoch: int):
   if name == "dinov2":
     from biovfm_jax.objectives.dinov2 import DINOv2Objective
     return DINOv2Objective(config, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
-  raise ValueError(f"config.objective={name!r} is unknown; known: 'mae', 'dinov2'")
+  raise ConfigError(f"config.objective={name!r} is unknown; known: 'mae', 'dinov2'")

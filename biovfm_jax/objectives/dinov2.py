@@ -19,25 +19,11 @@ from biovfm_jax.models.dino_head import DINOv2Model
 from biovfm_jax.models.vit import ViTConfig, vit_config_from
 from biovfm_jax.objectives import dino_losses as L
 from biovfm_jax.objectives.mae import _block_flops, _to_uint8
-from data_pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD
+from data_pipeline.errors import ConfigError
 
 __all__ = ["DINOv2Objective", "dinov2_flops"]
 
 _CENTERINGS = ("softmax", "sinkhorn_knopp")
-
-_DEFAULTS = dict(
-    head_hidden=2048, head_bottleneck=256, head_layers=3, num_prototypes=65536,
-    separate_ibot_head=False, ibot_num_prototypes=None, student_temp=0.1,
-    teacher_temp=0.07, warmup_teacher_temp=0.04, warmup_teacher_temp_epochs=30,
-    centering="softmax", center_momentum=0.9, sinkhorn_iterations=3, koleo_weight=0.1,
-    dino_weight=1.0, ibot_weight=1.0, teacher_momentum=0.992, teacher_momentum_end=1.0,
-    n_local_crops=8,
-    # Not in the stock list (optional): the iBOT slot cap per image as a
-    # fraction of the patches (None: the upper end of config.data.mask_ratio,
-    # else 0.5, the reference's), and the KoLeo group (images per group
-    # within the koleo_scope; None = the whole scope).
-    ibot_max_masked_fraction=None, koleo_group_size=None,
-    koleo_scope="shard", ibot_center_scope="shard")
 
 _SCOPES = ("shard", "global")
 
@@ -79,10 +65,9 @@ class DINOv2Objective:
 
   config.model: the backbone (see models.vit.vit_config_from); the objective
   always adds the iBOT mask token, and uses DINOv2's init unless
-  config.model.init says otherwise. config.dinov2: see _DEFAULTS (a missing
-  or None field takes the default). config.data: mean/std (visualize),
-  global_crop_size (= model.image_size), local_crop_size, mask_ratio (only
-  its upper end, for the iBOT slot count).
+  config.model.init says otherwise. config.dinov2: see configs/dinov2_base.py.
+  config.data: mean/std (visualize), global_crop_size (= model.image_size),
+  local_crop_size, mask_ratio (only its upper end, for the iBOT slot count).
 
   extra = {"teacher": params-shaped EMA, "center": (1, K), "patch_center":
   (1, K_patch)}, float32 centers. Batches: global_crops (B, 2, G, G, C),
@@ -121,73 +106,65 @@ class DINOv2Objective:
 
   def __init__(self, config, *, total_steps: int, steps_per_epoch: int):
     self.config = config
-    model = dict(config.model.to_dict() if hasattr(config.model, "to_dict")
-                 else config.model)
-    if model.get("init") is None:
-      model["init"] = "dinov2"
-    model["mask_token"] = True
+    model = dict(config.model.to_dict(), mask_token=True)
     self.vit = vit_config_from(model)
     if not self.vit.class_token:
-      raise ValueError("config.model.class_token must be True for DINOv2 (cls loss)")
-    d = config.get("dinov2", None) or {}
-    get = lambda k: _DEFAULTS[k] if d.get(k, None) is None else d.get(k)  # noqa: E731
-    self.head_hidden = int(get("head_hidden"))
-    self.head_bottleneck = int(get("head_bottleneck"))
-    self.head_layers = int(get("head_layers"))
-    self.num_prototypes = int(get("num_prototypes"))
-    self.separate_ibot_head = bool(get("separate_ibot_head"))
-    self.patch_prototypes = (int(get("ibot_num_prototypes") or self.num_prototypes)
+      raise ConfigError("config.model.class_token must be True for DINOv2 (cls loss)")
+    d = config.dinov2
+    self.head_hidden = int(d.head_hidden)
+    self.head_bottleneck = int(d.head_bottleneck)
+    self.head_layers = int(d.head_layers)
+    self.num_prototypes = int(d.num_prototypes)
+    self.separate_ibot_head = bool(d.separate_ibot_head)
+    self.patch_prototypes = (int(d.ibot_num_prototypes or self.num_prototypes)
                              if self.separate_ibot_head else self.num_prototypes)
-    self.student_temp = float(get("student_temp"))
-    self.teacher_temp = float(get("teacher_temp"))
-    self.warmup_teacher_temp = float(get("warmup_teacher_temp"))
-    self.warmup_temp_steps = int(float(get("warmup_teacher_temp_epochs")) * steps_per_epoch)
-    self.centering = str(get("centering"))
-    self.center_momentum = float(get("center_momentum"))
-    self.sinkhorn_iterations = int(get("sinkhorn_iterations"))
-    self.koleo_weight = float(get("koleo_weight"))
-    self.dino_weight = float(get("dino_weight"))
-    self.ibot_weight = float(get("ibot_weight"))
-    self.momentum_base = float(get("teacher_momentum"))
-    self.momentum_end = float(get("teacher_momentum_end"))
-    self.n_local_crops = int(get("n_local_crops"))
-    self.koleo_group_size = get("koleo_group_size")
-    self.koleo_scope = str(get("koleo_scope"))
-    self.ibot_center_scope = str(get("ibot_center_scope"))
+    self.student_temp = float(d.student_temp)
+    self.teacher_temp = float(d.teacher_temp)
+    self.warmup_teacher_temp = float(d.warmup_teacher_temp)
+    self.warmup_temp_steps = int(float(d.warmup_teacher_temp_epochs) * steps_per_epoch)
+    self.centering = str(d.centering)
+    self.center_momentum = float(d.center_momentum)
+    self.sinkhorn_iterations = int(d.sinkhorn_iterations)
+    self.koleo_weight = float(d.koleo_weight)
+    self.dino_weight = float(d.dino_weight)
+    self.ibot_weight = float(d.ibot_weight)
+    self.momentum_base = float(d.teacher_momentum)
+    self.momentum_end = float(d.teacher_momentum_end)
+    self.n_local_crops = int(d.n_local_crops)
+    self.koleo_group_size = d.koleo_group_size
+    self.koleo_scope = str(d.koleo_scope)
+    self.ibot_center_scope = str(d.ibot_center_scope)
     for key in ("koleo_scope", "ibot_center_scope"):
       if getattr(self, key) not in _SCOPES:
-        raise ValueError(f"config.dinov2.{key}={getattr(self, key)!r} must be one of "
-                         f"{_SCOPES}")
+        raise ConfigError(f"config.dinov2.{key}={getattr(self, key)!r} must be one of "
+                          f"{_SCOPES}")
     self.total_steps = int(total_steps)
     self.steps_per_epoch = int(steps_per_epoch)
     if self.centering not in _CENTERINGS:
-      raise ValueError(f"config.dinov2.centering={self.centering!r} must be one of "
+      raise ConfigError(f"config.dinov2.centering={self.centering!r} must be one of "
                        f"{_CENTERINGS}")
-    data = config.get("data", None) or {}
-    frac = get("ibot_max_masked_fraction")
-    if frac is None:
-      frac = max(data.get("mask_ratio", None) or (0.5,))
-    frac = float(frac)
+    data = config.data
+    frac = d.ibot_max_masked_fraction
+    frac = float(max(data.mask_ratio) if frac is None else frac)
     if not 0.0 < frac <= 1.0:
-      raise ValueError(f"config.dinov2.ibot_max_masked_fraction={frac} must be in (0, 1]")
+      raise ConfigError(f"config.dinov2.ibot_max_masked_fraction={frac} must be in (0, 1]")
     n = self.vit.num_patches
     # iBOT slots per global-crop image: masked patches are gathered into a
     # fixed n_max slots (static shape), so the head runs on n_max rows per
     # image instead of all N; +1 covers int() rounding of the mask size.
     self.ibot_slots = min(n, int(frac * n) + 1)
-    self.global_size = int(data.get("global_crop_size", None) or self.vit.image_size)
-    self.local_size = int(data.get("local_crop_size", None) or 96)
+    self.global_size = int(data.global_crop_size)
+    self.local_size = int(data.local_crop_size)
     if self.global_size != self.vit.image_size:
-      raise ValueError(f"config.data.global_crop_size={self.global_size} must equal "
+      raise ConfigError(f"config.data.global_crop_size={self.global_size} must equal "
                        f"config.model.image_size={self.vit.image_size} (the learned "
                        "position table is sized for the global crops)")
     for key, size in (("global_crop_size", self.global_size),
                       ("local_crop_size", self.local_size)):
       if size % self.vit.patch_size:
-        raise ValueError(f"config.data.{key}={size} is not divisible by "
+        raise ConfigError(f"config.data.{key}={size} is not divisible by "
                          f"config.model.patch_size={self.vit.patch_size}")
-    self.mean = tuple(data.get("mean", None) or IMAGENET_MEAN)
-    self.std = tuple(data.get("std", None) or IMAGENET_STD)
+    self.mean, self.std = tuple(data.mean), tuple(data.std)
 
   # --- model and state ---------------------------------------------------------
 
@@ -335,7 +312,7 @@ class DINOv2Objective:
       return scope
     group = int(self.koleo_group_size)
     if group < 2 or scope % group:
-      raise ValueError(f"config.dinov2.koleo_group_size={group} must be at least 2 and "
+      raise ConfigError(f"config.dinov2.koleo_group_size={group} must be at least 2 and "
                        f"divide the {scope} images of a KoLeo scope "
                        f"(config.dinov2.koleo_scope={self.koleo_scope!r})")
     return group

@@ -15,7 +15,7 @@ from biovfm_jax.models.layers import no_decay  # noqa: F401  (re-exported)
 from biovfm_jax.models.mae import MaskedAutoencoder
 from biovfm_jax.models.patches import patchify, random_masking, unpatchify
 from biovfm_jax.models.vit import ViTConfig, vit_config_from
-from data_pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD
+from data_pipeline.errors import ConfigError
 
 __all__ = ["patchify", "unpatchify", "random_masking", "patch_stats", "mae_loss",
            "MAEObjective", "mae_flops", "no_decay"]
@@ -95,22 +95,19 @@ class MAEObjective:
     del unused  # total_steps, steps_per_epoch: MAE has no schedule of its own
     self.config = config
     self.vit = vit_config_from(config.model)
-    mae = config.get("mae", None) or {}
-    get = lambda k, d: d if mae.get(k, None) is None else mae.get(k)
-    self.mask_ratio = float(get("mask_ratio", 0.75))
-    self.decoder_width = int(get("decoder_width", 512))
-    self.decoder_depth = int(get("decoder_depth", 8))
-    self.decoder_heads = int(get("decoder_heads", 16))
-    self.decoder_mlp_dim = int(get("decoder_mlp_dim", 4 * self.decoder_width))
-    self.norm_pix_loss = bool(get("norm_pix_loss", True))
+    mae = config.mae
+    self.mask_ratio = float(mae.mask_ratio)
+    self.decoder_width = int(mae.decoder_width)
+    self.decoder_depth = int(mae.decoder_depth)
+    self.decoder_heads = int(mae.decoder_heads)
+    self.decoder_mlp_dim = int(mae.decoder_mlp_dim or 4 * self.decoder_width)
+    self.norm_pix_loss = bool(mae.norm_pix_loss)
     if not 0.0 < self.mask_ratio < 1.0:  # the loss averages over masked patches
-      raise ValueError(f"config.mae.mask_ratio={self.mask_ratio} must be in (0, 1)")
+      raise ConfigError(f"config.mae.mask_ratio={self.mask_ratio} must be in (0, 1)")
     if int(self.vit.num_patches * (1 - self.mask_ratio)) < 1:
-      raise ValueError(f"config.mae.mask_ratio={self.mask_ratio} leaves no "
+      raise ConfigError(f"config.mae.mask_ratio={self.mask_ratio} leaves no "
                        f"visible patch of {self.vit.num_patches}")
-    data = config.get("data", None) or {}
-    self.mean = tuple(data.get("mean", None) or IMAGENET_MEAN)
-    self.std = tuple(data.get("std", None) or IMAGENET_STD)
+    self.mean, self.std = tuple(config.data.mean), tuple(config.data.std)
 
   def init_model(self, rngs: nnx.Rngs) -> MaskedAutoencoder:
     return MaskedAutoencoder(

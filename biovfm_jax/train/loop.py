@@ -32,6 +32,7 @@ from biovfm_jax.train import workdir_lock
 from biovfm_jax.train.validate import validate_config
 from data_pipeline import loader as loader_lib
 from data_pipeline import storage
+from data_pipeline.errors import ConfigError
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -55,7 +56,7 @@ def build_train_step(config, spec: state_lib.ModelSpec, objective, tx, schedule,
                      shardings: state_lib.TrainState, batch_sharding, mesh, rules):
   """Returns the jitted update: (state, batch) -> (state, metrics)."""
   accum = int(config.optim.grad_accum_steps)
-  skip_nonfinite = bool(config.optim.get("skip_nonfinite", False))
+  skip_nonfinite = bool(config.optim.skip_nonfinite)
   base_key = jax.random.key(config.seed)
   constants = spec.constants()
 
@@ -138,8 +139,8 @@ class _StepGuard:
   """
 
   def __init__(self, config, ckpt, workdir: str, run_info: dict, start_step: int):
-    self.skip = bool(config.optim.get("skip_nonfinite", False))
-    self.max_consecutive = int(config.optim.get("max_consecutive_skips", 5))
+    self.skip = bool(config.optim.skip_nonfinite)
+    self.max_consecutive = int(config.optim.max_consecutive_skips)
     self.ckpt, self.workdir, self.run_info = ckpt, workdir, run_info
     self.consecutive = self.skipped_updates = self.skipped_records = 0
     if start_step:  # carry the first step's param norm on from the checkpoint
@@ -477,14 +478,14 @@ def _initial_params(config, spec: state_lib.ModelSpec):
   """The params of checkpoint `config.init_from` (e.g. an imported MAE with its
   decoder) to start from, or None for the model's own init. Optimiser state and
   step start fresh."""
-  if not config.get("init_from"):
+  if not config.init_from:
     return None
   step_dir = ckpt_lib.find_step_dir(config.init_from)
   saved = _shapes(ckpt_lib.state_metadata(step_dir).get("params", {}))
   wanted = _shapes(spec.abstract_params)
   if saved != wanted:
     diff = sorted(set(saved.items()) ^ set(wanted.items()))[:4]
-    raise ValueError(f"config.init_from={config.init_from!r}: its params do not fit this "
+    raise ConfigError(f"config.init_from={config.init_from!r}: its params do not fit this "
                      f"config's model (first differences, path and shape: {diff})")
   target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                         spec.abstract_params, spec.param_shardings)

@@ -19,7 +19,7 @@ PEAK_TFLOPS = {
 
 
 def peak_tflops(config=None, device=None) -> float | None:
-  if config is not None and config.get("peak_tflops_per_device"):
+  if config is not None and config.peak_tflops_per_device:
     return float(config.peak_tflops_per_device)
   kind = (device or jax.devices()[0]).device_kind
   for prefix, peak in sorted(PEAK_TFLOPS.items(), key=lambda kv: -len(kv[0])):

@@ -17,14 +17,15 @@ import numpy as np
 import optax
 
 from biovfm_jax.models.layers import no_decay
+from data_pipeline.errors import ConfigError
 
 
 def peak_lr(config) -> float:
   """lr = base_lr x batch / lr_batch_base (MAE, 'linear') or x sqrt(...) (DINOv2)."""
   ratio = config.batch_size / config.optim.lr_batch_base
-  scaling = config.optim.get("lr_scaling", "linear")
+  scaling = config.optim.lr_scaling
   if scaling not in ("linear", "sqrt"):
-    raise ValueError(f"config.optim.lr_scaling={scaling!r}: 'linear' or 'sqrt'")
+    raise ConfigError(f"config.optim.lr_scaling={scaling!r}: 'linear' or 'sqrt'")
   return config.optim.base_lr * (ratio if scaling == "linear" else math.sqrt(ratio))
 
 
@@ -38,7 +39,7 @@ def lr_schedule(config, total_steps: int, steps_per_epoch: int) -> optax.Schedul
 
 def wd_schedule(config, total_steps: int) -> optax.Schedule:
   """Constant weight decay (MAE), or a cosine to weight_decay_end (DINOv2)."""
-  start, end = config.optim.weight_decay, config.optim.get("weight_decay_end", None)
+  start, end = config.optim.weight_decay, config.optim.weight_decay_end
   if end is None or end == start:
     return optax.constant_schedule(start)
   n = max(total_steps, 1)
@@ -137,20 +138,19 @@ def make_optimizer(config, schedule: optax.Schedule, decay_mask, *, params,
   parts = []
   if o.grad_clip_norm:
     parts.append(optax.clip_by_global_norm(o.grad_clip_norm))
-  freeze_steps = int(o.get("freeze_last_layer_epochs", 0) * steps_per_epoch)
+  freeze_steps = int(o.freeze_last_layer_epochs * steps_per_epoch)
   if freeze_steps:
-    pattern = re.compile(o.get("freeze_pattern", "last_layer"))
+    pattern = re.compile(o.freeze_pattern)
     frozen = jax.tree_util.tree_map_with_path(
         lambda p, _: bool(pattern.search("/".join(_path_names(p)))), params)
     if not any(jax.tree.leaves(frozen)):
-      raise ValueError(f"config.optim.freeze_pattern={pattern.pattern!r} matches no parameter")
+      raise ConfigError(f"config.optim.freeze_pattern={pattern.pattern!r} matches no parameter")
     parts.append(_freeze_early(frozen, freeze_steps))
   else:
     frozen = None
-  parts.append(optax.scale_by_adam(b1=o.b1, b2=o.b2, eps=o.get("eps", 1e-8)))
+  parts.append(optax.scale_by_adam(b1=o.b1, b2=o.b2, eps=o.eps))
   parts.append(_scheduled_decay(wd_schedule(config, total_steps), decay_mask))
-  layer_decay = o.get("layer_decay", 1.0)
-  patch_mult = o.get("patch_embed_lr_mult", 1.0)
+  layer_decay, patch_mult = o.layer_decay, o.patch_embed_lr_mult
   if layer_decay != 1.0 or patch_mult != 1.0:
     parts.append(_scale_tree(lr_multipliers(params, depth=depth, layer_decay=layer_decay,
                                             patch_embed_mult=patch_mult)))

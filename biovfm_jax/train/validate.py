@@ -11,6 +11,7 @@ import numpy as np
 from absl import flags
 
 from data_pipeline import storage
+from data_pipeline.errors import ConfigError
 
 
 def data_parallel_size(mesh) -> int:
@@ -18,7 +19,7 @@ def data_parallel_size(mesh) -> int:
 
 
 def validate_config(config, mesh) -> None:
-  """Raises ValueError naming the config key when the run cannot work."""
+  """Raises ConfigError naming the config key when the run cannot work."""
   from biovfm_jax.models.vit import vit_config_from  # raises for bad model keys
 
   vit_config_from(config.model)
@@ -26,20 +27,20 @@ def validate_config(config, mesh) -> None:
   dp = data_parallel_size(mesh)
   accum = config.optim.grad_accum_steps
   if b <= 0:
-    raise ValueError(f"config.batch_size={b} must be positive")
+    raise ConfigError(f"config.batch_size={b} must be positive")
   if accum < 1 or b % accum:
-    raise ValueError(f"config.batch_size={b} is not divisible by "
+    raise ConfigError(f"config.batch_size={b} is not divisible by "
                      f"config.optim.grad_accum_steps={accum}")
   if (b // accum) % dp:
-    raise ValueError(
+    raise ConfigError(
         f"config.batch_size={b} (per micro-batch {b // accum}) is not divisible by the "
         f"data-parallel size {dp} (config.mesh data x fsdp = "
         f"{mesh.shape['data']} x {mesh.shape['fsdp']})")
   if b % jax.process_count():
-    raise ValueError(f"config.batch_size={b} is not divisible by the number of "
+    raise ConfigError(f"config.batch_size={b} is not divisible by the number of "
                      f"processes {jax.process_count()}")
   if config.image_size != config.data.image_size:
-    raise ValueError(f"config.data.image_size={config.data.image_size} differs from "
+    raise ConfigError(f"config.data.image_size={config.data.image_size} differs from "
                      f"config.image_size={config.image_size}")
   # Counts that must be >= 1 (keep=0 would keep no checkpoint; a step count <= 0
   # would "finish" having trained nothing), or >= 0; None: unset, the default applies.
@@ -53,29 +54,29 @@ def validate_config(config, mesh) -> None:
                    ("data.read_threads", 1)):
     value = _get(config, key)
     if value is not None and value < low:
-      raise ValueError(f"config.{key}={value} must be "
+      raise ConfigError(f"config.{key}={value} must be "
                        f"{'positive' if low == 1 else 'zero or more'}")
   if not config.num_train_steps and not config.total_epochs:
-    raise ValueError(f"config.total_epochs={config.total_epochs} with no "
+    raise ConfigError(f"config.total_epochs={config.total_epochs} with no "
                      "config.num_train_steps: nothing to train")
   _check_paths(config)
-  for key in ("crop_scale", "global_crop_scale", "local_crop_scale"):
-    if config.data.get(key) is not None:
-      scale = tuple(config.data[key])
-      if not (len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1):
-        raise ValueError(f"config.data.{key}={scale} must be (low, high) in (0, 1]")
-  if config.data.get("crops", "single") == "multicrop":
+  multicrop = config.data.crops == "multicrop"
+  for key in ("global_crop_scale", "local_crop_scale") if multicrop else ("crop_scale",):
+    scale = tuple(config.data[key])
+    if not (len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1):
+      raise ConfigError(f"config.data.{key}={scale} must be (low, high) in (0, 1]")
+  if multicrop:
     patch = vit_config_from(config.model).patch_size  # crop sizes: DINOv2Objective checks
-    if config.data.get("patch_size") not in (None, patch):
-      raise ValueError(f"config.data.patch_size={config.data.patch_size} differs from the "
+    if config.data.patch_size != patch:
+      raise ConfigError(f"config.data.patch_size={config.data.patch_size} differs from the "
                        f"model's patch size {patch}")
   if len(config.data.mean) != 3 or len(config.data.std) != 3 or min(np.abs(config.data.std)) == 0:
-    raise ValueError("config.data.mean and config.data.std must be 3 values, std nonzero")
+    raise ConfigError("config.data.mean and config.data.std must be 3 values, std nonzero")
 
 
 def _get(config, key: str):
   for part in key.split("."):
-    config = config.get(part) if config is not None else None
+    config = config[part]
   return config
 
 
@@ -85,10 +86,10 @@ def _check_paths(config) -> None:
     item = item.strip()
     if item and item != "mini" and not storage.is_remote(item) and not glob.has_magic(item) \
         and not os.path.exists(item):
-      raise ValueError(f"config.data.shards: {item} does not exist")
-  init = config.get("init_from")
+      raise ConfigError(f"config.data.shards: {item} does not exist")
+  init = config.init_from
   if init and not storage.is_remote(init) and not os.path.exists(init):
-    raise ValueError(f"config.init_from={init} does not exist")
+    raise ConfigError(f"config.init_from={init} does not exist")
 
 
 def _one_line(e: Exception, argv) -> str:

@@ -41,7 +41,11 @@ def get_config(protocol: str):
       "batch_size": 128, "epochs": 100, "warmup_epochs": 5, "base_lr": 5e-4,
       "lr_batch_base": 256, "min_lr": 1e-6, "weight_decay": 0.05, "layer_decay": 0.65,
       "drop_path_rate": 0.1, "label_smoothing": 0.1, "b1": 0.9, "b2": 0.999,
-      "grad_clip_norm": 0.0, "pool": "mean_patch", "seed": 0, "bootstrap": 0})
+      "grad_clip_norm": 0.0, "pool": "mean_patch", "seed": 0, "bootstrap": 0,
+      # train/optim.py's other fields, as the fine-tuning recipe sets them
+      "lr_scaling": "linear", "eps": 1e-8, "patch_embed_lr_mult": 1.0,
+      "weight_decay_end": ml_collections.FieldReference(None, field_type=float),
+      "freeze_last_layer_epochs": 0, "freeze_pattern": ""})
   return c
 
 
