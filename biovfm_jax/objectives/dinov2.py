@@ -313,8 +313,8 @@ class DINOv2Objective:
     group = int(self.koleo_group_size)
     if group < 2 or scope % group:
       raise ConfigError(f"config.dinov2.koleo_group_size={group} must be at least 2 and "
-                       f"divide the {scope} images of a KoLeo scope "
-                       f"(config.dinov2.koleo_scope={self.koleo_scope!r})")
+                        f"divide the {scope} images of a KoLeo scope "
+                        f"(config.dinov2.koleo_scope={self.koleo_scope!r})")
     return group
 
   # --- reporting ---------------------------------------------------------------
