@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from data_pipeline import storage
-from data_pipeline.records import decode_record
+from data_pipeline.records import UNKNOWN, decode_record
 
 SHARD_SUFFIX = ".array_record"
 MANIFEST = "manifest.json"
@@ -81,8 +81,8 @@ class ShardWriter:
       self._writer = ArrayRecordWriter(self._tmp, "group_size:1")
       self.sources, self.modalities = [], []
     self._writer.write(raw)
-    self.sources.append(str(header.get("source") or "unknown"))
-    self.modalities.append(str(header.get("modality") or "unknown"))
+    self.sources.append(str(header.get("source") or UNKNOWN))
+    self.modalities.append(str(header.get("modality") or UNKNOWN))
     self._count += 1
     self._bytes += len(raw)
     if ((self.records_per_shard and self._count >= self.records_per_shard)
@@ -171,8 +171,8 @@ def _index_from_headers(shard_dir: str) -> None:
         except ValueError:
           header = {}
         shard_of.append(k)
-        sources.append(str(header.get("source") or "unknown"))
-        modalities.append(str(header.get("modality") or "unknown"))
+        sources.append(str(header.get("source") or UNKNOWN))
+        modalities.append(str(header.get("modality") or UNKNOWN))
     finally:
       reader.close()
   write_index(shard_dir, shard_of, sources, modalities)
@@ -276,7 +276,7 @@ def check_manifest(shard_dir: str, found: Sequence[str]) -> None:
 
 def _resolve_one(item: str, cache_dir: str | None) -> list[str]:
   if item == "mini":
-    from data_pipeline.sources.mini import build_mini_corpus  # pylint: disable=import-outside-toplevel
+    from data_pipeline.mini import build_mini_corpus  # pylint: disable=import-outside-toplevel
     return build_mini_corpus(cache_dir)
   path = storage.as_path(item)
   if path.is_dir():

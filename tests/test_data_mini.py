@@ -9,7 +9,7 @@ import pytest
 from grain.sources import ArrayRecordDataSource
 
 from data_pipeline import records, shards
-from data_pipeline.sources import mini
+from data_pipeline import mini
 
 SOURCES = {"nilearn_mni152", "nibabel_testdata", "pydicom_testdata", "skimage_cell",
            "skimage_ihc", "skimage_retina", "skimage_microaneurysms"}

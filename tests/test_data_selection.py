@@ -108,7 +108,7 @@ def test_mixture_weights_set_the_sampled_proportions(corpus):
 def test_a_subset_named_in_the_config_feeds_main(tmp_path):
   sys.path.insert(0, os.path.dirname(__file__))
   from test_train_e2e import run_main
-  from data_pipeline.sources.mini import build_mini_corpus
+  from data_pipeline.mini import build_mini_corpus
   mini_dir = os.path.dirname(build_mini_corpus()[0])
   path = selection.make_subset(mini_dir, f"mr_test_{os.getpid()}", modalities=["MR"])
   try:
