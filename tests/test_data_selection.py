@@ -62,12 +62,13 @@ def test_subsets_by_modality_source_and_count(corpus):
 def test_loader_reads_only_the_subset(corpus):
   out, modality = corpus
   path = selection.make_subset(out, "a_only", modalities=["A"])
-  paths, chosen = selection.resolve(path, None)
+  data = selection.resolve(path, None)
+  paths, chosen = data.paths, data.chosen
   assert chosen.size == 10 and len(paths) == 4
   read = {chosen.record(e, 0, seed=1) for e in range(200)}
   assert set(modality[list(read)]) == {"A"} and len(read) == 10   # each epoch covers all
   cfg = {"shards": path, "image_size": 16, "crop_scale": (1.0, 1.0), "hflip": False}
-  assert loader.num_records(_Cfg(cfg)) == 10
+  assert loader.resolve(_Cfg(cfg)).num_records == 10
   example = loader.make_example(_Cfg(cfg), seed=1)
   pixel_values = {int(round(float(example(e)["image"][..., 0].mean() * 0.229 * 255 + 0.485 * 255)))
                   for e in range(10)}
@@ -83,7 +84,7 @@ class _Cfg:
 def test_mixture_weights_set_the_sampled_proportions(corpus):
   """A (10 records) and C (30) drawn 0.7 / 0.3 although C is 3x bigger; B not at all."""
   out, modality = corpus
-  _, chosen = selection.resolve(out, None, {"by": "modality", "weights": "A:0.7,C:0.3"})
+  chosen = selection.resolve(out, None, {"by": "modality", "weights": "A:0.7,C:0.3"}).chosen
   n = 20000
   drawn = modality[[chosen.record(e, 0, seed=0) for e in range(n)]]
   share_a = np.mean(drawn == "A")
@@ -100,7 +101,7 @@ def test_mixture_weights_set_the_sampled_proportions(corpus):
     selection.resolve(out, None, {"by": "modality", "weights": {"US": 1.0}})
   with pytest.raises(ValueError, match="not name:weight"):
     selection.resolve(out, None, {"by": "modality", "weights": "A=1"})
-  by_source = selection.resolve(out, None, {"by": "source", "weights": {"s2": 1.0}})[1]
+  by_source = selection.resolve(out, None, {"by": "source", "weights": {"s2": 1.0}}).chosen
   assert set(modality[[by_source.record(e, 0, 0) for e in range(300)]]) == {"C"}
 
 
