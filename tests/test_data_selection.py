@@ -130,3 +130,30 @@ def test_subset_command_line(corpus, capsys):
   with pytest.raises(SystemExit):
     selection.main([f"--shards={out}", "--name=bad", "--modality=Z"])
   assert "no modality named ['Z']" in capsys.readouterr().err
+
+
+def test_build_resolves_the_data_once_and_the_loader_reuses_it(corpus, monkeypatch):
+  """train.loop.build opens the shards once; the resume facts and the loader
+  take them from Setup.data instead of resolving config.data.shards again."""
+  from biovfm_jax.train import loop
+  from test_train_units import tiny_config
+  out, _ = corpus
+  subset = selection.make_subset(out, "a_and_c", modalities=["A", "C"])
+  n = selection.resolve(subset, None).num_records
+  opened = []
+  real = selection.grain.sources.ArrayRecordDataSource
+  monkeypatch.setattr(selection.grain.sources, "ArrayRecordDataSource",
+                      lambda paths: opened.append(list(paths)) or real(paths))
+  c = tiny_config()
+  c.data.update(shards=subset, image_size=32, cache_dir=None)
+  c.steps_per_epoch = None  # from the records, as a real run counts them
+  s = loop.build(c)
+  assert len(opened) == 1 and s.num_records == s.data.num_records == n < 60
+  assert s.steps_per_epoch == max(1, n // c.batch_size)
+  facts = loop._run_facts(c, s.data)  # pylint: disable=protected-access
+  assert facts["num_records"] == n and [n for n, _ in facts["shards"]] == [
+      os.path.basename(p) for p in s.data.paths]
+  batch = next(loader.make_pretrain_loader(c.data, global_batch_size=4, seed=0,
+                                           process_index=0, process_count=1, data=s.data))
+  assert batch["image"].shape == (4, 32, 32, 3) and len(opened) == 1
+  assert loop.build(c, num_records=100).data is None and len(opened) == 1
