@@ -11,8 +11,10 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
-from data_pipeline import readers, records
-from data_pipeline.readers import ReaderError, dicom, images, nifti
+from data_pipeline import records
+from data_pipeline.readers import registry as readers
+from data_pipeline.readers import dicom, images, nifti
+from data_pipeline.readers.common import ReaderError
 
 META_KEYS = {"source", "modality", "anatomy", "path", "index", "orig_size", "transform"}
 

@@ -15,7 +15,7 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
-from data_pipeline import readers
+from data_pipeline.readers import registry as readers
 from data_pipeline.readers import medmnist
 from data_pipeline.readers.common import ReaderError
 

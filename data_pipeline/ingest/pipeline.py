@@ -50,7 +50,7 @@ from PIL import Image
 
 from data_pipeline import records, shards, storage
 from data_pipeline.ingest import dedup as dedup_lib
-from data_pipeline import readers
+from data_pipeline.readers import registry as readers
 from data_pipeline.ingest.spec import Spec, as_dict
 from data_pipeline.readers.common import ReaderError
 
