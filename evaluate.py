@@ -30,7 +30,7 @@ def main(argv):
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
   from biovfm_jax import console, distributed
   from biovfm_jax.evaluate import runner
-  from data_pipeline.sources import mini
+  from data_pipeline import mini
   os.environ.setdefault("KERAS_HOME", os.path.join(mini.cache_root(), "keras"))  # not ~/.keras
   console.setup()
   distributed.skip_absent_tpu()

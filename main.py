@@ -48,7 +48,7 @@ def _run_args():
   expanded, once, here (orbax needs absolute paths; './~' must never appear)."""
   from configs import common
   from data_pipeline import storage
-  from data_pipeline.sources import mini
+  from data_pipeline import mini
   # Keras (under TensorFlow, which clu imports) writes ~/.keras/ on import: keep it in our cache.
   os.environ.setdefault("KERAS_HOME", os.path.join(mini.cache_root(), "keras"))
   config = _CONFIG.value

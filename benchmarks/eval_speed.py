@@ -40,7 +40,7 @@ def main(argv):
   from biovfm_jax.models.vit import VisionTransformer, vit_config
   from biovfm_jax.train import checkpoint as ckpt_lib
   from configs.eval import common
-  from data_pipeline.sources import medmnist
+  from data_pipeline.readers import medmnist
 
   work = tempfile.mkdtemp(prefix="eval_speed_")
   npz_dir = os.path.expanduser(_NPZ_DIR.value) if _NPZ_DIR.value else os.path.join(work, "npz")

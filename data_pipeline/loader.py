@@ -56,17 +56,6 @@ class CorruptDataError(shards_lib.InputDataError):
   """Too many records of the shards are unreadable (one line names them)."""
 
 
-def epoch_seed(seed: int, epoch: int) -> int:
-  """A 32-bit seed for epoch `epoch`'s permutation (index_shuffle takes uint32)."""
-  return int(np.random.SeedSequence([seed, 1, epoch]).generate_state(1)[0])
-
-
-def record_index(e: int, seed: int, n: int) -> int:
-  """The record that global example position `e` reads (before skipping)."""
-  epoch, k = divmod(e, n)
-  # index_shuffle is a keyed bijection of [0, n): O(1) memory for any corpus.
-  return int(grain.experimental.index_shuffle(k, max_index=n - 1,
-                                              seed=epoch_seed(seed, epoch), rounds=4))
 
 
 class _Example:
@@ -78,20 +67,14 @@ class _Example:
   worker processes); the ArrayRecord readers are opened lazily in each process.
   """
 
-  def __init__(self, paths: list[str], spec: str, seed: int,
-               chosen: selection_lib.Selection | None = None):
-    self.source = grain.sources.ArrayRecordDataSource(paths)
-    self.num_records = len(self.source)
-    if self.num_records == 0:
-      raise ValueError(f"shard spec {spec!r} holds no records")
-    if self.num_records >= 2**32:
-      raise ValueError("more than 2**32 records: index_shuffle takes 32-bit indices")
-    self.spec, self.seed = spec, seed
+  def __init__(self, data: selection_lib.Resolved, seed: int):
+    self.records, self.spec, self.seed = data.records, data.spec, seed
+    self.num_records = len(self.records)
     # Which record a position reads: all of them, a subset, or a mixture.
-    self.chosen = chosen or selection_lib.Selection(self.num_records)
+    self.chosen = data.chosen
     # Record number -> (shard file, position in it), for messages.
     # pylint: disable-next=protected-access
-    parts = self.source._read_instructions
+    parts = self.records._read_instructions
     self._shard_files = [str(p.filename) for p in parts]
     self._shard_starts = np.cumsum([0] + [p.num_records for p in parts])
 
@@ -108,7 +91,7 @@ class _Example:
   def load(self, index: int) -> np.ndarray:
     """Pixels of record `index`; CorruptRecordError when it does not read or decode."""
     try:
-      raw = self.source[index]
+      raw = self.records[index]
     except RuntimeError as err:  # array_record: "Corrupted Riegeli/records file: ..."
       raise CorruptRecordError(f"unreadable: {err}") from err
     return transforms.decode(raw)[0]
@@ -148,9 +131,9 @@ class _Example:
 class PretrainExample(_Example):
   """One random resized crop (MAE): {"image": float32 (S, S, 3), "skipped"}."""
 
-  def __init__(self, paths: list[str], spec: str, seed: int, *, image_size: int,
-               crop_scale, crop_ratio, hflip: bool, mean, std, chosen=None):
-    super().__init__(paths, spec, seed, chosen)
+  def __init__(self, data: selection_lib.Resolved, seed: int, *, image_size: int,
+               crop_scale, crop_ratio, hflip: bool, mean, std):
+    super().__init__(data, seed)
     self.image_size = int(image_size)
     self.crop_scale = tuple(float(x) for x in crop_scale)
     self.crop_ratio = tuple(float(x) for x in crop_ratio)
@@ -171,8 +154,8 @@ class MultiCropExample(_Example):
   {"global_crops": float32 (2, G, G, 3), "local_crops": float32 (n, l, l, 3),
    "masks": bool (2, (G // patch)**2), "skipped"}."""
 
-  def __init__(self, paths: list[str], spec: str, seed: int, chosen=None, **crop_kwargs):
-    super().__init__(paths, spec, seed, chosen)
+  def __init__(self, data: selection_lib.Resolved, seed: int, **crop_kwargs):
+    super().__init__(data, seed)
     self.views = multicrop.MultiCrop(**crop_kwargs)
 
   def transform(self, pixels, rng):
@@ -184,22 +167,26 @@ _MULTICROP_FIELDS = ("global_crop_size", "global_crop_scale", "local_crop_size",
                      "mask_ratio", "patch_size", "mean", "std")
 
 
-def make_example(data_cfg: Any, seed: int) -> _Example:
-  """The per-example function that `data_cfg.crops` asks for. data_cfg is a
-  pretraining config's `data` (configs/common.py: every key there, no defaults here)."""
-  spec = data_cfg.shards
-  paths, chosen = selection_lib.resolve(spec, data_cfg.cache_dir,
-                                        data_cfg.mixture)
+def resolve(data_cfg: Any) -> selection_lib.Resolved:
+  """The records `data_cfg.shards` and `data_cfg.mixture` name, resolved (and
+  opened) once; the train loop hands them to make_pretrain_loader."""
+  return selection_lib.resolve(data_cfg.shards, data_cfg.cache_dir, data_cfg.mixture)
+
+
+def make_example(data_cfg: Any, seed: int,
+                 data: selection_lib.Resolved | None = None) -> _Example:
+  """The per-example function that `data_cfg.crops` asks for, over `data`
+  (default: resolved from data_cfg). data_cfg is a pretraining config's `data`
+  (configs/common.py: every key there, no defaults here)."""
+  data = data or resolve(data_cfg)
   crops = data_cfg.crops
   if crops == "single":
     return PretrainExample(
-        paths, str(spec), int(seed), image_size=data_cfg.image_size,
+        data, int(seed), image_size=data_cfg.image_size,
         crop_scale=data_cfg.crop_scale, crop_ratio=data_cfg.crop_ratio,
-        hflip=data_cfg.hflip, mean=data_cfg.mean,
-        std=data_cfg.std, chosen=chosen)
+        hflip=data_cfg.hflip, mean=data_cfg.mean, std=data_cfg.std)
   if crops == "multicrop":
-    return MultiCropExample(paths, str(spec), int(seed), chosen,
-                            **{k: data_cfg[k] for k in _MULTICROP_FIELDS})
+    return MultiCropExample(data, int(seed), **{k: data_cfg[k] for k in _MULTICROP_FIELDS})
   raise ConfigError(f"config.data.crops must be 'single' or 'multicrop', got {crops!r}")
 
 
@@ -215,23 +202,6 @@ class _GlobalPosition:
     step, j = divmod(int(i), self.local_batch)
     return ((self.start_step + step) * self.global_batch
             + self.process_index * self.local_batch + j)
-
-
-def num_records(data_cfg: Any) -> int:
-  """How many records the config's shards (or subset) hold, for epoch and step maths."""
-  _, chosen = selection_lib.resolve(data_cfg.shards, data_cfg.cache_dir,
-                                    data_cfg.mixture)
-  return chosen.size
-
-
-def input_facts(data_cfg: Any) -> dict[str, Any]:
-  """What the config's input stream is made of, for the resume check: the
-  records in play and every shard as [file name, bytes]."""
-  paths, chosen = selection_lib.resolve(data_cfg.shards, data_cfg.cache_dir,
-                                        data_cfg.mixture)
-  from data_pipeline.shards import shard_sizes  # pylint: disable=import-outside-toplevel
-  return {"num_records": chosen.size,
-          "shards": [[p.rsplit("/", 1)[-1], n] for p, n in zip(paths, shard_sizes(paths))]}
 
 
 def process_share(global_batch: int, process_index: int | None,
@@ -252,7 +222,8 @@ def process_share(global_batch: int, process_index: int | None,
 
 def make_pretrain_loader(data_cfg: Any, *, global_batch_size: int, seed: int,
                          start_step: int = 0, process_index: int | None = None,
-                         process_count: int | None = None):
+                         process_count: int | None = None,
+                         data: selection_lib.Resolved | None = None):
   """Returns an iterator of per-process batch dicts, L = G / process_count:
   crops "single":    {"image": float32 (L, S, S, 3), "skipped": int32 (L,)}
   crops "multicrop": {"global_crops": float32 (L, 2, G, G, 3),
@@ -262,7 +233,8 @@ def make_pretrain_loader(data_cfg: Any, *, global_batch_size: int, seed: int,
   Shapes are the same every step.
 
   The first batch is global step `start_step`. process_index and process_count
-  default to jax's. Close the iterator (`it.close()`) when done if it uses
+  default to jax's. `data` is the input `resolve(data_cfg)` gives (the train
+  loop resolves it once); resolved here when not given. Close the iterator (`it.close()`) when done if it uses
   worker processes. With num_workers > 0 the calling program needs an
   `if __name__ == "__main__":` guard (workers are spawned).
   """
@@ -270,7 +242,7 @@ def make_pretrain_loader(data_cfg: Any, *, global_batch_size: int, seed: int,
                                              process_count, "global batch")
   if seed < 0 or start_step < 0:
     raise ValueError(f"seed and start_step must be >= 0, got {seed}, {start_step}")
-  example = make_example(data_cfg, seed)
+  example = make_example(data_cfg, seed, data)
 
   ds = (grain.MapDataset.range(_ENDLESS_STEPS * local_batch)
         .map(_GlobalPosition(start_step, global_batch_size, local_batch, process_index))

@@ -58,6 +58,27 @@ def decode_image(data: bytes) -> np.ndarray:
     raise CorruptRecordError(f"undecodable image: {e}") from e
 
 
+UNKNOWN = "unknown"  # the modality (and source) of a record that names none
+
+
+def header(source: str, meta: dict[str, Any], pixels: np.ndarray, *,
+           modality: str | None = None, anatomy: str | None = None,
+           note: str | None = None) -> dict[str, Any]:
+  """The record header of one image a reader gave as `(pixels, meta)`.
+
+  `source` names the corpus entry. `modality` and `anatomy` given here (the
+  spec's) win over the reader's suggestion in `meta`; the modality is
+  UNKNOWN when neither names one. `note` is appended to the transform text
+  (a resize after reading).
+  """
+  return {"source": source,
+          "modality": modality or meta.get("modality") or UNKNOWN,
+          "anatomy": anatomy or meta.get("anatomy"),
+          "path": meta.get("path"), "index": meta.get("index"),
+          "orig_size": meta.get("orig_size", [int(s) for s in pixels.shape[:2]]),
+          "transform": "; ".join(t for t in (meta.get("transform"), note) if t)}
+
+
 def encode_record(image: bytes, meta: dict[str, Any] | None = None,
                   fmt: str = "png") -> bytes:
   header = dict(meta or {})

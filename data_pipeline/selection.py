@@ -1,5 +1,11 @@
 """Which records a pretraining run reads: every record of its shards, a
-subset, and optional mixture weights per source or modality.
+subset, and optional mixture weights per source or modality; and which record
+global example position e reads (`Selection.record`).
+
+`resolve` turns `config.data.shards` (shards, a subset, or the built-in
+"mini") and `config.data.mixture` into a `Resolved` input, once per run: the
+train loop takes the step counts, the resume facts and the loader's records
+from it.
 
 A subset is a small index over existing shards, not a copy:
 `<shard_dir>/subsets/<name>.subset.json` (what was selected, how, the counts)
@@ -18,17 +24,20 @@ weight are not sampled; a weight for a group the data lacks is an error.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import io
 import json
 import os
 import re
 from typing import Any
 
+import grain
 import numpy as np
 
-from data_pipeline import shards as shards_lib
 from data_pipeline import storage
 from data_pipeline.errors import ConfigError
+from data_pipeline import shards as shards_lib
 
 SUBSET_SUFFIX = ".subset.json"
 
@@ -116,6 +125,19 @@ def make_subset(shard_dir: str, name: str, *, count=None, modalities=None, sourc
   return path
 
 
+def epoch_seed(seed: int, epoch: int) -> int:
+  """A 32-bit seed for epoch `epoch`'s permutation (index_shuffle takes uint32)."""
+  return int(np.random.SeedSequence([seed, 1, epoch]).generate_state(1)[0])
+
+
+def record_index(e: int, seed: int, n: int) -> int:
+  """The record that global example position `e` reads (before skipping)."""
+  epoch, k = divmod(e, n)
+  # index_shuffle is a keyed bijection of [0, n): O(1) memory for any corpus.
+  return int(grain.experimental.index_shuffle(k, max_index=n - 1,
+                                              seed=epoch_seed(seed, epoch), rounds=4))
+
+
 class Selection:
   """Maps global example position e (and a corrupt-record skip count) to a
   record number in the concatenated shards; picklable for grain workers."""
@@ -132,7 +154,6 @@ class Selection:
     return len(self.ids) if self.ids is not None else self.total
 
   def record(self, e: int, skipped: int, seed: int) -> int:
-    from data_pipeline.loader import record_index  # pylint: disable=import-outside-toplevel
     if self.groups is not None:
       rng = np.random.default_rng([seed, 7, e])
       g = self.groups[int(rng.choice(len(self.groups), p=self.weights))]
@@ -145,8 +166,38 @@ def is_subset(spec) -> bool:
   return isinstance(spec, str) and spec.endswith(SUBSET_SUFFIX)
 
 
-def resolve(spec, cache_dir: str | None, mixture: Any = None) -> tuple[list[str], Selection]:
-  """(shard paths, Selection) for a data config's `shards` and `mixture`."""
+@dataclasses.dataclass(frozen=True)
+class Resolved:
+  """A run's input, resolved once: the shards, opened; which records are in play."""
+  spec: str                               # config.data.shards, for messages
+  paths: list[str]
+  records: grain.sources.ArrayRecordDataSource  # picklable; grain ships it to workers
+  chosen: Selection
+
+  @property
+  def num_records(self) -> int:
+    """Records in play: what an epoch means for step counting."""
+    return self.chosen.size
+
+  def facts(self) -> dict[str, Any]:
+    """What the input stream is made of, for the resume check: the records in
+    play and every shard as [file name, bytes]."""
+    return {"num_records": self.num_records,
+            "shards": [[p.rsplit("/", 1)[-1], n]
+                       for p, n in zip(self.paths, shards_lib.shard_sizes(self.paths))]}
+
+
+def shard_paths(spec, cache_dir: str | None) -> list[str]:
+  """shards.resolve_shards, where the item "mini" is the built-in corpus (built
+  on first use in `cache_dir`)."""
+  # Imported here: the corpus builder pulls in every reader; only "mini" needs it.
+  from data_pipeline import mini  # pylint: disable=import-outside-toplevel
+  return shards_lib.resolve_shards(
+      spec, {"mini": functools.partial(mini.build_mini_corpus, cache_dir)})
+
+
+def resolve(spec, cache_dir: str | None, mixture: Any = None) -> Resolved:
+  """The `Resolved` input of a data config's `shards` and `mixture`."""
   ids = None
   if is_subset(spec):
     path = storage.as_path(spec)
@@ -162,10 +213,14 @@ def resolve(spec, cache_dir: str | None, mixture: Any = None) -> tuple[list[str]
     with storage.as_path(storage.join(base, doc["records"])).open("rb") as f:
       ids = np.load(f)
   else:
-    paths = shards_lib.resolve_shards(spec, cache_dir)
+    paths = shard_paths(spec, cache_dir)
     shard_dir = storage.dirname(paths[0])
-  import grain  # pylint: disable=import-outside-toplevel
-  total = len(grain.sources.ArrayRecordDataSource(paths))
+  data = grain.sources.ArrayRecordDataSource(paths)
+  total = len(data)
+  if total == 0:
+    raise ValueError(f"shard spec {spec!r} holds no records")
+  if total >= 2**32:
+    raise ValueError("more than 2**32 records: index_shuffle takes 32-bit indices")
   if ids is not None and (len(ids) == 0 or ids.max() >= total):
     raise ValueError(f"subset {spec!r} does not match its shards ({total} records)")
   groups = weights = None
@@ -200,7 +255,7 @@ def resolve(spec, cache_dir: str | None, mixture: Any = None) -> tuple[list[str]
     if not groups:
       raise ConfigError("config.data.mixture.weights are all zero")
     weights = np.asarray(weights) / np.sum(weights)
-  return paths, Selection(total, ids, groups, weights)
+  return Resolved(str(spec), paths, data, Selection(total, ids, groups, weights))
 
 
 def main(argv=None) -> None:

@@ -8,11 +8,11 @@ import hashlib
 import io
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from data_pipeline import storage
-from data_pipeline.records import decode_record
+from data_pipeline.records import UNKNOWN, decode_record
 
 SHARD_SUFFIX = ".array_record"
 MANIFEST = "manifest.json"
@@ -81,8 +81,8 @@ class ShardWriter:
       self._writer = ArrayRecordWriter(self._tmp, "group_size:1")
       self.sources, self.modalities = [], []
     self._writer.write(raw)
-    self.sources.append(str(header.get("source") or "unknown"))
-    self.modalities.append(str(header.get("modality") or "unknown"))
+    self.sources.append(str(header.get("source") or UNKNOWN))
+    self.modalities.append(str(header.get("modality") or UNKNOWN))
     self._count += 1
     self._bytes += len(raw)
     if ((self.records_per_shard and self._count >= self.records_per_shard)
@@ -171,8 +171,8 @@ def _index_from_headers(shard_dir: str) -> None:
         except ValueError:
           header = {}
         shard_of.append(k)
-        sources.append(str(header.get("source") or "unknown"))
-        modalities.append(str(header.get("modality") or "unknown"))
+        sources.append(str(header.get("source") or UNKNOWN))
+        modalities.append(str(header.get("modality") or UNKNOWN))
     finally:
       reader.close()
   write_index(shard_dir, shard_of, sources, modalities)
@@ -274,10 +274,9 @@ def check_manifest(shard_dir: str, found: Sequence[str]) -> None:
         f"in config.data.shards")
 
 
-def _resolve_one(item: str, cache_dir: str | None) -> list[str]:
-  if item == "mini":
-    from data_pipeline.sources.mini import build_mini_corpus  # pylint: disable=import-outside-toplevel
-    return build_mini_corpus(cache_dir)
+def _resolve_one(item: str, named: Mapping[str, Callable[[], list[str]]]) -> list[str]:
+  if item in named:
+    return named[item]()
   path = storage.as_path(item)
   if path.is_dir():
     found = storage.files_in(item, SHARD_SUFFIX)
@@ -289,10 +288,11 @@ def _resolve_one(item: str, cache_dir: str | None) -> list[str]:
   return [os.fspath(path)] if path.is_file() else []
 
 
-def resolve_shards(spec: str | os.PathLike | Sequence[str], cache_dir: str | None = None) -> list[str]:
+def resolve_shards(spec: str | os.PathLike | Sequence[str],
+                   named: Mapping[str, Callable[[], list[str]]] | None = None) -> list[str]:
   """Shard paths for `spec`, in a fixed order.
 
-  spec: "mini" (the built-in corpus, built on first use in `cache_dir`), a
+  spec: a name in `named` (a built-in corpus: its function gives its paths), a
   directory (its `*.array_record`, sorted), a glob, a file, a comma-separated
   list of any of these, or a list of them; local or in a bucket (gs://...). Raises FileNotFoundError naming the
   spec when nothing matches (or any one part of a list matches nothing).
@@ -302,13 +302,15 @@ def resolve_shards(spec: str | os.PathLike | Sequence[str], cache_dir: str | Non
   items = [s.strip() for s in items if s.strip()]
   if not items:
     raise FileNotFoundError(f"empty shard spec {spec!r}")
+  named = named or {}
   paths: list[str] = []
   for item in items:
-    found = _resolve_one(item, cache_dir)
+    found = _resolve_one(item, named)
     if not found:
       raise FileNotFoundError(
           f"shard spec {spec!r}: {item!r} matches no {SHARD_SUFFIX} files "
-          "(expected 'mini', a directory, a glob, a file or a comma-separated list)")
+          f"(expected {''.join(repr(n) + ', ' for n in named)}a directory, a glob, a file "
+          "or a comma-separated list)")
     paths.extend(found)
   return paths
 

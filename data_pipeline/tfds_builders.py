@@ -7,7 +7,7 @@ record i of a split is example `index` i.
 
   medmnist/<flag>_<size>   one config per MedMNIST 2D benchmark and size, from
                            the npz files in a manual directory (downloaded with
-                           MD5 checks when missing, see sources/medmnist.py)
+                           MD5 checks when missing, see readers/medmnist.py)
   mini_modality/<size>px   offline demo: the modality (7 classes) of the images
                            of the built-in "mini" corpus, squared and resized
 
@@ -34,7 +34,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from data_pipeline import records, shards
-from data_pipeline.sources import medmnist
+from data_pipeline.readers import medmnist
 
 SPLITS = medmnist.SPLITS
 MINI_SIZES = medmnist.SIZES
@@ -78,7 +78,7 @@ class MedMNIST(tfds.core.GeneratorBasedBuilder):
       for flag in medmnist.FLAGS for size in medmnist.SIZES]
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
       "Put MedMNIST's `{flag}.npz` (28 px) or `{flag}_{size}.npz` in the manual "
-      "directory (`python -m data_pipeline.sources.medmnist --root DIR`).")
+      "directory (`python -m data_pipeline.readers.medmnist --root DIR`).")
 
   def _info(self) -> tfds.core.DatasetInfo:
     b = medmnist.benchmark(self.builder_config.flag)
@@ -177,7 +177,7 @@ class MiniModality(tfds.core.GeneratorBasedBuilder):
   def _split_generators(self, dl_manager):
     del dl_manager  # the corpus is built locally, nothing to download
     import grain  # pylint: disable=import-outside-toplevel
-    from data_pipeline.sources import mini  # pylint: disable=import-outside-toplevel
+    from data_pipeline import mini  # pylint: disable=import-outside-toplevel
     source = grain.sources.ArrayRecordDataSource(
         mini.build_mini_corpus(self.cache_dir))
     headers = [records.decode_record(source[i])[1] for i in range(len(source))]

@@ -140,11 +140,11 @@ def test_training_on_a_rotten_shard_continues_and_shows_the_count(rotten_dir, tm
 
 def test_manifest_check_names_a_missing_resized_or_unlisted_shard(shard_dir, tmp_path):
   d = _copy(shard_dir, tmp_path / "s")
-  assert loader.num_records(cfg(d)) == 40
+  assert loader.resolve(cfg(d)).num_records == 40
   os.rename(os.path.join(d, "t-00002.array_record"), tmp_path / "aside")
   with pytest.raises(ValueError, match=r"manifest\.json does not match .*t-00002\.array_record "
                                        r"missing \(listed with 8 records\).*config\.data\.shards"):
-    loader.num_records(cfg(d))
+    loader.resolve(cfg(d))
   os.rename(tmp_path / "aside", os.path.join(d, "t-00002.array_record"))
   with open(os.path.join(d, "t-00000.array_record"), "ab") as f:
     f.write(b"\0" * 10)
@@ -154,9 +154,9 @@ def test_manifest_check_names_a_missing_resized_or_unlisted_shard(shard_dir, tmp
   d2 = _copy(shard_dir, tmp_path / "s2")
   shutil.copy(os.path.join(d2, "t-00000.array_record"), os.path.join(d2, "u-00000.array_record"))
   with pytest.raises(ValueError, match=r"u-00000\.array_record is not listed"):
-    loader.num_records(cfg(d2))
+    loader.resolve(cfg(d2))
   # A glob picks shards by name: no manifest is consulted.
-  assert loader.num_records(cfg(os.path.join(d2, "t-*.array_record"))) == 40
+  assert loader.resolve(cfg(os.path.join(d2, "t-*.array_record"))).num_records == 40
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ from array_record.python.array_record_module import ArrayRecordWriter
 from PIL import Image
 
 from configs import mae_base
-from data_pipeline import loader, records, transforms
+from data_pipeline import loader, records, selection, transforms
 
 N = 40
 
@@ -81,12 +81,12 @@ def test_process_batches_concatenate_to_single_process_batch(shard_dir, count):
 
 def test_each_epoch_is_a_permutation_of_all_records():
   for epoch in range(3):
-    idx = [loader.record_index(epoch * N + k, 5, N) for k in range(N)]
+    idx = [selection.record_index(epoch * N + k, 5, N) for k in range(N)]
     assert sorted(idx) == list(range(N))
-  first = [loader.record_index(k, 5, N) for k in range(N)]
-  second = [loader.record_index(N + k, 5, N) for k in range(N)]
+  first = [selection.record_index(k, 5, N) for k in range(N)]
+  second = [selection.record_index(N + k, 5, N) for k in range(N)]
   assert first != second and first != list(range(N))
-  assert loader.record_index(0, 0, 1) == 0
+  assert selection.record_index(0, 0, 1) == 0
 
 
 def _write_with_corruption(path, good, bad_at):
@@ -112,11 +112,11 @@ def test_corrupt_records_are_skipped_and_counted(tmp_path):
   layout = _write_with_corruption(str(tmp_path / "c-00000.array_record"), good, bad)
   n = len(layout)
   c = cfg(str(tmp_path))
-  assert loader.num_records(c) == n == 17
+  assert loader.resolve(c).num_records == n == 17
   batches = take(c, 4, global_batch_size=n, seed=2, process_count=1, process_index=0)
 
   def expected_skips(e):
-    r, k = loader.record_index(e, 2, n), 0
+    r, k = selection.record_index(e, 2, n), 0
     while layout[(r + k) % n] is None:
       k += 1
     return k
@@ -127,10 +127,10 @@ def test_corrupt_records_are_skipped_and_counted(tmp_path):
   # One epoch starts at each record once: the skips add up to run lengths.
   assert batches[0]["skipped"].sum() == 1 + (3 + 2 + 1) + 1
   # The substitute is the next good record.
-  example = loader.PretrainExample([str(tmp_path / "c-00000.array_record")], "spec", 2,
-                                   image_size=8, crop_scale=(1, 1), crop_ratio=(1, 1),
+  data = selection.resolve(str(tmp_path / "c-00000.array_record"), None)
+  example = loader.PretrainExample(data, 2, image_size=8, crop_scale=(1, 1), crop_ratio=(1, 1),
                                    hflip=False, mean=(0, 0, 0), std=(1, 1, 1))
-  e = next(e for e in range(n) if loader.record_index(e, 2, n) == 3)
+  e = next(e for e in range(n) if selection.record_index(e, 2, n) == 3)
   pixels, skipped = example.read(e)
   assert skipped == 3
   np.testing.assert_array_equal(pixels, records.read_record(layout[6])[0])

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from grain.sources import ArrayRecordDataSource
 
-from data_pipeline import records, shards
-from data_pipeline.sources import mini
+from data_pipeline import records, selection, shards
+from data_pipeline import mini
 
 SOURCES = {"nilearn_mni152", "nibabel_testdata", "pydicom_testdata", "skimage_cell",
            "skimage_ihc", "skimage_retina", "skimage_microaneurysms"}
@@ -61,7 +61,7 @@ def test_cached_call_is_fast_and_same(built, monkeypatch):
   cache, paths, _ = built
   start = time.time()
   assert mini.build_mini_corpus(cache) == paths
-  assert shards.resolve_shards("mini", cache_dir=cache) == paths
+  assert selection.shard_paths("mini", cache) == paths
   monkeypatch.setenv("BIOVFM_CACHE", cache)
   assert mini.build_mini_corpus() == paths
   assert time.time() - start < 1.0
@@ -114,7 +114,7 @@ def test_loader_reads_mini(built):
   cache, _, _ = built
   c = mae_base.get_config(None).data
   c.update(dict(shards="mini", cache_dir=cache, image_size=32))
-  assert loader.num_records(c) == shards.read_manifest(mini.corpus_dir(cache))["num_records"]
+  assert loader.resolve(c).num_records == shards.read_manifest(mini.corpus_dir(cache))["num_records"]
   b = next(loader.make_pretrain_loader(c, global_batch_size=4, seed=0, process_index=0,
                                        process_count=1))
   assert b["image"].shape == (4, 32, 32, 3) and np.isfinite(b["image"]).all()

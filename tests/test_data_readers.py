@@ -11,9 +11,17 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
-from data_pipeline.sources import dicom, images, nifti
+from data_pipeline import records
+from data_pipeline.readers import registry as readers
+from data_pipeline.readers import dicom, images, nifti
+from data_pipeline.readers.common import ReaderError
 
 META_KEYS = {"source", "modality", "anatomy", "path", "index", "orig_size", "transform"}
+
+
+def read_headers(path, reader="dicom", source="test", **spec):
+  """(pixels, record header) for each image of `path`, as ingestion builds them."""
+  return [(p, records.header(source, m, p, **spec)) for p, m in readers.READERS[reader](path)]
 
 
 def expected_window(values, lo, hi):
@@ -49,7 +57,7 @@ def test_dicom_rescale_then_percentile_window_on_ct_small():
   assert "WindowCenter" not in ds  # so the percentile window is what applies
   hu = ds.pixel_array.astype(np.float64) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
   lo, hi = np.percentile(hu, [0.5, 99.5])
-  (pixels, meta), = list(dicom.iter_dicom(path))
+  (pixels, meta), = read_headers(path)
   assert pixels.dtype == np.uint8 and pixels.shape == (128, 128)
   diff = np.abs(pixels.astype(int) - expected_window(hu, lo, hi))
   assert diff.max() <= 1 and (diff > 0).mean() < 0.01
@@ -72,7 +80,7 @@ def test_dicom_voi_window_matches_pydicom(tmp_path, function):
   y_min = -(2 ** (ds.BitsStored - 1)) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
   y_max = (2 ** (ds.BitsStored - 1) - 1) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
   ref = np.rint((ref - y_min) / (y_max - y_min) * 255)
-  (pixels, meta), = list(dicom.iter_dicom(path))
+  (pixels, meta), = read_headers(path)
   assert np.abs(pixels.astype(int) - ref).max() <= 1
   assert f"center=40 width=400 ({function})" in meta["transform"]
   assert 0 < (pixels == 255).mean() < 1 and (pixels == 0).mean() > 0  # a real window
@@ -84,8 +92,8 @@ def test_dicom_monochrome1_is_inverted(tmp_path):
   tags = dict(RescaleSlope=2, RescaleIntercept=-100, WindowCenter=3000, WindowWidth=5000)
   m2 = write_dicom(tmp_path / "m2.dcm", frame, "MONOCHROME2", **tags)
   m1 = write_dicom(tmp_path / "m1.dcm", frame, "MONOCHROME1", **tags)
-  (p2, _), = list(dicom.iter_dicom(m2))
-  (p1, meta1), = list(dicom.iter_dicom(m1))
+  (p2, _), = read_headers(m2)
+  (p1, meta1), = read_headers(m1)
   ref = np.clip(((frame * 2.0 - 100) - 2999.5) / 4999 + 0.5, 0, 1) * 255
   assert np.abs(p2.astype(int) - np.rint(ref)).max() <= 1
   np.testing.assert_array_equal(p1, 255 - p2)
@@ -97,7 +105,7 @@ def test_dicom_multiframe_yields_each_frame_with_one_window(tmp_path):
   frames = np.stack([np.full((16, 24), v) for v in (100, 200, 300)])
   frames[:, :4, :4] = 50
   path = write_dicom(tmp_path / "mf.dcm", frames, Modality="MR")
-  out = list(dicom.iter_dicom(path, source="synthetic"))
+  out = read_headers(path, source="synthetic")
   assert [m["index"] for _, m in out] == [0, 1, 2]
   assert all(p.shape == (16, 24) and m["source"] == "synthetic" and m["modality"] == "MR"
              for p, m in out)
@@ -119,7 +127,7 @@ def test_dicom_per_frame_rescale_from_functional_groups(tmp_path):
     groups.append(item)
   path = write_dicom(tmp_path / "enh.dcm", frames, PerFrameFunctionalGroupsSequence=groups,
                      WindowCenter=150.5, WindowWidth=201)
-  out = list(dicom.iter_dicom(path))
+  out = read_headers(path)
   # Window [50, 250]: 100 -> 63.75, 200 -> 191.25 of 255.
   assert out[0][0][4, 4] == 64 and out[1][0][4, 4] == 191
   assert "slope=2" in out[1][1]["transform"]
@@ -127,8 +135,8 @@ def test_dicom_per_frame_rescale_from_functional_groups(tmp_path):
 
 def test_dicom_missing_pixel_data_names_the_file(tmp_path):
   path = write_dicom(tmp_path / "nopix.dcm", None, Rows=4, Columns=4)
-  with pytest.raises(images.ReaderError, match="nopix.dcm.*no pixel data"):
-    list(dicom.iter_dicom(path))
+  with pytest.raises(ReaderError, match="nopix.dcm.*no pixel data"):
+    read_headers(path)
 
 
 def test_dicom_missing_decoder_names_file_and_syntax():
@@ -136,19 +144,20 @@ def test_dicom_missing_decoder_names_file_and_syntax():
   path = get_testdata_file("MR_small_jpeg_ls_lossless.dcm")
   if get_decoder(pydicom.dcmread(path).file_meta.TransferSyntaxUID).is_available:
     pytest.skip("a JPEG-LS decoder is installed here")
-  with pytest.raises(images.ReaderError,
+  with pytest.raises(ReaderError,
                      match=r"MR_small_jpeg_ls_lossless\.dcm.*JPEG-LS.*install one of"):
-    list(dicom.iter_dicom(path))
+    read_headers(path)
 
 
-def test_dicom_folder_skips_non_dicom_and_reads_colour(tmp_path):
+def test_dicom_files_of_a_folder_skip_non_dicom_and_read_colour(tmp_path):
   write_dicom(tmp_path / "a.dcm", np.arange(64).reshape(8, 8) * 10)
   (tmp_path / "README").write_text("not an image")
   ds = pydicom.dcmread(get_testdata_file("examples_ybr_color.dcm"))
   ds.save_as(str(tmp_path / "us.dcm"))
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")
-    out = list(dicom.iter_dicom_folder(tmp_path))
+    found = readers.files_for(str(tmp_path), "dicom")
+    out = [item for path in found for item in read_headers(path, source=tmp_path.name)]
   paths = [os.path.basename(m["path"]) for _, m in out]
   assert paths.count("a.dcm") == 1 and paths.count("us.dcm") == 30
   colour = [p for p, m in out if m["modality"] == "ultrasound"]
@@ -174,7 +183,8 @@ def test_nifti_canonical_slices_percentiles_and_empty_skip(tmp_path):
   affine = np.diag([-1.0, 1.0, 1.0, 1.0])
   path = str(tmp_path / "las.nii.gz")
   nib.save(nib.Nifti1Image(vol, affine), path)
-  out = list(nifti.iter_nifti(path, axes=(2,), modality="MR", anatomy="phantom"))
+  out = [(p, records.header("test", m, p, modality="MR", anatomy="phantom"))
+         for p, m in nifti.iter_nifti(path, axes=(2,))]
   ras = vol[::-1]
   lo, hi = np.percentile(vol, [0.5, 99.5])
   kept = [m["index"][2] for _, m in out]
@@ -228,8 +238,8 @@ def test_nifti_shipped_anatomical_matches_nibabel_array():
 def test_nifti_unreadable_file_raises_reader_error(tmp_path):
   bad = tmp_path / "bad.nii"
   bad.write_bytes(b"\x00" * 100)
-  with pytest.raises(images.ReaderError, match="bad.nii"):
-    list(nifti.iter_nifti(str(bad)))
+  with pytest.raises(ReaderError, match="bad.nii"):
+    list(nifti.read(str(bad)))
 
 
 # --- images and helpers ----------------------------------------------------------
@@ -269,7 +279,8 @@ def test_image_folder_reads_modes_pages_and_meta(tmp_path):
   pages = [Image.fromarray(gray), Image.fromarray(255 - gray)]
   pages[0].save(tmp_path / "sub" / "e.tif", save_all=True, append_images=pages[1:])
   (tmp_path / "notes.txt").write_text("ignored")
-  out = list(images.iter_image_folder(tmp_path, modality="microscopy"))
+  out = [item for path in readers.files_for(str(tmp_path), "image")
+         for item in read_headers(path, "image", tmp_path.name, modality="microscopy")]
   names = [(os.path.relpath(m["path"], tmp_path), m["index"]) for _, m in out]
   assert names == [("a.png", 0), ("b.bmp", 0), ("c.png", 0), ("d.png", 0),
                    (os.path.join("sub", "e.tif"), 0), (os.path.join("sub", "e.tif"), 1)]
@@ -282,11 +293,10 @@ def test_image_folder_reads_modes_pages_and_meta(tmp_path):
              and m["source"] == tmp_path.name for _, m in out)
 
 
-def test_unreadable_image_raises_or_is_skipped(tmp_path):
+def test_unreadable_image_raises_naming_the_file(tmp_path):
   (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
-  with pytest.raises(images.ReaderError, match="broken.png"):
-    list(images.iter_image_folder(tmp_path))
-  assert list(images.iter_image_folder(tmp_path, skip_errors=True)) == []
+  with pytest.raises(ReaderError, match="broken.png: not a readable image"):
+    list(images.read(str(tmp_path / "broken.png")))
 
 
 def test_tile_covers_image_with_edge_crops_shifted_in():

@@ -63,12 +63,13 @@ def test_subsets_by_modality_source_and_count(corpus):
 def test_loader_reads_only_the_subset(corpus):
   out, modality = corpus
   path = selection.make_subset(out, "a_only", modalities=["A"])
-  paths, chosen = selection.resolve(path, None)
+  data = selection.resolve(path, None)
+  paths, chosen = data.paths, data.chosen
   assert chosen.size == 10 and len(paths) == 4
   read = {chosen.record(e, 0, seed=1) for e in range(200)}
   assert set(modality[list(read)]) == {"A"} and len(read) == 10   # each epoch covers all
   cfg = {"shards": path, "image_size": 16, "crop_scale": (1.0, 1.0), "hflip": False}
-  assert loader.num_records(_Cfg(cfg)) == 10
+  assert loader.resolve(_Cfg(cfg)).num_records == 10
   example = loader.make_example(_Cfg(cfg), seed=1)
   pixel_values = {int(round(float(example(e)["image"][..., 0].mean() * 0.229 * 255 + 0.485 * 255)))
                   for e in range(10)}
@@ -86,7 +87,7 @@ def _Cfg(d):
 def test_mixture_weights_set_the_sampled_proportions(corpus):
   """A (10 records) and C (30) drawn 0.7 / 0.3 although C is 3x bigger; B not at all."""
   out, modality = corpus
-  _, chosen = selection.resolve(out, None, {"by": "modality", "weights": "A:0.7,C:0.3"})
+  chosen = selection.resolve(out, None, {"by": "modality", "weights": "A:0.7,C:0.3"}).chosen
   n = 20000
   drawn = modality[[chosen.record(e, 0, seed=0) for e in range(n)]]
   share_a = np.mean(drawn == "A")
@@ -103,7 +104,7 @@ def test_mixture_weights_set_the_sampled_proportions(corpus):
     selection.resolve(out, None, {"by": "modality", "weights": {"US": 1.0}})
   with pytest.raises(ValueError, match="not name:weight"):
     selection.resolve(out, None, {"by": "modality", "weights": "A=1"})
-  by_source = selection.resolve(out, None, {"by": "source", "weights": {"s2": 1.0}})[1]
+  by_source = selection.resolve(out, None, {"by": "source", "weights": {"s2": 1.0}}).chosen
   assert set(modality[[by_source.record(e, 0, 0) for e in range(300)]]) == {"C"}
 
 
@@ -111,7 +112,7 @@ def test_mixture_weights_set_the_sampled_proportions(corpus):
 def test_a_subset_named_in_the_config_feeds_main(tmp_path):
   sys.path.insert(0, os.path.dirname(__file__))
   from test_train_e2e import run_main
-  from data_pipeline.sources.mini import build_mini_corpus
+  from data_pipeline.mini import build_mini_corpus
   mini_dir = os.path.dirname(build_mini_corpus()[0])
   path = selection.make_subset(mini_dir, f"mr_test_{os.getpid()}", modalities=["MR"])
   try:
@@ -132,3 +133,30 @@ def test_subset_command_line(corpus, capsys):
   with pytest.raises(SystemExit):
     selection.main([f"--shards={out}", "--name=bad", "--modality=Z"])
   assert "no modality named ['Z']" in capsys.readouterr().err
+
+
+def test_build_resolves_the_data_once_and_the_loader_reuses_it(corpus, monkeypatch):
+  """train.loop.build opens the shards once; the resume facts and the loader
+  take them from Setup.data instead of resolving config.data.shards again."""
+  from biovfm_jax.train import loop
+  from test_train_units import tiny_config
+  out, _ = corpus
+  subset = selection.make_subset(out, "a_and_c", modalities=["A", "C"])
+  n = selection.resolve(subset, None).num_records
+  opened = []
+  real = selection.grain.sources.ArrayRecordDataSource
+  monkeypatch.setattr(selection.grain.sources, "ArrayRecordDataSource",
+                      lambda paths: opened.append(list(paths)) or real(paths))
+  c = tiny_config()
+  c.data.update(shards=subset, image_size=32, cache_dir=None)
+  c.steps_per_epoch = None  # from the records, as a real run counts them
+  s = loop.build(c)
+  assert len(opened) == 1 and s.num_records == s.data.num_records == n < 60
+  assert s.steps_per_epoch == max(1, n // c.batch_size)
+  facts = loop._run_facts(c, s.data)  # pylint: disable=protected-access
+  assert facts["num_records"] == n and [n for n, _ in facts["shards"]] == [
+      os.path.basename(p) for p in s.data.paths]
+  batch = next(loader.make_pretrain_loader(c.data, global_batch_size=4, seed=0,
+                                           process_index=0, process_count=1, data=s.data))
+  assert batch["image"].shape == (4, 32, 32, 3) and len(opened) == 1
+  assert loop.build(c, num_records=100).data is None and len(opened) == 1

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from data_pipeline import eval_loader, records, tfds_builders
-from data_pipeline.sources import medmnist
+from data_pipeline.readers import medmnist
 
 
 # --- the table and npz files --------------------------------------------------
@@ -293,7 +293,7 @@ def test_prepare_is_idempotent_and_checks_npz(prepared, tmp_path):
 
 def test_mini_modality_splits(tmp_path):
   import grain
-  from data_pipeline.sources import mini
+  from data_pipeline import mini
   import tensorflow_datasets as tfds
   tfds.disable_progress_bar()
   b = tfds_builders.prepare("mini_modality", size=28, data_dir=tmp_path)

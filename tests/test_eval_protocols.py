@@ -18,7 +18,7 @@ from biovfm_jax.evaluate.protocols import load_splits
 from biovfm_jax.models.vit import VisionTransformer, vit_config
 from biovfm_jax.train import checkpoint as ckpt_lib
 from configs.eval import common
-from data_pipeline.sources import medmnist
+from data_pipeline.readers import medmnist
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(width=32, depth=2, num_heads=2, mlp_dim=64, patch_size=4, image_size=28)

@@ -17,7 +17,7 @@ from skimage import data as skdata
 from data_pipeline import records, shards
 from data_pipeline.ingest import pipeline
 from data_pipeline.ingest.spec import load_spec, parse_spec
-from data_pipeline.sources import medmnist
+from data_pipeline.readers import medmnist
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

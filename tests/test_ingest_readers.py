@@ -15,9 +15,9 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
-from data_pipeline.ingest import readers
-from data_pipeline.sources import medmnist
-from data_pipeline.sources.images import ReaderError
+from data_pipeline.readers import registry as readers
+from data_pipeline.readers import medmnist
+from data_pipeline.readers.common import ReaderError
 
 SKIMAGE_DATA = os.path.join(os.path.dirname(__import__("skimage").__file__), "data")
 NILEARN_DATA = os.path.join(os.path.dirname(__import__("nilearn").__file__), "datasets", "data")

@@ -122,12 +122,13 @@ def test_subsets_and_mixtures_in_a_bucket(corpus):
   local, remote = corpus
   path = selection.make_subset(remote, "a_half", modalities=["A"], count="0.5")
   assert path == f"{remote}/subsets/a_half.subset.json"
-  paths, chosen = selection.resolve(path, None)
+  data = selection.resolve(path, None)
+  paths, chosen = data.paths, data.chosen
   assert paths == shards.resolve_shards(remote) and chosen.size == 6
   local_path = selection.make_subset(local, "a_half", modalities=["A"], count="0.5")
-  _, local_chosen = selection.resolve(local_path, None)
+  local_chosen = selection.resolve(local_path, None).chosen
   np.testing.assert_array_equal(chosen.ids, local_chosen.ids)
-  _, mixed = selection.resolve(remote, None, {"by": "source", "weights": "s2:1"})
+  mixed = selection.resolve(remote, None, {"by": "source", "weights": "s2:1"}).chosen
   assert {LAYOUT[mixed.record(e, 0, 0)][1] for e in range(100)} == {"s2"}
 
 

@@ -22,7 +22,7 @@ from biovfm_jax.evaluate.encoder import Encoder
 from biovfm_jax.models.vit import vit_config_from
 from configs.eval import common as eval_common
 from data_pipeline.errors import ConfigError
-from data_pipeline.sources import medmnist
+from data_pipeline.readers import medmnist
 
 
 class Evaluator:

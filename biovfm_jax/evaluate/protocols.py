@@ -21,7 +21,7 @@ from biovfm_jax.evaluate import knn as knn_lib
 from biovfm_jax.evaluate import linear_probe
 from data_pipeline.errors import ConfigError
 from data_pipeline import eval_loader
-from data_pipeline.sources import medmnist
+from data_pipeline.readers import medmnist
 
 PROTOCOLS = ("biovfm", "fast", "knn", "finetune")
 MINI = "mini_modality"

@@ -16,7 +16,7 @@ def resolve_config(config, *, checkpoint=None, benchmarks=None, image_size=None,
   anything is loaded."""
   from biovfm_jax.evaluate import protocols
   from configs.eval import common
-  from data_pipeline.sources import medmnist
+  from data_pipeline.readers import medmnist
   with config.unlocked():
     for key, value in (("checkpoint", checkpoint), ("benchmarks", benchmarks),
                        ("image_size", image_size), ("out_dir", out_dir)):

@@ -31,6 +31,7 @@ from biovfm_jax.train import state as state_lib
 from biovfm_jax.train import workdir_lock
 from biovfm_jax.train.validate import validate_config
 from data_pipeline import loader as loader_lib
+from data_pipeline import selection
 from data_pipeline import storage
 from data_pipeline.errors import ConfigError
 
@@ -43,12 +44,12 @@ class Interrupted(Exception):
   """Ctrl-C: the run saved its checkpoint at `step` and stopped."""
 
 
-def _run_facts(config) -> dict:
+def _run_facts(config, data) -> dict:
   """Facts that define the input stream (the records and shards too: a shard
   deleted between runs changes it); checked on resume, see
-  checkpoint.check_input_facts."""
+  checkpoint.check_input_facts. `data`: the run's resolved input (Setup.data)."""
   return {"seed": int(config.seed), "batch_size": int(config.batch_size),
-          "data_shards": str(config.data.shards), **loader_lib.input_facts(config.data),
+          "data_shards": str(config.data.shards), **data.facts(),
           "allow_input_change": bool(config.data.allow_input_change)}
 
 
@@ -286,6 +287,7 @@ class Setup:
   steps_per_epoch: int
   num_records: int
   evaluators: list
+  data: selection.Resolved | None = None  # config.data resolved once; None if num_records given
 
 
 def build(config, num_records: int | None = None, devices=None) -> Setup:
@@ -299,8 +301,10 @@ def build(config, num_records: int | None = None, devices=None) -> Setup:
   rules = shd.rules_from_config(config.sharding_rules)
   validate_config(config, mesh)
   evaluators = during_training.build_evaluators(config)
+  # The input is resolved (and opened) here, once: steps, resume facts and loader use it.
+  data = loader_lib.resolve(config.data) if num_records is None else None
   if num_records is None:
-    num_records = loader_lib.num_records(config.data)
+    num_records = data.num_records
   steps_per_epoch = config.steps_per_epoch or max(1, num_records // config.batch_size)
   total_steps = config.num_train_steps or int(config.total_epochs * steps_per_epoch)
   objective = get_objective(config, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
@@ -314,7 +318,7 @@ def build(config, num_records: int | None = None, devices=None) -> Setup:
   train_step = build_train_step(config, spec, objective, tx, schedule, shardings,
                                 batch_sharding, mesh, rules)
   return Setup(mesh, rules, objective, spec, tx, schedule, shardings, batch_sharding,
-               train_step, total_steps, steps_per_epoch, num_records, evaluators)
+               train_step, total_steps, steps_per_epoch, num_records, evaluators, data)
 
 
 def train(config, workdir: str) -> dict:
@@ -346,7 +350,7 @@ def _train(config, workdir: str, preemption: _Preemption) -> dict:
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                keep=config.checkpoint.keep,
                                async_save=config.checkpoint.async_save)
-  facts = _run_facts(config)
+  facts = _run_facts(config, s.data)
   # Not checked on resume: tells evaluation and export which weights are the backbone.
   run_info = {**facts, "objective": config.objective,
               "backbone": "/".join(objective.backbone_path),
@@ -399,7 +403,7 @@ def _train(config, workdir: str, preemption: _Preemption) -> dict:
   # the host never stalls the device; before a save they are checked at once.
   batches = loader_lib.make_pretrain_loader(
       config.data, global_batch_size=config.batch_size, seed=config.seed,
-      start_step=start_step)
+      start_step=start_step, data=s.data)
   pending = None
   step = start_step
   t0 = time.perf_counter()

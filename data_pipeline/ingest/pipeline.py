@@ -50,9 +50,9 @@ from PIL import Image
 
 from data_pipeline import records, shards, storage
 from data_pipeline.ingest import dedup as dedup_lib
-from data_pipeline.ingest import readers
+from data_pipeline.readers import registry as readers
 from data_pipeline.ingest.spec import Spec, as_dict
-from data_pipeline.sources.images import ReaderError
+from data_pipeline.readers.common import ReaderError
 
 PREFIX = "corpus"
 STATE_DIR = ".ingest"
@@ -90,12 +90,8 @@ def process_file(task: tuple) -> dict[str, Any]:
   try:
     for pixels, meta in readers.READERS[source["reader"]](path, source["options"]):
       pixels, note = resize_shorter(pixels, int(output["resize_shorter"]))
-      header = {"source": source["name"],
-                "modality": source["modality"] or meta.get("modality") or "unknown",
-                "anatomy": source["anatomy"] or meta.get("anatomy"),
-                "path": meta.get("path", path), "index": meta.get("index"),
-                "orig_size": meta.get("orig_size", list(pixels.shape[:2])),
-                "transform": "; ".join(t for t in (meta.get("transform"), note) if t)}
+      header = records.header(source["name"], meta, pixels, modality=source["modality"],
+                              anatomy=source["anatomy"], note=note)
       raw = records.make_record(pixels, header, output["format"], int(output["jpeg_quality"]))
       images.append({"raw": raw, "exact": dedup_lib.pixel_hash(pixels),
                      "phash": dedup_lib.perceptual_hash(pixels),

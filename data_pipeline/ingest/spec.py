@@ -36,7 +36,7 @@ import re
 import tomllib
 from typing import Any
 
-from data_pipeline.ingest import readers
+from data_pipeline.readers import registry as readers
 
 _OUTPUT = {"shard_mb": 256.0, "format": "png", "jpeg_quality": 95, "resize_shorter": 0}
 _DEDUP = {"exact": True, "near_threshold": None}

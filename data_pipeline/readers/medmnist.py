@@ -11,7 +11,7 @@ The 224 px files are large (tissuemnist_224 holds ~12 GB of pixels), so
 `npz_header` reads shapes from the npy headers and `iter_npz_rows` streams
 rows in chunks; neither loads a whole array.
 
-    python -m data_pipeline.sources.medmnist --flags breastmnist --sizes 28 --root DIR
+    python -m data_pipeline.readers.medmnist --flags breastmnist --sizes 28 --root DIR
 """
 from __future__ import annotations
 
@@ -20,14 +20,19 @@ import dataclasses
 import hashlib
 import http.client
 import os
+import re
 import sys
 import time
 import urllib.error
 import urllib.request
 import zipfile
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
+
+from data_pipeline.readers import common
+from data_pipeline.readers.common import Item, ReaderError
 
 SIZES = (28, 64, 128, 224)
 SPLITS = ("train", "val", "test")
@@ -394,6 +399,78 @@ def main(argv: Sequence[str] | None = None) -> None:
   for flag in args.flags.split(","):
     for size in args.sizes.split(","):
       print(download(flag.strip(), int(size), args.root))
+
+
+
+# --- the ingestion reader ------------------------------------------------------
+
+EXTENSIONS = (".npz",)
+
+# MedMNIST benchmark -> (modality, anatomy), suggested when the spec sets none.
+KINDS = {
+    "pathmnist": ("pathology", "colon"), "chestmnist": ("X-ray", "chest"),
+    "dermamnist": ("dermoscopy", "skin"), "octmnist": ("OCT", "retina"),
+    "pneumoniamnist": ("X-ray", "chest"), "retinamnist": ("fundus", "retina"),
+    "breastmnist": ("ultrasound", "breast"), "bloodmnist": ("microscopy", "blood"),
+    "tissuemnist": ("microscopy", "kidney"), "organamnist": ("CT", "abdomen"),
+    "organcmnist": ("CT", "abdomen"), "organsmnist": ("CT", "abdomen"),
+}
+
+
+def _flag(v: Any) -> str | None:
+  if v is not None and v not in FLAGS:
+    raise ValueError(f"must be a MedMNIST benchmark ({', '.join(FLAGS)}) "
+                     "or null to take it from the file name")
+  return v
+
+
+OPTIONS = {"splits": common.Option(list(SPLITS), common.subset(SPLITS, "splits"),
+                                   "splits to read"),
+           "flag": common.Option(None, _flag, "benchmark; default: from the file name")}
+
+
+def _flag_from_name(path: str) -> tuple[str | None, int | None]:
+  """MedMNIST's own file names: "{flag}.npz" (28 px) or "{flag}_{size}.npz"."""
+  stem = os.path.basename(path).lower().removesuffix(".npz")
+  m = re.fullmatch(r"(.+?)(?:_(\d+))?", stem)
+  flag, size = m.group(1), m.group(2)
+  if flag not in FLAGS:
+    return None, None
+  return flag, int(size) if size else 28
+
+
+def read(path: str, options: dict[str, Any] | None = None) -> Iterator[Item]:
+  """Every image of the chosen splits of a MedMNIST npz, streamed in chunks
+  (bounded memory); index = [split, row]. Pixels are as stored."""
+  path = os.fspath(path)
+  opts = common.validate(OPTIONS, "medmnist", options, path)
+  common.check_file(path)
+  named, size = _flag_from_name(path)
+  flag = opts["flag"] or named
+  if flag is None:
+    raise ReaderError(f"{path}: cannot tell the MedMNIST benchmark from the file name "
+                      "(<flag>.npz or <flag>_<size>.npz); set the reader option 'flag'")
+  try:
+    npz_header(path, flag, size if flag == named else None)
+  except (NpzFormatError, KeyError) as e:
+    raise ReaderError(f"{path}: not a {flag} MedMNIST npz: {common.detail(e, path)}") from e
+  modality, anatomy = KINDS.get(flag, (None, None))
+  for split in opts["splits"]:
+    row = 0
+    try:
+      for chunk in iter_npz_rows(path, f"{split}_images", chunk=256):
+        for image in chunk:
+          # A copy: a kept row must not pin its whole chunk in memory.
+          pixels = np.array(image[..., 0] if image.ndim == 3 and image.shape[-1] == 1
+                            else image)
+          yield pixels, common.meta(path, [split, row], pixels, "MedMNIST npz, as stored",
+                              modality=modality, anatomy=anatomy)
+          row += 1
+    except NpzFormatError as e:
+      raise ReaderError(f"{path}: damaged MedMNIST npz: {common.detail(e, path)}") from e
+    except Exception as e:  # zip CRC errors, a deflate stream cut short
+      raise ReaderError(f"{path}: damaged MedMNIST npz at {split} row {row}: "
+                        f"{type(e).__name__}: {e}") from e
 
 
 if __name__ == "__main__":

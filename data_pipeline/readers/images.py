@@ -1,8 +1,6 @@
-"""Image-folder reader (PNG/JPEG/TIFF/BMP) and the pixel helpers all readers share.
+"""Image reader (PNG/JPEG/TIFF/BMP/GIF) and the pixel helpers all readers share.
 
-Every reader yields `(pixels, meta)`: `pixels` is uint8, (H, W) for grayscale or
-(H, W, 3) for colour; `meta` holds the record header keys of `records.py`
-(source, modality, anatomy, path, index, orig_size, transform).
+Pixels are uint8, (H, W) for grayscale or (H, W, 3) for colour.
 """
 from __future__ import annotations
 
@@ -13,15 +11,14 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, ImageSequence
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+from data_pipeline.readers import common
+from data_pipeline.readers.common import Item, ReaderError
+
+EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
 # Percentiles need not see every voxel of a big volume; a strided sample of
 # this many values gives the same window to well under one grey level.
 _PERCENTILE_SAMPLE = 1 << 22
-
-
-class ReaderError(ValueError):
-  """A file that a reader cannot turn into pixels; the message names the file."""
 
 
 def percentile_window(array: np.ndarray, low_pct: float = 0.5,
@@ -238,29 +235,39 @@ def list_files(root: str | os.PathLike, extensions: Sequence[str] | None = None,
   return sorted(found)
 
 
-def iter_image_folder(root: str | os.PathLike, *, source: str | None = None,
-                      modality: str = "unknown", anatomy: str | None = None,
-                      extensions: Sequence[str] = IMAGE_EXTENSIONS,
-                      recursive: bool = True, low_pct: float = 0.5,
-                      high_pct: float = 99.5,
-                      skip_errors: bool = False) -> Iterator[tuple[np.ndarray, dict[str, Any]]]:
-  """Yield `(uint8 pixels, meta)` for every frame of every image under `root`.
+OPTIONS = {**common.PERCENTILES, "frames": common.FRAMES}
 
-  `source` defaults to the folder name. `index` is the frame (page) number.
-  With `skip_errors`, unreadable files are skipped instead of raising.
-  """
-  root = os.fspath(root)
-  source = source or os.path.basename(os.path.normpath(root))
-  for path in list_files(root, extensions, recursive):
-    try:
-      frames = load_image(path, low_pct, high_pct)
-    except ReaderError:
-      if skip_errors:
-        continue
-      raise
-    for index, (pixels, transform) in enumerate(frames):
-      yield pixels, {
-          "source": source, "modality": modality, "anatomy": anatomy,
-          "path": path, "index": index, "orig_size": list(pixels.shape[:2]),
-          "transform": transform,
-      }
+
+def read(path: str, options: dict[str, Any] | None = None) -> Iterator[Item]:
+  """Every page (frame) of a PNG/JPEG/TIFF/BMP file; index = page number."""
+  path = os.fspath(path)
+  opts = common.validate(OPTIONS, "image", options, path)
+  common.check_file(path)
+  try:
+    frames = load_image(path, opts["low_pct"], opts["high_pct"])
+  except ReaderError as e:
+    raise ReaderError(_image_reason(path, common.detail(e, path))) from e
+  except Image.DecompressionBombError as e:
+    raise ReaderError(f"{path}: image too large: {e} (raise PIL.Image.MAX_IMAGE_PIXELS "
+                      "to read it)") from e
+  except Exception as e:  # memory, and what else a decoder may raise
+    raise ReaderError(f"{path}: cannot read image: {type(e).__name__}: {e}") from e
+  if not frames:
+    raise ReaderError(f"{path}: image has no frames")
+  if opts["frames"] == "first":
+    frames = frames[:1]
+  for i, (pixels, transform) in enumerate(frames):
+    yield pixels, common.meta(path, i, pixels, transform)
+
+
+def _image_reason(path: str, detail: str) -> str:
+  """Say what a file that failed to load as an image actually is."""
+  detail = detail.removeprefix("cannot read image: ")
+  kind = common.sniff(path)
+  if kind in common.IMAGE_KINDS:
+    state = "truncated" if "truncated" in detail.lower() else "damaged"
+    return f"{path}: {state} {kind}: {detail}"
+  if kind is not None:
+    return (f"{path}: not an image: the content is {kind} "
+            f"(the name ends in {common.suffix(path) or 'no suffix'!r})")
+  return f"{path}: not a readable image: {detail}"

@@ -12,12 +12,11 @@ argument, else $BIOVFM_CACHE, else ~/.cache/biovfm_jax. The build writes into a
 temporary folder that is renamed into place, under a file lock, so concurrent or
 interrupted builds never leave half a corpus.
 
-    python -m data_pipeline.sources.mini [--cache_dir DIR] [--force]
+    python -m data_pipeline.mini [--cache_dir DIR] [--force]
 """
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import shutil
 import tempfile
@@ -28,7 +27,9 @@ from typing import Any
 import numpy as np
 
 from data_pipeline import records, shards
-from data_pipeline.sources.images import is_near_constant, resize_max, resize_scale, tile
+from data_pipeline.ingest import dedup
+from data_pipeline.readers import dicom, nifti
+from data_pipeline.readers.images import is_near_constant, resize_max, resize_scale, tile
 
 VERSION = "mini_v1"
 MAX_SIDE = 256
@@ -74,20 +75,21 @@ def _volumes() -> Iterator[Example]:
   import nibabel  # pylint: disable=import-outside-toplevel
   from nibabel.testing import data_path  # pylint: disable=import-outside-toplevel
   from nilearn import datasets  # pylint: disable=import-outside-toplevel
-  from data_pipeline.sources.nifti import iter_nifti  # pylint: disable=import-outside-toplevel
 
-  # iter_nifti reads files; nilearn returns an in-memory image, so save it.
+  # The reader reads files; nilearn returns an in-memory image, so save it.
   with tempfile.TemporaryDirectory() as tmp:
     path = os.path.join(tmp, "mni152_template.nii.gz")
     nibabel.save(datasets.load_mni152_template(), path)
-    for pixels, meta in iter_nifti(path, source="nilearn_mni152", modality="MR",
-                                   anatomy="brain", stride=1):
-      yield pixels, dict(meta, path="nilearn.datasets.load_mni152_template()")
+    for pixels, meta in nifti.read(path):
+      meta = dict(meta, path="nilearn.datasets.load_mni152_template()")
+      yield pixels, records.header("nilearn_mni152", meta, pixels, modality="MR",
+                                   anatomy="brain")
   # anatomical.nii is a T1 head, example4d.nii.gz an EPI (fMRI) series: real
   # anatomy. The other test volumes there are phantoms or a few voxels wide.
   for name in ("anatomical.nii", "example4d.nii.gz"):
-    yield from iter_nifti(os.path.join(str(data_path), name), source="nibabel_testdata",
-                          modality="MR", anatomy="brain", stride=1)
+    for pixels, meta in nifti.read(os.path.join(str(data_path), name)):
+      yield pixels, records.header("nibabel_testdata", meta, pixels, modality="MR",
+                                   anatomy="brain")
 
 
 # pydicom test files that are real images and decode without extra packages,
@@ -110,10 +112,9 @@ _DICOM_FILES = {
 
 def _dicoms() -> Iterator[Example]:
   from pydicom.data import get_testdata_file  # pylint: disable=import-outside-toplevel
-  from data_pipeline.sources.dicom import iter_dicom  # pylint: disable=import-outside-toplevel
   for name, plan in _DICOM_FILES.items():
-    for pixels, meta in iter_dicom(get_testdata_file(name), source="pydicom_testdata"):
-      yield from _tiles(pixels, meta, plan)
+    for pixels, meta in dicom.read(get_testdata_file(name)):
+      yield from _tiles(pixels, records.header("pydicom_testdata", meta, pixels), plan)
 
 
 # scikit-image sample photographs: (loader name, source, modality, anatomy, plan).
@@ -133,10 +134,9 @@ def _photos() -> Iterator[Example]:
   from skimage import data  # pylint: disable=import-outside-toplevel
   for loader, source, modality, anatomy, plan in _PHOTOS:
     pixels = np.ascontiguousarray(getattr(data, loader)())
-    meta = {"source": source, "modality": modality, "anatomy": anatomy,
-            "path": f"skimage.data.{loader}()", "index": 0,
-            "orig_size": list(pixels.shape[:2]), "transform": "none"}
-    yield from _tiles(pixels, meta, plan)
+    meta = {"path": f"skimage.data.{loader}()", "index": 0, "transform": "none"}
+    yield from _tiles(pixels, records.header(source, meta, pixels, modality=modality,
+                                             anatomy=anatomy), plan)
 
 
 def iter_mini_examples() -> Iterator[Example]:
@@ -149,7 +149,7 @@ def iter_mini_examples() -> Iterator[Example]:
     if capped.shape != pixels.shape:
       meta = dict(meta, transform=f"{meta['transform']}; longer side capped at {MAX_SIDE}")
     pixels = capped
-    digest = hashlib.sha1(pixels.tobytes() + str(pixels.shape).encode()).digest()
+    digest = dedup.pixel_hash(pixels)
     if digest in seen:
       continue
     seen.add(digest)

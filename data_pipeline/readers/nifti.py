@@ -8,15 +8,20 @@ stretched to square pixels when the voxel spacing differs in-plane.
 """
 from __future__ import annotations
 
+import gzip
 import os
+import zlib
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from data_pipeline.sources.images import (ReaderError, apply_window, is_near_constant,
-                                          percentile_window)
+from data_pipeline.readers import common
+from data_pipeline.readers.common import Item, ReaderError
+from data_pipeline.readers.images import apply_window, is_near_constant, percentile_window
+
+EXTENSIONS = (".nii", ".nii.gz")
 
 AXIS_NAMES = ("sagittal", "coronal", "axial")
 
@@ -97,9 +102,7 @@ def _window_volume(data: np.ndarray, lo: float, hi: float) -> np.ndarray:
   return out
 
 
-def iter_nifti(path: str | os.PathLike, *, source: str = "nifti",
-               modality: str = "unknown", anatomy: str | None = None,
-               axes: Sequence[int] = (0, 1, 2), stride: int = 1,
+def iter_nifti(path: str | os.PathLike, *, axes: Sequence[int] = (0, 1, 2), stride: int = 1,
                low_pct: float = 0.5, high_pct: float = 99.5, volumes: str = "first",
                skip_empty: bool = True, empty_tol: int = 8,
                empty_fraction: float = 0.02,
@@ -149,7 +152,84 @@ def iter_nifti(path: str | os.PathLike, *, source: str = "nifti",
                          f"{spacing[col_axis]:g} mm")
           pixels = resized
         yield np.ascontiguousarray(pixels), {
-            "source": source, "modality": modality, "anatomy": anatomy,
             "path": path, "index": [v, axis, k], "orig_size": orig_size,
-            "transform": "; ".join(steps),
-        }
+            "transform": "; ".join(steps)}
+
+
+OPTIONS = {"axes": common.Option([0, 1, 2], common.subset((0, 1, 2), "axes"),
+                                 "canonical axes to slice: 0 sagittal, 1 coronal, 2 axial"),
+           "stride": common.Option(1, common.positive_int, "every n-th slice"),
+           "skip_empty": common.Option(True, common.boolean, "drop near-constant slices"),
+           "empty_fraction": common.Option(0.02, common.fraction,
+                                           "a slice with fewer differing pixels is empty"),
+           **common.PERCENTILES,
+           "volumes": common.Option("first", common.choice("first", "all"),
+                                    "volumes of a 4D file"),
+           "square_pixels": common.Option(True, common.boolean, "resample to square pixels"),
+           "max_pixels": common.MAX_PIXELS_OPTION}
+
+
+def _gzip_problem(path: str) -> str | None:
+  """Why a .gz file does not decompress, if it does not (only run on failure)."""
+  try:
+    with gzip.open(path) as f:
+      while f.read(1 << 20):
+        pass
+  except gzip.BadGzipFile as e:
+    return f"not gzip-compressed although named .gz ({e})"
+  except EOFError as e:
+    return f"truncated gzip stream ({e})"
+  except (OSError, zlib.error) as e:
+    return f"damaged gzip stream ({e})"
+  return None
+
+
+def _check_nifti_header(path: str, max_pixels: int) -> None:
+  """Header problems, and claims above the cap, get a reason of their own
+  before any voxel is read."""
+  import nibabel  # pylint: disable=import-outside-toplevel
+  try:
+    img = nibabel.load(path)
+    shape = tuple(int(s) for s in img.shape)
+    dtype = img.get_data_dtype()
+  except Exception as e:  # nibabel raises many types for a bad header
+    why = _gzip_problem(path) if path.lower().endswith(".gz") else None
+    raise ReaderError(f"{path}: {why or f'NIfTI header unreadable or invalid: {e}'}") from e
+  if len(shape) < 2 or any(s <= 0 for s in shape):
+    raise ReaderError(f"{path}: NIfTI header gives an invalid shape {shape}")
+  voxels = int(np.prod(shape[:3], dtype=np.int64))  # one volume is read at a time
+  if voxels > max_pixels:
+    raise ReaderError(f"{path}: NIfTI header claims a {'x'.join(map(str, shape[:3]))} volume "
+                      f"({voxels:,} voxels, {dtype}), above the cap of {max_pixels:,} "
+                      "(reader option max_pixels); not read")
+  offset = getattr(img.dataobj, "offset", None)  # where the voxels start in the file
+  if path.lower().endswith(".nii") and isinstance(offset, int):
+    need = offset + int(np.prod(shape)) * dtype.itemsize
+    have = os.path.getsize(path)
+    if have < need:
+      raise ReaderError(f"{path}: truncated NIfTI: the header promises {need} bytes "
+                        f"(shape {shape}, {dtype}), the file has {have}")
+
+
+def read(path: str, options: dict[str, Any] | None = None) -> Iterator[Item]:
+  """Slices of a volume in canonical (RAS+) orientation, percentile-scaled per
+  volume (see iter_nifti); index = [volume, axis, slice]."""
+  path = os.fspath(path)
+  opts = common.validate(OPTIONS, "nifti", options, path)
+  common.check_file(path)
+  _check_nifti_header(path, opts["max_pixels"])
+  kept = 0
+  try:
+    for pixels, meta in iter_nifti(
+        path, axes=opts["axes"], stride=opts["stride"], low_pct=opts["low_pct"],
+        high_pct=opts["high_pct"], volumes=opts["volumes"], skip_empty=opts["skip_empty"],
+        empty_fraction=opts["empty_fraction"], square_pixels=opts["square_pixels"]):
+      kept += 1
+      yield pixels, meta
+  except ReaderError:
+    raise
+  except Exception as e:  # bad scaling values, a gzip stream cut short
+    raise ReaderError(f"{path}: cannot read NIfTI voxel data: {type(e).__name__}: {e}") from e
+  if not kept:  # a file that gives nothing is still an input: it must be counted
+    raise ReaderError(f"{path}: no slice kept: every slice is near-constant after the "
+                      "volume's intensity window (skip_empty; set it false to keep them)")

@@ -20,8 +20,11 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 
-from data_pipeline.sources.images import (ReaderError, apply_window, list_files,
-                                          percentile_window)
+from data_pipeline.readers import common
+from data_pipeline.readers.common import Item, ReaderError
+from data_pipeline.readers.images import apply_window, percentile_window
+
+EXTENSIONS = (".dcm", ".dicom", ".dic")
 
 # DICOM Modality codes -> the modality names the corpus uses.
 MODALITY_NAMES = {
@@ -190,7 +193,7 @@ def check_claimed_size(ds: pydicom.Dataset, path: str, max_pixels: int) -> None:
         "not decoded")
 
 
-def read_dicom(path: str | os.PathLike, *, low_pct: float = 0.5, high_pct: float = 99.5,
+def load_dicom(path: str | os.PathLike, *, low_pct: float = 0.5, high_pct: float = 99.5,
                use_window: bool = True, max_pixels: int | None = None
                ) -> tuple[pydicom.Dataset, list[tuple[np.ndarray, str]]]:
   """Read one DICOM file -> (its dataset, [(uint8 frame, transform text), ...]).
@@ -230,49 +233,31 @@ def read_dicom(path: str | os.PathLike, *, low_pct: float = 0.5, high_pct: float
   return ds, _frames_gray(ds, arr, low_pct, high_pct, use_window)
 
 
-def iter_dicom(path: str | os.PathLike, *, source: str = "dicom",
-               modality: str | None = None, anatomy: str | None = None,
-               low_pct: float = 0.5, high_pct: float = 99.5,
-               use_window: bool = True) -> Iterator[tuple[np.ndarray, dict[str, Any]]]:
-  """Yield `(uint8 pixels, meta)` for each frame of one DICOM file.
+OPTIONS = {"window": common.Option("tags", common.choice("tags", "percentile"),
+                                   "VOI window from the file's tags (else percentile), "
+                                   "or always the percentile window"),
+           **common.PERCENTILES, "frames": common.FRAMES, "max_pixels": common.MAX_PIXELS_OPTION}
 
-  `modality` defaults to the file's Modality tag (named via MODALITY_NAMES),
-  `anatomy` to its Body Part Examined. `index` is the frame number.
-  """
+
+def read(path: str, options: dict[str, Any] | None = None) -> Iterator[Item]:
+  """Every frame of a DICOM file (rescale, VOI window, MONOCHROME1 inversion, see
+  load_dicom); index = frame number. Suggests modality and anatomy from
+  the Modality and Body Part Examined tags."""
   path = os.fspath(path)
-  ds, frames = read_dicom(path, low_pct=low_pct, high_pct=high_pct, use_window=use_window)
-  if modality is None:
-    code = str(ds.get("Modality", "") or "").upper()
-    modality = MODALITY_NAMES.get(code, code or "unknown")
-  if anatomy is None:
-    anatomy = str(ds.get("BodyPartExamined", "") or "").lower() or None
-  for index, (pixels, transform) in enumerate(frames):
-    yield pixels, {
-        "source": source, "modality": modality, "anatomy": anatomy, "path": path,
-        "index": index, "orig_size": list(pixels.shape[:2]), "transform": transform,
-    }
-
-
-def iter_dicom_folder(root: str | os.PathLike, *, source: str | None = None,
-                      modality: str | None = None, anatomy: str | None = None,
-                      extensions: Sequence[str] | None = None, recursive: bool = True,
-                      low_pct: float = 0.5, high_pct: float = 99.5, use_window: bool = True,
-                      skip_errors: bool = False) -> Iterator[tuple[np.ndarray, dict[str, Any]]]:
-  """Every frame of every DICOM file under `root`.
-
-  DICOM files often have no suffix, so all files are tried (or only those with
-  `extensions`); files that are not DICOM are skipped. With `skip_errors`, DICOM
-  files that cannot be decoded are skipped too, otherwise they raise.
-  """
-  root = os.fspath(root)
-  source = source or os.path.basename(os.path.normpath(root))
-  for path in list_files(root, extensions, recursive):
-    try:
-      yield from iter_dicom(path, source=source, modality=modality, anatomy=anatomy,
-                            low_pct=low_pct, high_pct=high_pct, use_window=use_window)
-    except NotDicomError:
-      continue
-    except ReaderError:
-      if skip_errors:
-        continue
-      raise
+  opts = common.validate(OPTIONS, "dicom", options, path)
+  common.check_file(path)
+  try:
+    ds, frames = load_dicom(
+        path, low_pct=opts["low_pct"], high_pct=opts["high_pct"],
+        use_window=opts["window"] == "tags", max_pixels=opts["max_pixels"])
+  except ReaderError:
+    raise
+  except Exception as e:  # odd tag values that pydicom or numpy trip over
+    raise ReaderError(f"{path}: cannot read DICOM: {type(e).__name__}: {e}") from e
+  code = str(ds.get("Modality", "") or "").upper()
+  modality = MODALITY_NAMES.get(code, code) or None
+  anatomy = str(ds.get("BodyPartExamined", "") or "").lower() or None
+  if opts["frames"] == "first":
+    frames = frames[:1]
+  for i, (pixels, transform) in enumerate(frames):
+    yield pixels, common.meta(path, i, pixels, transform, modality=modality, anatomy=anatomy)
