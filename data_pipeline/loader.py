@@ -250,6 +250,24 @@ class _GlobalPosition:
             + self.process_index * self.local_batch + j)
 
 
+def batch_spec(data_cfg: Any, batch_size: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+  """name -> (shape, dtype) of the batches of `batch_size` examples that
+  make_pretrain_loader yields for `data_cfg` (the loader checks its first)."""
+  b = int(batch_size)
+  if data_cfg.crops == "single":
+    s = int(data_cfg.image_size)
+    spec = {"image": ((b, s, s, 3), np.float32)}
+  elif data_cfg.crops == "multicrop":
+    g, loc = int(data_cfg.global_crop_size), int(data_cfg.local_crop_size)
+    spec = {"global_crops": ((b, 2, g, g, 3), np.float32),
+            "local_crops": ((b, int(data_cfg.num_local_crops), loc, loc, 3), np.float32),
+            "masks": ((b, 2, (g // int(data_cfg.patch_size)) ** 2), np.bool_)}
+  else:
+    raise ValueError(f"config.data.crops={data_cfg.crops!r} must be 'single' or 'multicrop'")
+  spec["skipped"] = ((b,), np.int32)
+  return {k: (shape, np.dtype(dt)) for k, (shape, dt) in spec.items()}
+
+
 def num_records(data_cfg: Any) -> int:
   """How many records the config's shards (or subset) hold, for epoch and step maths."""
   _, chosen = selection_lib.resolve(_cfg(data_cfg, "shards"), _cfg(data_cfg, "cache_dir"),
@@ -322,7 +340,8 @@ def make_pretrain_loader(data_cfg: Any, *, global_batch_size: int, seed: int,
     if not flags.FLAGS.is_parsed():
       flags.FLAGS.mark_as_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
-  return _Batches(iter(ds), example, _cfg(data_cfg, "max_skipped_fraction"))
+  return _Batches(iter(ds), example, _cfg(data_cfg, "max_skipped_fraction"),
+                  batch_spec(data_cfg, local_batch))
 
 
 class _Batches:
@@ -330,9 +349,10 @@ class _Batches:
   names each bad record once in a warning and enforces max_skipped_fraction.
   Runs in the calling process, so it sees the records of every worker."""
 
-  def __init__(self, it, example: _Example, max_fraction: float | None):
+  def __init__(self, it, example: _Example, max_fraction: float | None, spec: dict):
     self._it, self._example = it, example
     self._fraction = max_fraction
+    self._spec = spec  # checked on the first batch only: every batch has the same shapes
     self.bad: dict[int, str] = {}   # record number -> where and why, in the order found
 
   def __iter__(self):
@@ -341,6 +361,11 @@ class _Batches:
   def __next__(self) -> dict[str, np.ndarray]:
     batch = next(self._it)
     found = np.asarray(batch.pop(_BAD_KEY))
+    if self._spec is not None:
+      got = {k: (tuple(v.shape), np.asarray(v).dtype) for k, v in batch.items()}
+      if got != self._spec:
+        raise AssertionError(f"the loader's batch {got} differs from batch_spec {self._spec}")
+      self._spec = None
     for index in map(int, np.unique(found[found >= 0])):
       if index not in self.bad:
         self._note(index)
