@@ -444,8 +444,7 @@ def _train(config, workdir: str, preemption: _Preemption) -> dict:
       due = [e for e in s.evaluators if e.due(step)]
       if due:  # every process takes part: feature extraction is sharded
         chrono.pause()
-        encoder = during_training.backbone_encoder(config, state, objective.backbone_path,
-                                                   s.mesh, s.rules)
+        encoder = during_training.backbone_encoder(objective, state, s.mesh, s.rules)
         for evaluator in due:
           scores = evaluator.run(encoder)
           writer.write_scalars(step, scores)
