@@ -252,7 +252,7 @@ class _GlobalPosition:
 
 def batch_spec(data_cfg: Any, batch_size: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
   """name -> (shape, dtype) of the batches of `batch_size` examples that
-  make_pretrain_loader yields for `data_cfg` (the loader checks its first)."""
+  make_pretrain_loader yields for `data_cfg`, without reading any data."""
   b = int(batch_size)
   if data_cfg.crops == "single":
     s = int(data_cfg.image_size)
@@ -310,7 +310,7 @@ def make_pretrain_loader(data_cfg: Any, *, global_batch_size: int, seed: int,
                       "local_crops": float32 (L, n_local, l, l, 3),
                       "masks": bool (L, 2, (G // patch_size)**2),
                       "skipped": int32 (L,)}
-  Shapes are the same every step.
+  Shapes are the same every step: batch_spec(data_cfg, L).
 
   The first batch is global step `start_step`. process_index and process_count
   default to jax's. Close the iterator (`it.close()`) when done if it uses
@@ -340,8 +340,7 @@ def make_pretrain_loader(data_cfg: Any, *, global_batch_size: int, seed: int,
     if not flags.FLAGS.is_parsed():
       flags.FLAGS.mark_as_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
-  return _Batches(iter(ds), example, _cfg(data_cfg, "max_skipped_fraction"),
-                  batch_spec(data_cfg, local_batch))
+  return _Batches(iter(ds), example, _cfg(data_cfg, "max_skipped_fraction"))
 
 
 class _Batches:
@@ -349,10 +348,9 @@ class _Batches:
   names each bad record once in a warning and enforces max_skipped_fraction.
   Runs in the calling process, so it sees the records of every worker."""
 
-  def __init__(self, it, example: _Example, max_fraction: float | None, spec: dict):
+  def __init__(self, it, example: _Example, max_fraction: float | None):
     self._it, self._example = it, example
     self._fraction = max_fraction
-    self._spec = spec  # checked on the first batch only: every batch has the same shapes
     self.bad: dict[int, str] = {}   # record number -> where and why, in the order found
 
   def __iter__(self):
@@ -361,11 +359,6 @@ class _Batches:
   def __next__(self) -> dict[str, np.ndarray]:
     batch = next(self._it)
     found = np.asarray(batch.pop(_BAD_KEY))
-    if self._spec is not None:
-      got = {k: (tuple(v.shape), np.asarray(v).dtype) for k, v in batch.items()}
-      if got != self._spec:
-        raise AssertionError(f"the loader's batch {got} differs from batch_spec {self._spec}")
-      self._spec = None
     for index in map(int, np.unique(found[found >= 0])):
       if index not in self.bad:
         self._note(index)

@@ -152,6 +152,17 @@ def test_batch_specs_match_the_loaders_examples():
   assert single["image"].shape == (64, 64, 64, 3) and single["image"].dtype == np.float32
 
 
+def test_batch_spec_is_what_the_loader_yields():
+  """loader.batch_spec, which the fit check compiles with, against a real batch
+  of each recipe's loader (the built-in mini corpus)."""
+  from data_pipeline import loader
+  for module in (quickstart, quickstart_dinov2):
+    data = module.get_config().data
+    batch = next(loader.make_pretrain_loader(data, global_batch_size=4, seed=0,
+                                             process_index=0, process_count=1))
+    assert {k: (v.shape, v.dtype) for k, v in batch.items()} == loader.batch_spec(data, 4)
+
+
 # --- GPU: the analytic estimate -------------------------------------------------
 
 def _gpu(config, name="h100-64", **mesh):
