@@ -405,8 +405,8 @@ def check_tpu(config, target: Target, *, num_records: int | None = None,
 
 
 def _records(num_records: int | None) -> int:
-  """Only the LR schedule's step counts depend on the corpus size: it changes
-  no shape, memory or FLOPs, so a nominal size is used unless given."""
+  """Only the step counts (LR schedule, run time) depend on the corpus size: it
+  changes no shape, memory or FLOPs, so a nominal size is used unless given."""
   return 1_000_000 if num_records is None else int(num_records)
 
 
@@ -607,8 +607,9 @@ def _define_flags() -> dict:
       "num_slices": flags.DEFINE_integer("num_slices", 1, "TPU slices joined over DCN "
                                          "(with --config.mesh.slices)."),
       "mfu": flags.DEFINE_list("mfu", ["0.4"], "MFU(s) for the predicted step time."),
-      "num_records": flags.DEFINE_integer("num_records", None, "Corpus size, for the LR "
-                                          "schedule only (default 1,000,000)."),
+      "num_records": flags.DEFINE_integer("num_records", None, "Corpus size, for the "
+                                          "step count (LR schedule, run time) "
+                                          "(default 1,000,000)."),
       "json": flags.DEFINE_bool("json", False, "Print the report as one JSON line instead."),
   }
 
