@@ -58,8 +58,8 @@ compile for GPUs that are not attached, so memory is estimated from what
     objective's activation_plan (jax.ad_checkpoint's saved-residual
     listing: layer-norm statistics in float32, attention probabilities, FFN
     intermediates, the compute-dtype copies of the block's weights), x
-    depth; with a remat policy, plus each
-    layer's input and one layer's full set while it is recomputed.
+    depth; with a remat policy, plus each layer's input and one layer's
+    full set while it is recomputed.
     Residuals with a heads or FFN-hidden axis are divided by the tensor
     size. Tokens: MAE's visible tokens in the encoder and all in the decoder;
     DINOv2's 2 global and n local crops of the student (the teacher's
