@@ -34,7 +34,7 @@ def main(argv):
   from data_pipeline import loader as loader_lib
 
   config = _CONFIG.value
-  s = build(config)
+  s = build(config, evaluators=False)  # timing the train step only
   state = state_lib.create_state(s.spec, s.tx, s.objective, s.shardings)
   size = config.image_size
   # One real batch of the config's input (single or multi-crop), reused every

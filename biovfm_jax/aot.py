@@ -41,22 +41,25 @@ memory_analysis():
     step times), and XLA's cost analysis of the per-device program x devices
     (it counts a scanned layer's loop body once, so it is low with
     scan_layers=True).
-  step time at MFU m = analytic FLOPs / (devices x peak bf16 TFLOP/s x m).
+  step time at MFU m = analytic FLOPs / (devices x peak bf16 TFLOP/s x m);
+    run time = the run's step count (loop.build's, from --num_records) x that.
 
 GPU (`--topology=h100-64`: a100|h100|h200|b200 and a GPU count): XLA offers no
-compile for GPUs that are not attached, so memory is estimated:
+compile for GPUs that are not attached, so memory is estimated from what
+`loop.build` makes for the GPU count (an abstract mesh: no devices):
   - state, exactly: every leaf of the abstract train state (fp32 params,
     Adam's two moments, DINOv2's EMA teacher and centers) split by its
-    sharding on a same-shaped (abstract) mesh; gradients as the params.
+    sharding; gradients as the params.
   - FSDP gather: two blocks' parameters unsharded over fsdp, in param dtype
     (the block being computed and the next one prefetched).
   - activations saved for backward: what JAX's autodiff keeps for one
     transformer block of the config (its dtype, FFN, heads, remat policy),
-    read off the real Block traced abstractly at the run's token count
-    (jax.ad_checkpoint's saved-residual listing: layer-norm statistics in
-    float32, attention probabilities, FFN intermediates, the compute-dtype
-    copies of the block's weights), x depth; with a remat policy, plus each
-    layer's input and one layer's full set while it is recomputed.
+    read off the real Block traced abstractly at the token counts of the
+    objective's activation_plan (jax.ad_checkpoint's saved-residual
+    listing: layer-norm statistics in float32, attention probabilities, FFN
+    intermediates, the compute-dtype copies of the block's weights), x
+    depth; with a remat policy, plus each layer's input and one layer's
+    full set while it is recomputed.
     Residuals with a heads or FFN-hidden axis are divided by the tensor
     size. Tokens: MAE's visible tokens in the encoder and all in the decoder;
     DINOv2's 2 global and n local crops of the student (the teacher's
@@ -287,25 +290,12 @@ def tpu_devices(target: Target) -> list:
 
 
 def batch_specs(config, sharding) -> dict:
-  """Abstract global batch of config.data.crops, as data_pipeline/loader.py
-  makes it (see make_pretrain_loader), placed with `sharding`."""
+  """Abstract global batch (data_pipeline/loader.py's batch_spec), placed with
+  `sharding`."""
   import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  b, d = int(config.batch_size), config.data
-  crops = d.get("crops", "single")
-  if crops == "single":
-    s = int(d.image_size)
-    shapes = {"image": ((b, s, s, 3), jnp.float32)}
-  elif crops == "multicrop":
-    g, loc, n = int(d.global_crop_size), int(d.local_crop_size), int(d.num_local_crops)
-    shapes = {"global_crops": ((b, 2, g, g, 3), jnp.float32),
-              "local_crops": ((b, n, loc, loc, 3), jnp.float32),
-              "masks": ((b, 2, (g // int(d.patch_size)) ** 2), jnp.bool_)}
-  else:
-    raise ValueError(f"config.data.crops={crops!r} must be 'single' or 'multicrop'")
-  shapes["skipped"] = ((b,), jnp.int32)
+  from data_pipeline import loader  # pylint: disable=import-outside-toplevel
   return {k: jax.ShapeDtypeStruct(shape, dt, sharding=sharding)
-          for k, (shape, dt) in shapes.items()}
+          for k, (shape, dt) in loader.batch_spec(config.data, config.batch_size).items()}
 
 
 def _check_slices(config, target: Target) -> None:
@@ -336,25 +326,30 @@ def _step_times(flops: float, devices: int, peak_tflops: float | None, mfus) -> 
   return {f"{m:g}": flops / (devices * peak_tflops * 1e12 * m) for m in mfus}
 
 
-def _common(config, target: Target, mesh_shape: dict, objective, num_params: int,
-            mfus, peak: float | None) -> dict:
+def _common(config, target: Target, s, mfus, peak: float | None) -> dict:
+  """The report's fields shared by the TPU compile and the GPU estimate, from
+  loop.build's Setup `s`."""
+  mesh_shape = {**_mesh_shape(s.mesh), "slices": target.num_slices}
   dp = mesh_shape["data"] * mesh_shape["fsdp"]
-  flops = _flops(config, objective)
+  flops = _flops(config, s.objective)
+  step_s = _step_times(flops, target.num_devices, peak, mfus)
   return {
       "topology": target.name, "platform": target.platform,
       "device_kind": target.device_kind, "num_devices": target.num_devices,
       "num_slices": target.num_slices, "mesh": mesh_shape,
       "batch_size": int(config.batch_size),
       "batch_per_device": int(config.batch_size) / dp,
-      "params": num_params, "hbm_capacity_bytes": target.hbm_bytes,
+      "params": s.spec.num_params(), "hbm_capacity_bytes": target.hbm_bytes,
       "usable_bytes": target.usable_bytes,
       "flops_per_step": flops, "peak_tflops_per_device": peak,
-      "predicted_step_s": _step_times(flops, target.num_devices, peak, mfus),
+      "predicted_step_s": step_s,
+      "steps_per_epoch": s.steps_per_epoch, "total_steps": s.total_steps,
+      "predicted_run_s": {m: t * s.total_steps for m, t in step_s.items()},
   }
 
 
 def _mesh_shape(mesh) -> dict:
-  """{data, fsdp, tensor, slices}: make_mesh folds slices into data."""
+  """{data, fsdp, tensor} (make_mesh folds slices into data)."""
   return {k: int(v) for k, v in mesh.shape.items()}
 
 
@@ -370,13 +365,12 @@ def check_tpu(config, target: Target, *, num_records: int | None = None,
 
   _check_slices(config, target)
   devices = tpu_devices(target)
-  s = loop.build(config, num_records=_records(num_records), devices=devices)
+  s = loop.build(config, num_records=_records(num_records), devices=devices,
+                 evaluators=False)
   state = state_lib.abstract_state(s.spec, s.tx, s.objective, s.shardings)
   batch = batch_specs(config, s.batch_sharding)
   peak = metrics_lib.peak_tflops(config, device=devices[0])
-  report = _common(config, target, _mesh_shape(s.mesh), s.objective, s.spec.num_params(),
-                   mfus, peak)
-  report["mesh"]["slices"] = target.num_slices
+  report = _common(config, target, s, mfus, peak)
   report["state_bytes_per_device"] = _state_bytes(state)
   t0 = time.perf_counter()
   try:
@@ -411,40 +405,17 @@ def check_tpu(config, target: Target, *, num_records: int | None = None,
 
 
 def _records(num_records: int | None) -> int:
-  """Only the LR schedule's step counts depend on the corpus size: it changes
-  no shape, memory or FLOPs, so a nominal size is used unless given."""
+  """Only the step counts (LR schedule, run time) depend on the corpus size: it
+  changes no shape, memory or FLOPs, so a nominal size is used unless given."""
   return 1_000_000 if num_records is None else int(num_records)
 
 
 # --- GPU: an analytic estimate --------------------------------------------------
 
 def _mesh_sizes(mesh_cfg: dict, n: int) -> dict:
-  """config.mesh over n devices -> {data, fsdp, tensor, slices}, as make_mesh
-  resolves it (-1 takes the rest; data spans the slices)."""
+  """sharding.mesh_sizes, imported late (jax must not load at import: see __main__)."""
   from biovfm_jax import sharding as shd  # pylint: disable=import-outside-toplevel
-  unknown = sorted(set(mesh_cfg) - set(shd.MESH_AXES) - {"slices"})
-  if unknown:
-    raise ValueError(f"config.mesh: unknown axes {unknown}; known: "
-                     f"{shd.MESH_AXES + ('slices',)}")
-  slices = int(mesh_cfg.get("slices", 1) or 1)
-  if slices < 1 or n % slices:
-    raise ValueError(f"config.mesh.slices={slices} does not divide {n} devices")
-  per_slice = n // slices
-  sizes = {a: int(mesh_cfg.get(a, 1)) for a in shd.MESH_AXES}
-  free = [a for a, v in sizes.items() if v == -1]
-  if len(free) > 1:
-    raise ValueError(f"config.mesh: at most one axis may be -1, got {mesh_cfg}")
-  known = math.prod(v for v in sizes.values() if v != -1)
-  if free:
-    if per_slice % known:
-      raise ValueError(f"config.mesh={mesh_cfg}: {per_slice} devices per slice are not "
-                       f"divisible by {known}")
-    sizes[free[0]] = per_slice // known
-  if math.prod(sizes.values()) != per_slice:
-    raise ValueError(f"config.mesh={mesh_cfg} needs {math.prod(sizes.values()) * slices} "
-                     f"devices, {n} are available")
-  sizes["data"] *= slices
-  return {**sizes, "slices": slices}
+  return shd.mesh_sizes(mesh_cfg, n)
 
 
 @functools.lru_cache(maxsize=64)
@@ -504,32 +475,11 @@ def stack_activation_bytes(vit, tokens: int, seqs: float, tensor: int = 1) -> fl
 
 
 def _activation_bytes(objective, b: float, tensor: int) -> dict[str, float]:
-  """Saved activations (and DINOv2 head logits) for b images on one device."""
-  vit = objective.vit
-  prefix = vit.num_prefix_tokens
-  if hasattr(objective, "decoder_width"):  # MAE
-    n = vit.num_patches
-    t_enc = prefix + int(n * (1 - objective.mask_ratio))
-    dec = dataclasses.replace(vit, width=objective.decoder_width,
-                              depth=objective.decoder_depth,
-                              num_heads=objective.decoder_heads,
-                              mlp_dim=objective.decoder_mlp_dim, ffn="mlp",
-                              layerscale_init=None, drop_path_rate=0.0)  # as models/mae.py
-    return {"encoder": stack_activation_bytes(vit, t_enc, b, tensor),
-            "decoder": stack_activation_bytes(dec, prefix + n, b, tensor)}
-  # DINOv2: the student's crops; the heads' float32 logits.
-  p = vit.patch_size
-  t_g = prefix + (objective.global_size // p) ** 2
-  t_l = prefix + (objective.local_size // p) ** 2
-  # Rows per image: cls of the student's crops and the teacher's globals; iBOT
-  # slots of both models' globals. Two float32 copies of each row's logits.
-  rows_cls = 2 + objective.n_local_crops + 2
-  rows_patch = 2 * 2 * objective.ibot_slots if objective.ibot_weight > 0 else 0
-  heads = 2 * 4 * b * (rows_cls * objective.num_prototypes
-                       + rows_patch * objective.patch_prototypes) / tensor
-  return {"global_crops": stack_activation_bytes(vit, t_g, 2 * b, tensor),
-          "local_crops": stack_activation_bytes(vit, t_l, objective.n_local_crops * b, tensor),
-          "heads": heads}
+  """Saved activations (and e.g. head logits) for b images on one device, by
+  the objective's activation_plan."""
+  return {name: (stack_activation_bytes(*part, tensor) if isinstance(part, tuple)
+                 else part / tensor)
+          for name, part in objective.activation_plan(b).items()}
 
 
 def _block_param_count(abstract_params, depth: int) -> int:
@@ -554,35 +504,16 @@ def estimate_gpu(config, target: Target, *, num_records: int | None = None,
   """Analytic memory per GPU (see the module docstring). Raises DoesNotFit
   when the estimate exceeds the usable memory, ValueError for config errors."""
   import jax  # pylint: disable=import-outside-toplevel
-  from jax.sharding import AbstractMesh, AxisType  # pylint: disable=import-outside-toplevel
-  from biovfm_jax import sharding as shd  # pylint: disable=import-outside-toplevel
-  from biovfm_jax.models.vit import vit_config_from  # pylint: disable=import-outside-toplevel
-  from biovfm_jax.objectives import get_objective  # pylint: disable=import-outside-toplevel
+  from biovfm_jax.train import loop  # pylint: disable=import-outside-toplevel
   from biovfm_jax.train import metrics as metrics_lib  # pylint: disable=import-outside-toplevel
-  from biovfm_jax.train import optim  # pylint: disable=import-outside-toplevel
   from biovfm_jax.train import state as state_lib  # pylint: disable=import-outside-toplevel
-  from biovfm_jax.train.validate import validate_config  # pylint: disable=import-outside-toplevel
 
-  sizes = _mesh_sizes(dict(config.mesh), target.num_devices)
-  names = shd.MESH_AXES
-  mesh = AbstractMesh(tuple(sizes[a] for a in names), names,
-                      axis_types=(AxisType.Auto,) * len(names))
-  rules = shd.rules_from_config(config.sharding_rules)
-  validate_config(config, mesh)
-  # The same objects loop.build makes, on the abstract mesh.
-  records = _records(num_records)
-  steps_per_epoch = config.steps_per_epoch or max(1, records // config.batch_size)
-  total_steps = config.num_train_steps or int(config.total_epochs * steps_per_epoch)
-  objective = get_objective(config, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
-  spec = state_lib.ModelSpec(objective.init_model, config.seed, mesh, rules)
-  schedule = optim.lr_schedule(config, total_steps, steps_per_epoch)
-  depth = vit_config_from(config.model).depth
-  tx = optim.make_optimizer(config, schedule, spec.decay_mask, params=spec.abstract_params,
-                            depth=depth, total_steps=total_steps,
-                            steps_per_epoch=steps_per_epoch)
-  shardings = state_lib.state_shardings(spec, tx, objective)
-  state = state_lib.abstract_state(spec, tx, objective, shardings)
-
+  _check_slices(config, target)
+  # What a run builds, on an abstract mesh of the target's device count.
+  s = loop.build(config, num_records=_records(num_records), devices=target.num_devices,
+                 evaluators=False)
+  sizes, objective = _mesh_shape(s.mesh), s.objective
+  state = state_lib.abstract_state(s.spec, s.tx, objective, s.shardings)
   state_bytes = _state_bytes(state)
   accum = int(config.optim.grad_accum_steps)
   dp, tensor, fsdp = sizes["data"] * sizes["fsdp"], sizes["tensor"], sizes["fsdp"]
@@ -592,8 +523,10 @@ def estimate_gpu(config, target: Target, *, num_records: int | None = None,
            # gradients, and their running sum under accumulation
            "gradients": state_bytes["params"] * (2 if accum > 1 else 1)}
   if fsdp > 1:
-    pbytes = jax.numpy.dtype(objective.vit.param_dtype).itemsize
-    parts["fsdp_gather"] = 2 * _block_param_count(spec.abstract_params, depth) * pbytes / tensor
+    vit = objective.encoder_config
+    pbytes = jax.numpy.dtype(vit.param_dtype).itemsize
+    block = _block_param_count(s.spec.abstract_params, vit.depth)
+    parts["fsdp_gather"] = 2 * block * pbytes / tensor
   acts = _activation_bytes(objective, micro, tensor)
   parts.update({f"activations_{k}": v for k, v in acts.items()})
   batch = batch_specs(config, None)
@@ -603,7 +536,7 @@ def estimate_gpu(config, target: Target, *, num_records: int | None = None,
   usable = target.usable_bytes
   fraction = usable / target.hbm_bytes
   peak = metrics_lib.peak_tflops(config, device=_Kind(target.device_kind))
-  report = _common(config, target, sizes, objective, spec.num_params(), mfus, peak)
+  report = _common(config, target, s, mfus, peak)
   report.update(state_bytes_per_device=state_bytes, memory_bytes=parts,
                 peak_hbm_bytes=total, mem_fraction=fraction,
                 fits=total <= usable, estimate=True)
@@ -657,6 +590,9 @@ def format_report(r: dict, config_name: str = "") -> str:
     times = ", ".join(f"{t:.3g} s at MFU {m}" for m, t in r["predicted_step_s"].items())
     lines.append(f"  step time               {times} "
                  f"({r['peak_tflops_per_device']:g} TFLOP/s peak per device)")
+    runs = ", ".join(f"{t / 3600:.3g} h at MFU {m}" for m, t in r["predicted_run_s"].items())
+    lines.append(f"  run time                {runs} ({r['total_steps']:,} steps, "
+                 f"{r['steps_per_epoch']:,} per epoch)")
   if "compile_s" in r:
     lines.append(f"  compile                 {r['compile_s']:.1f} s")
   return "\n".join(lines)
@@ -671,8 +607,9 @@ def _define_flags() -> dict:
       "num_slices": flags.DEFINE_integer("num_slices", 1, "TPU slices joined over DCN "
                                          "(with --config.mesh.slices)."),
       "mfu": flags.DEFINE_list("mfu", ["0.4"], "MFU(s) for the predicted step time."),
-      "num_records": flags.DEFINE_integer("num_records", None, "Corpus size, for the LR "
-                                          "schedule only (default 1,000,000)."),
+      "num_records": flags.DEFINE_integer("num_records", None, "Corpus size, for the "
+                                          "step count (LR schedule, run time) "
+                                          "(default 1,000,000)."),
       "json": flags.DEFINE_bool("json", False, "Print the report as one JSON line instead."),
   }
 

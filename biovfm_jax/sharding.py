@@ -75,46 +75,71 @@ def logical_to_mesh(logical: Sequence[str | None] | None, rules=DEFAULT_RULES,
   return P(*spec)
 
 
-def make_mesh(shape: dict | None = None, devices=None) -> Mesh:
-  """Builds the (data, fsdp, tensor) mesh of `config.mesh`.
+def mesh_sizes(shape: dict | None, num_devices: int) -> dict:
+  """`config.mesh` over `num_devices` -> {data, fsdp, tensor, slices}: the
+  mesh's axis sizes (data spans the slices) and the slice count.
 
   data, fsdp, tensor: sizes within one slice (ICI); one may be -1 to take the
   rest. slices (default 1): TPU slices joined over the data-centre network
-  (DCN); the mesh's data axis is then slices x data, laid out so only data
-  parallelism crosses slices and FSDP/tensor collectives stay inside one
-  (the hybrid mesh MaxText and big_vision use for multi-slice runs).
+  (DCN). Raises ConfigError naming config.mesh when the devices do not fit.
   """
-  devices = np.asarray(jax.devices() if devices is None else devices)
   shape = dict(shape or {"data": -1})
   unknown = sorted(set(shape) - set(MESH_AXES) - {"slices"})
   if unknown:
     raise ConfigError(f"config.mesh: unknown axes {unknown}; known: {MESH_AXES + ('slices',)}")
   slices = int(shape.get("slices", 1) or 1)
-  if slices < 1 or devices.size % slices:
-    raise ConfigError(f"config.mesh.slices={slices} does not divide {devices.size} devices")
-  per_slice = devices.size // slices
-  sizes = [int(shape.get(a, 1)) for a in MESH_AXES]
-  if sizes.count(-1) > 1:
+  if slices < 1 or num_devices % slices:
+    raise ConfigError(f"config.mesh.slices={slices} does not divide {num_devices} devices")
+  per_slice = num_devices // slices
+  sizes = {a: int(shape.get(a, 1)) for a in MESH_AXES}
+  free = [a for a, v in sizes.items() if v == -1]
+  if len(free) > 1:
     raise ConfigError(f"config.mesh: at most one axis may be -1, got {shape}")
-  known = int(np.prod([s for s in sizes if s != -1]))
-  if -1 in sizes:
+  known = int(np.prod([v for v in sizes.values() if v != -1]))
+  if free:
     if per_slice % known:
       raise ConfigError(f"config.mesh={shape}: {per_slice} devices per slice are not "
                        f"divisible by {known}")
-    sizes[sizes.index(-1)] = per_slice // known
-  if int(np.prod(sizes)) != per_slice:
-    raise ConfigError(f"config.mesh={shape} needs {int(np.prod(sizes)) * slices} devices, "
-                     f"{devices.size} are available")
+    sizes[free[0]] = per_slice // known
+  if int(np.prod(list(sizes.values()))) != per_slice:
+    raise ConfigError(f"config.mesh={shape} needs {int(np.prod(list(sizes.values()))) * slices} "
+                     f"devices, {num_devices} are available")
+  sizes["data"] *= slices
+  return {**sizes, "slices": slices}
+
+
+_AUTO = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+
+
+def make_mesh(shape: dict | None = None, devices=None) -> Mesh:
+  """Builds the (data, fsdp, tensor) mesh of `config.mesh` (see mesh_sizes).
+
+  With slices > 1 the mesh's data axis is slices x data, laid out so only data
+  parallelism crosses slices and FSDP/tensor collectives stay inside one (the
+  hybrid mesh MaxText and big_vision use for multi-slice runs).
+  """
+  devices = np.asarray(jax.devices() if devices is None else devices)
+  sizes = mesh_sizes(shape, devices.size)
+  slices = sizes["slices"]
   if slices == 1:
-    grid = devices.reshape(sizes)
+    grid = devices.reshape([sizes[a] for a in MESH_AXES])
   else:
     from jax.experimental import mesh_utils  # pylint: disable=import-outside-toplevel
     if not hasattr(devices.flat[0], "slice_index"):
       raise ConfigError(f"config.mesh.slices={slices}: these devices have no slice index "
                        "(multi-slice meshes are for TPU slices joined over DCN)")
+    per_slice = [sizes["data"] // slices] + [sizes[a] for a in MESH_AXES[1:]]
     grid = mesh_utils.create_hybrid_device_mesh(
-        sizes, [slices, 1, 1], devices=list(devices.flat))
-  return Mesh(grid, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+        per_slice, [slices, 1, 1], devices=list(devices.flat))
+  return Mesh(grid, MESH_AXES, axis_types=_AUTO)
+
+
+def abstract_mesh(shape: dict | None, num_devices: int) -> jax.sharding.AbstractMesh:
+  """The mesh make_mesh would build over `num_devices`, without devices: for
+  shapes and shardings of a target that is not here (the GPU fit estimate)."""
+  sizes = mesh_sizes(shape, num_devices)
+  return jax.sharding.AbstractMesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES,
+                                   axis_types=_AUTO)
 
 
 @contextlib.contextmanager

@@ -204,6 +204,24 @@ class _GlobalPosition:
             + self.process_index * self.local_batch + j)
 
 
+def batch_spec(data_cfg: Any, batch_size: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+  """name -> (shape, dtype) of the batches of `batch_size` examples that
+  make_pretrain_loader yields for `data_cfg`, without reading any data."""
+  b = int(batch_size)
+  if data_cfg.crops == "single":
+    s = int(data_cfg.image_size)
+    spec = {"image": ((b, s, s, 3), np.float32)}
+  elif data_cfg.crops == "multicrop":
+    g, loc = int(data_cfg.global_crop_size), int(data_cfg.local_crop_size)
+    spec = {"global_crops": ((b, 2, g, g, 3), np.float32),
+            "local_crops": ((b, int(data_cfg.num_local_crops), loc, loc, 3), np.float32),
+            "masks": ((b, 2, (g // int(data_cfg.patch_size)) ** 2), np.bool_)}
+  else:
+    raise ConfigError(f"config.data.crops={data_cfg.crops!r} must be 'single' or 'multicrop'")
+  spec["skipped"] = ((b,), np.int32)
+  return {k: (shape, np.dtype(dt)) for k, (shape, dt) in spec.items()}
+
+
 def process_share(global_batch: int, process_index: int | None,
                   process_count: int | None, what: str) -> tuple[int, int]:
   """(process_index, local batch size): each process reads a contiguous share
@@ -230,7 +248,7 @@ def make_pretrain_loader(data_cfg: Any, *, global_batch_size: int, seed: int,
                       "local_crops": float32 (L, n_local, l, l, 3),
                       "masks": bool (L, 2, (G // patch_size)**2),
                       "skipped": int32 (L,)}
-  Shapes are the same every step.
+  Shapes are the same every step: batch_spec(data_cfg, L).
 
   The first batch is global step `start_step`. process_index and process_count
   default to jax's. `data` is the input `resolve(data_cfg)` gives (the train

@@ -9,6 +9,7 @@ import sys
 
 import jax
 import numpy as np
+import optax
 import pytest
 
 from biovfm_jax import aot
@@ -151,6 +152,17 @@ def test_batch_specs_match_the_loaders_examples():
   assert single["image"].shape == (64, 64, 64, 3) and single["image"].dtype == np.float32
 
 
+def test_batch_spec_is_what_the_loader_yields():
+  """loader.batch_spec, which the fit check compiles with, against a real batch
+  of each recipe's loader (the built-in mini corpus)."""
+  from data_pipeline import loader
+  for module in (quickstart, quickstart_dinov2):
+    data = module.get_config().data
+    batch = next(loader.make_pretrain_loader(data, global_batch_size=4, seed=0,
+                                             process_index=0, process_count=1))
+    assert {k: (v.shape, v.dtype) for k, v in batch.items()} == loader.batch_spec(data, 4)
+
+
 # --- GPU: the analytic estimate -------------------------------------------------
 
 def _gpu(config, name="h100-64", **mesh):
@@ -235,3 +247,40 @@ def test_gpu_estimate_that_does_not_fit():
     _gpu(config, "h100-8", data=1, fsdp=8)
   assert e.value.report["fits"] is False
   assert e.value.report["peak_hbm_bytes"] > e.value.report["usable_bytes"]
+
+
+# --- One builder ----------------------------------------------------------------
+
+def test_the_fit_check_takes_its_steps_and_state_from_loop_build(monkeypatch):
+  """The GPU estimate reports what loop.build makes: a change inside build (its
+  step count, the optimiser it makes) changes the answer, with nothing in aot.py
+  to keep in step."""
+  from biovfm_jax.train import loop
+
+  def estimate(**kw):
+    config = quickstart.get_config()
+    config.update(num_train_steps=None, steps_per_epoch=None, total_epochs=2)
+    return aot.estimate_gpu(config, aot.parse_topology("h100-8"), num_records=6400, **kw)
+
+  base = estimate()
+  assert (base["steps_per_epoch"], base["total_steps"]) == (100, 200)  # 6400 // 64, x 2
+  assert base["predicted_run_s"]["0.4"] == pytest.approx(200 * base["predicted_step_s"]["0.4"])
+  # Build with 3x the steps, and an optimiser with one more params-sized moment.
+  monkeypatch.setattr(loop, "step_counts", lambda config, n: (100, 600))
+  make = loop.optim.make_optimizer
+  monkeypatch.setattr(loop.optim, "make_optimizer", lambda *a, **k: optax.chain(
+      make(*a, **k), optax.trace(decay=0.9)))
+  changed = estimate()
+  assert changed["total_steps"] == 600
+  assert changed["predicted_run_s"]["0.4"] == pytest.approx(3 * base["predicted_run_s"]["0.4"])
+  assert changed["memory_bytes"]["opt_state"] == pytest.approx(
+      1.5 * base["memory_bytes"]["opt_state"], rel=1e-3)
+  assert changed["peak_hbm_bytes"] - base["peak_hbm_bytes"] == (
+      changed["memory_bytes"]["opt_state"] - base["memory_bytes"]["opt_state"])
+
+
+def test_gpu_estimate_refuses_a_multi_slice_mesh():
+  config = quickstart.get_config()
+  config.mesh.update(data=4, slices=2)
+  with pytest.raises(ValueError, match=r"config\.mesh\.slices=2 but the target has 1"):
+    aot.estimate_gpu(config, aot.parse_topology("h100-8"))

@@ -2,6 +2,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from biovfm_jax import sharding as shd
@@ -178,3 +179,29 @@ def test_dinov2_optimizer_recipe():
     b0 = updates["backbone"]["blocks"]["layers"]["0"]["fc"]["kernel"]
     b1 = updates["backbone"]["blocks"]["layers"]["1"]["fc"]["kernel"]
     np.testing.assert_allclose(b0 / b1, 0.9, rtol=1e-5)
+
+
+@pytest.mark.parametrize("module", ["quickstart", "quickstart_dinov2"])
+def test_the_recorded_encoder_config_describes_the_backbone_in_the_state(module):
+  """Checkpoints record the objective's encoder config (run_info["encoder"]):
+  evaluation rebuilds the backbone from it, so it must give exactly the params
+  at the objective's backbone path (DINOv2's carries the iBOT mask token)."""
+  import importlib
+  from flax import nnx
+  from biovfm_jax.models.vit import VisionTransformer
+  from biovfm_jax.objectives import get_objective
+  from biovfm_jax.train import state as state_lib
+  config = importlib.import_module(f"configs.{module}").get_config()
+  objective = get_objective(config, total_steps=10, steps_per_epoch=5)
+  mesh = shd.make_mesh({"data": 1}, jax.devices()[:1])
+  spec = state_lib.ModelSpec(objective.init_model, 0, mesh, shd.DEFAULT_RULES)
+  state = jax.eval_shape(lambda: state_lib._fresh_state(spec, optax.identity(), objective))
+  tree = {"params": state.params, "extra": state.extra}
+  for key in objective.backbone_path:
+    tree = tree[key]
+  encoder = nnx.state(nnx.eval_shape(
+      lambda: VisionTransformer(objective.encoder_config, rngs=nnx.Rngs(0))), nnx.Param)
+  shapes = lambda t: jax.tree.map(lambda x: x.shape, nnx.to_pure_dict(t)  # noqa: E731
+                                  if isinstance(t, nnx.State) else t)
+  assert shapes(encoder) == shapes(tree)
+  assert objective.encoder_config.mask_token == (module == "quickstart_dinov2")

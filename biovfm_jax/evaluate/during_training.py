@@ -19,7 +19,6 @@ import numpy as np
 
 from biovfm_jax.evaluate import protocols
 from biovfm_jax.evaluate.encoder import Encoder
-from biovfm_jax.models.vit import vit_config_from
 from configs.eval import common as eval_common
 from data_pipeline.errors import ConfigError
 from data_pipeline.readers import medmnist
@@ -80,9 +79,9 @@ def build_evaluators(config) -> list[Evaluator]:
           for name, entry in evals.items()]
 
 
-def backbone_encoder(config, state, backbone_path, mesh, rules) -> Encoder:
-  """The backbone inside a train state, as an Encoder on the training mesh."""
+def backbone_encoder(objective, state, mesh, rules) -> Encoder:
+  """The objective's backbone inside a train state, as an Encoder on the training mesh."""
   tree = {"params": state.params, "extra": state.extra}
-  for key in backbone_path:
+  for key in objective.backbone_path:
     tree = tree[key]
-  return Encoder(vit_config_from(config.model), tree, mesh=mesh, rules=rules)
+  return Encoder(objective.encoder_config, tree, mesh=mesh, rules=rules)

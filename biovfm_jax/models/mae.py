@@ -16,6 +16,16 @@ from data_pipeline.errors import ConfigError
 _ACT = ("batch", "length", "act_embed")
 
 
+def decoder_config(encoder: ViTConfig, *, width: int, depth: int, heads: int,
+                   mlp_dim: int | None = None) -> ViTConfig:
+  """The decoder's blocks: the encoder's numerics (dtype, attention, remat,
+  scan), a GELU MLP (4 x width unless given), no drop path or LayerScale."""
+  return dataclasses.replace(
+      encoder, width=width, depth=depth, num_heads=heads, mlp_dim=mlp_dim or 4 * width,
+      ffn="mlp", layerscale_init=None, drop_path_rate=0.0, num_registers=0,
+      pos_embed="sincos")
+
+
 class MaskedAutoencoder(nnx.Module):
   """Encoder: a VisionTransformer (sin-cos positions by default). Decoder:
   Linear width->decoder_width, mask token, fixed 2D sin-cos positions
@@ -34,11 +44,8 @@ class MaskedAutoencoder(nnx.Module):
       raise ConfigError(f"config.mae.decoder_width={decoder_width} must be "
                        "divisible by 4 (sin-cos position embedding)")
     self.encoder = VisionTransformer(encoder, rngs=rngs)
-    dec = dataclasses.replace(
-        encoder, width=decoder_width, depth=decoder_depth,
-        num_heads=decoder_heads, mlp_dim=decoder_mlp_dim or 4 * decoder_width,
-        ffn="mlp", layerscale_init=None, drop_path_rate=0.0, num_registers=0,
-        pos_embed="sincos")
+    dec = decoder_config(encoder, width=decoder_width, depth=decoder_depth,
+                         heads=decoder_heads, mlp_dim=decoder_mlp_dim)
     self.decoder_config = dec
     pdt, dt = jnp.dtype(dec.param_dtype), jnp.dtype(dec.dtype)
     self.dtype = dt

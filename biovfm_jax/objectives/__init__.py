@@ -11,6 +11,11 @@ def get_objective(config, *, total_steps: int, steps_per_epoch: int):
     after_update(params, extra, step) -> extra   (e.g. the EMA teacher update)
     flops_per_example() -> float           analytic training FLOPs, for MFU
     visualize(model, batch, rng, extra) -> uint8 image grid for TensorBoard
+    encoder_config -> ViTConfig            the backbone's, recorded in checkpoints
+    activation_plan(images) -> dict        for the fit check (biovfm_jax/aot.py):
+        name -> (ViTConfig, tokens, sequences): a block stack whose saved
+        residuals backward keeps, for `images` images on one device; or
+        name -> bytes kept besides, split by the tensor axis (head logits)
   """
   name = config.objective
   if name == "mae":

@@ -319,6 +319,28 @@ class DINOv2Objective:
 
   # --- reporting ---------------------------------------------------------------
 
+  @property
+  def encoder_config(self) -> ViTConfig:
+    """The backbone's config (with its iBOT mask token), as checkpoints record it."""
+    return self.vit
+
+  def activation_plan(self, images: float) -> dict:
+    """What backward keeps for `images` images (see objectives.get_objective):
+    the student's global and local crops (the teacher's forward keeps
+    nothing), and the heads' float32 logits over the prototypes: per image the
+    cls rows of the student's crops and the teacher's globals, the iBOT slots
+    of both models' globals, two copies of each (logits, their softmax)."""
+    p, prefix = self.vit.patch_size, self.vit.num_prefix_tokens
+    plan = {"global_crops": (self.vit, prefix + (self.global_size // p) ** 2, 2 * images)}
+    if self.n_local_crops:
+      plan["local_crops"] = (self.vit, prefix + (self.local_size // p) ** 2,
+                             self.n_local_crops * images)
+    rows_cls = 2 + self.n_local_crops + 2
+    rows_patch = 2 * 2 * self.ibot_slots if self.ibot_weight > 0 else 0
+    plan["heads"] = 2 * 4 * images * (rows_cls * self.num_prototypes
+                                      + rows_patch * self.patch_prototypes)
+    return plan
+
   def flops_per_example(self) -> float:
     """Analytic training FLOPs per image (2*m*n*k per matmul; norms, softmax,
     GELU, the losses ignored):

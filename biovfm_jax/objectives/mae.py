@@ -12,7 +12,7 @@ from flax import nnx
 
 from biovfm_jax import sharding as shd
 from biovfm_jax.models.layers import no_decay  # noqa: F401  (re-exported)
-from biovfm_jax.models.mae import MaskedAutoencoder
+from biovfm_jax.models.mae import MaskedAutoencoder, decoder_config
 from biovfm_jax.models.patches import patchify, random_masking, unpatchify
 from biovfm_jax.models.vit import ViTConfig, vit_config_from
 from data_pipeline.errors import ConfigError
@@ -107,7 +107,21 @@ class MAEObjective:
     if int(self.vit.num_patches * (1 - self.mask_ratio)) < 1:
       raise ConfigError(f"config.mae.mask_ratio={self.mask_ratio} leaves no "
                        f"visible patch of {self.vit.num_patches}")
+    self.decoder = decoder_config(self.vit, width=self.decoder_width, depth=self.decoder_depth,
+                                  heads=self.decoder_heads, mlp_dim=self.decoder_mlp_dim)
     self.mean, self.std = tuple(config.data.mean), tuple(config.data.std)
+
+  @property
+  def encoder_config(self) -> ViTConfig:
+    """The backbone's config, as checkpoints record it."""
+    return self.vit
+
+  def activation_plan(self, images: float) -> dict:
+    """What backward keeps for `images` images (see objectives.get_objective):
+    the encoder over the visible tokens, the decoder over all of them."""
+    n, prefix = self.vit.num_patches, self.vit.num_prefix_tokens
+    return {"encoder": (self.vit, prefix + int(n * (1 - self.mask_ratio)), images),
+            "decoder": (self.decoder, prefix + n, images)}
 
   def init_model(self, rngs: nnx.Rngs) -> MaskedAutoencoder:
     return MaskedAutoencoder(
@@ -155,10 +169,7 @@ class MAEObjective:
 
     Norms, softmax, GELU and additions are ignored.
     """
-    dec = ViTConfig(width=self.decoder_width, depth=self.decoder_depth,
-                    num_heads=self.decoder_heads, mlp_dim=self.decoder_mlp_dim,
-                    patch_size=self.vit.patch_size, image_size=self.vit.image_size)
-    return mae_flops(self.vit, dec, self.mask_ratio)
+    return mae_flops(self.vit, self.decoder, self.mask_ratio)
 
   def visualize(self, model: MaskedAutoencoder, batch, rng: jax.Array, extra=None,
                 n: int = 4) -> np.ndarray:

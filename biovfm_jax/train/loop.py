@@ -22,7 +22,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from biovfm_jax import sharding as shd
 from biovfm_jax.evaluate import during_training
-from biovfm_jax.models.vit import vit_config_from
 from biovfm_jax.objectives import get_objective
 from biovfm_jax.train import checkpoint as ckpt_lib
 from biovfm_jax.train import metrics as metrics_lib
@@ -274,7 +273,7 @@ class _Preemption:
 @dataclasses.dataclass
 class Setup:
   """Everything built from a config before the first step (also used by benchmarks)."""
-  mesh: Mesh
+  mesh: Mesh  # an AbstractMesh when built for a device count
   rules: tuple
   objective: object
   spec: state_lib.ModelSpec
@@ -290,35 +289,45 @@ class Setup:
   data: selection.Resolved | None = None  # config.data resolved once; None if num_records given
 
 
-def build(config, num_records: int | None = None, devices=None) -> Setup:
+def step_counts(config, num_records: int) -> tuple[int, int]:
+  """(steps_per_epoch, total_steps) of a run over `num_records` records."""
+  steps_per_epoch = config.steps_per_epoch or max(1, num_records // config.batch_size)
+  total_steps = config.num_train_steps or int(config.total_epochs * steps_per_epoch)
+  return steps_per_epoch, total_steps
+
+
+def build(config, num_records: int | None = None, devices=None, *,
+          evaluators: bool = True) -> Setup:
   """Checks the config and builds mesh, model spec, optimiser and the jitted step.
 
   Everything that can be wrong with a config fails here, before compiling.
-  `devices` (default: all of this run's) may be those of a TPU topology that is
-  not attached, to compile ahead of time (biovfm_jax/aot.py): nothing runs here.
+  `devices`: this run's (default), those of a TPU topology that is not
+  attached, or a device count (an abstract mesh: shapes and shardings only),
+  for the fit check (biovfm_jax/aot.py); nothing runs here. With
+  `num_records` given no data is read; evaluators=False builds none.
   """
-  mesh = shd.make_mesh(dict(config.mesh), devices)
+  mesh = (shd.abstract_mesh(dict(config.mesh), devices) if isinstance(devices, int)
+          else shd.make_mesh(dict(config.mesh), devices))
   rules = shd.rules_from_config(config.sharding_rules)
   validate_config(config, mesh)
-  evaluators = during_training.build_evaluators(config)
+  evals = during_training.build_evaluators(config) if evaluators else []
   # The input is resolved (and opened) here, once: steps, resume facts and loader use it.
   data = loader_lib.resolve(config.data) if num_records is None else None
   if num_records is None:
     num_records = data.num_records
-  steps_per_epoch = config.steps_per_epoch or max(1, num_records // config.batch_size)
-  total_steps = config.num_train_steps or int(config.total_epochs * steps_per_epoch)
+  steps_per_epoch, total_steps = step_counts(config, num_records)
   objective = get_objective(config, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
   spec = state_lib.ModelSpec(objective.init_model, config.seed, mesh, rules)
   schedule = optim.lr_schedule(config, total_steps, steps_per_epoch)
   tx = optim.make_optimizer(config, schedule, spec.decay_mask, params=spec.abstract_params,
-                            depth=vit_config_from(config.model).depth,
+                            depth=objective.encoder_config.depth,
                             total_steps=total_steps, steps_per_epoch=steps_per_epoch)
   shardings = state_lib.state_shardings(spec, tx, objective)
   batch_sharding = shd.named_sharding(("batch",), mesh, rules)
   train_step = build_train_step(config, spec, objective, tx, schedule, shardings,
                                 batch_sharding, mesh, rules)
   return Setup(mesh, rules, objective, spec, tx, schedule, shardings, batch_sharding,
-               train_step, total_steps, steps_per_epoch, num_records, evaluators, data)
+               train_step, total_steps, steps_per_epoch, num_records, evals, data)
 
 
 def train(config, workdir: str) -> dict:
@@ -354,7 +363,7 @@ def _train(config, workdir: str, preemption: _Preemption) -> dict:
   # Not checked on resume: tells evaluation and export which weights are the backbone.
   run_info = {**facts, "objective": config.objective,
               "backbone": "/".join(objective.backbone_path),
-              "encoder": dataclasses.asdict(vit_config_from(config.model))}
+              "encoder": dataclasses.asdict(objective.encoder_config)}
   if ckpt.latest_step() is not None:
     state, _ = ckpt.restore(state_lib.abstract_state(spec, tx, objective, shardings),
                             run_info)
@@ -440,8 +449,7 @@ def _train(config, workdir: str, preemption: _Preemption) -> dict:
       due = [e for e in s.evaluators if e.due(step)]
       if due:  # every process takes part: feature extraction is sharded
         chrono.pause()
-        encoder = during_training.backbone_encoder(config, state, objective.backbone_path,
-                                                   s.mesh, s.rules)
+        encoder = during_training.backbone_encoder(objective, state, s.mesh, s.rules)
         for evaluator in due:
           scores = evaluator.run(encoder)
           writer.write_scalars(step, scores)
