@@ -1,0 +1,153 @@
+"""Configs are the only defaults: every key a training run reads is declared in
+every config of its objective, so each can be set from the command line.
+
+A run records each key the code reads (attribute, item or `get`) while it
+builds and trains two steps; a `get` of an undeclared key (a hidden default in
+the code) fails the test, and so does a read key that some config file of the
+same objective lacks."""
+import glob
+import os
+
+import ml_collections
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from biovfm_jax.train import loop
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
+
+
+def _paths(config, prefix=""):
+  """id(ConfigDict) -> its dotted path, for every ConfigDict under `config`."""
+  out = {id(config): prefix}
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      out.update(_paths(value, f"{prefix}{key}."))
+  return out
+
+
+class _Recorder:
+  """Patches ConfigDict's reads to record dotted keys (and undeclared `get`s)."""
+
+  def __init__(self, monkeypatch, config):
+    self.paths, self.read, self.hidden = _paths(config), set(), set()
+    cls = ml_collections.ConfigDict
+    getattr_, getitem, get = cls.__getattr__, cls.__getitem__, cls.get
+    rec = self
+
+    def note(obj, key):
+      where = rec.paths.get(id(obj))
+      if where is not None and isinstance(key, str) and not key.startswith("_"):
+        rec.read.add(where + key)
+      return where
+
+    def patched_getattr(obj, key):
+      note(obj, key)
+      return getattr_(obj, key)
+
+    def patched_getitem(obj, key):
+      note(obj, key)
+      return getitem(obj, key)
+
+    def patched_get(obj, key, default=None):
+      where = note(obj, key)
+      if where is not None and key not in obj:
+        rec.hidden.add(where + key)
+      return get(obj, key, default)
+
+    monkeypatch.setattr(cls, "__getattr__", patched_getattr)
+    monkeypatch.setattr(cls, "__getitem__", patched_getitem)
+    monkeypatch.setattr(cls, "get", patched_get)
+
+
+def _tiny(name):
+  from configs import quickstart, quickstart_dinov2
+  c = (quickstart if name == "mae" else quickstart_dinov2).get_config()
+  c.update_from_flattened_dict({
+      "image_size": 32, "model.patch_size": 8, "model.width": 32, "model.depth": 2,
+      "model.num_heads": 2, "model.mlp_dim": 64, "batch_size": 16, "num_train_steps": 2,
+      "checkpoint.every_steps": 2, "log_every_steps": 1, "image_every_steps": 2})
+  if name == "mae":
+    c.update_from_flattened_dict({"mae.decoder_width": 32, "mae.decoder_depth": 1,
+                                  "mae.decoder_heads": 2})
+  else:
+    c.update_from_flattened_dict({"dinov2.head_hidden": 64, "dinov2.head_bottleneck": 32,
+                                  "dinov2.num_prototypes": 128, "dinov2.n_local_crops": 2,
+                                  "data.local_crop_size": 16})
+  c.evals = ml_collections.ConfigDict()  # eval configs are checked by their own tests
+  return c
+
+
+def _has(config, dotted):
+  node = config
+  for part in dotted.split("."):
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      return False
+    node = node[part]
+  return True
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", ["mae", "dinov2"])
+def test_every_key_a_run_reads_is_declared_in_every_config(tmp_path, monkeypatch, objective):
+  config = _tiny(objective)
+  rec = _Recorder(monkeypatch, config)
+  loop.train(config, str(tmp_path / "run"))
+  monkeypatch.undo()
+  assert not rec.hidden, f"keys read with a default in the code, not declared: {rec.hidden}"
+  # Containers (e.g. "data") are read on the way to their fields: keep the leaves.
+  leaves = {k for k in rec.read if not isinstance(_lookup(config, k), ml_collections.ConfigDict)}
+  assert {"optim.eps", "data.crop_ratio", "data.prefetch_buffer"} & leaves  # it did record
+  same = [p for p in CONFIGS if _objective_of(p) == objective]
+  assert len(same) >= 5
+  for path in same:
+    c = _load(path)
+    missing = sorted(k for k in leaves if not _has(c, k))
+    assert not missing, f"{os.path.basename(path)} lacks keys the code reads: {missing}"
+  # And the command line reaches them: one override per scalar key, parsed as main.py does.
+  overrides = [f"--config.{k}={_lookup(config, k)}" for k in sorted(leaves)
+               if type(_lookup(config, k)) in (int, float, str, bool)]
+  argv = ["main.py", f"--config={same[0]}", *overrides]
+  fv = flags.FlagValues()
+  # config_flags finds the override flags in the argv it is given at definition.
+  config_flags.DEFINE_config_file("config", None, flag_values=fv, lock_config=True,
+                                  sys_argv=argv)
+  fv(argv)
+  assert len(overrides) > 20
+  for arg in overrides:
+    key = arg.split("=", 1)[0][len("--config."):]
+    assert _lookup(fv.config, key) == _lookup(config, key), arg
+
+
+def test_the_recorder_sees_a_hidden_default(monkeypatch):
+  """The check above can fail: a `get` of an undeclared key is caught."""
+  c = ml_collections.ConfigDict({"data": {"shards": "mini"}})
+  rec = _Recorder(monkeypatch, c)
+  assert c.data.get("prefetch", 2) == 2 and c.data.shards == "mini"
+  monkeypatch.undo()
+  assert rec.hidden == {"data.prefetch"} and "data.shards" in rec.read
+
+
+def _lookup(config, dotted):
+  node = config
+  for part in dotted.split("."):
+    node = node[part]
+  return node
+
+
+def _load(path):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def _objective_of(path):
+  name = os.path.basename(path)
+  if name in ("common.py", "__init__.py") or name.endswith("_base.py"):
+    return None
+  return "dinov2" if "dinov2" in name else "mae"
+
