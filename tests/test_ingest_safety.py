@@ -192,9 +192,12 @@ _PEAK = """
 import json, resource, sys
 from data_pipeline.ingest import pipeline
 from data_pipeline.ingest.spec import load_spec
+import pydicom, nibabel, PIL.Image  # the readers' libraries: part of the baseline
+def peak():
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+base = peak()
 m = pipeline.ingest(load_spec(sys.argv[1]), sys.argv[2], workers=0, progress=False)
-print(json.dumps({"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                  "manifest": m}))
+print(json.dumps({"base_mb": base, "peak_mb": peak(), "manifest": m}))
 """
 
 
@@ -219,8 +222,10 @@ def test_hostile_headers_rejected_before_decoding_in_bounded_memory(tmp_path):
   assert run.returncode == 0, run.stderr[-3000:]
   elapsed = time.perf_counter() - t0
   result = json.loads(run.stdout.splitlines()[-1])
-  assert result["peak_mb"] < 500, result["peak_mb"]   # was 1.8 GB, 8 GiB tried, 2.1 GB
-  assert elapsed < 60, elapsed
+  # Above the imports' own memory (which varies with the machine and its load):
+  # was 1.8 GB, then 8 GiB tried, and 2.1 GB for the zeros.
+  assert result["peak_mb"] - result["base_mb"] < 300, result
+  assert elapsed < 180, elapsed   # the 640^3 zeros took 15 s alone; loose for busy CI
   m = result["manifest"]
   totals = m["ingest"]["totals"]
   assert totals["inputs"] == 6 and totals["written"] == 1 and totals["rejected"] == 5

@@ -74,7 +74,7 @@ class Evaluator:
 
 
 def build_evaluators(config) -> list[Evaluator]:
-  evals = config.get("evals") or {}
+  evals = config.evals
   return [Evaluator(name, entry.to_dict() if hasattr(entry, "to_dict") else entry)
           for name, entry in evals.items()]
 

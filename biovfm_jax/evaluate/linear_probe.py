@@ -172,7 +172,7 @@ def probe_biovfm(encoder, train, val_feats, val_labels, test_feats, test_labels,
   dim = _feature_dim(encoder, cfg.pool)
   head = Head(dim, train, cfg)
   featurize = feat_lib.pooled_fn(encoder, cfg.pool)
-  stochastic = bool(cfg.get("stochastic_encoder", False))
+  stochastic = bool(cfg.stochastic_encoder)
 
   @jax.jit
   def step(params, bn, opt_state, enc_params, images, labels, rng, lr):

@@ -49,14 +49,14 @@ def benchmark_names(spec) -> list[str]:
 def load_splits(benchmark: str, config) -> dict:
   return {s: eval_loader.load_split(benchmark, s, size=int(config.image_size),
                                     data_dir=config.data_dir,
-                                    npz_dir=config.get("npz_dir") or None,
-                                    download=bool(config.get("download", False)))
+                                    npz_dir=config.npz_dir or None,
+                                    download=bool(config.download))
           for s in ("train", "val", "test")}
 
 
 def _features(encoder, splits, config, names):
   fc = config.features
-  cache = config.get("cache_dir") if fc.get("cache", True) else None
+  cache = config.cache_dir if fc.cache else None
   return {s: feat_lib.cached(encoder, splits[s], cache, batch_size=int(fc.batch_size),
                              how=config.probe.pool, image_size=input_size(encoder, config),
                              read_threads=int(fc.read_threads))
@@ -68,7 +68,7 @@ def input_size(encoder, config) -> int:
   size (config.image_size) when the patch size divides it, as the reference
   probes MedMNIST+ at 224 whatever size the encoder was trained at; else the
   encoder's own size (e.g. 28 px images for a patch-16 encoder)."""
-  if config.get("input_size"):
+  if config.input_size:
     return int(config.input_size)
   if int(config.image_size) % encoder.config.patch_size == 0:
     return int(config.image_size)
