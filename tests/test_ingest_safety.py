@@ -189,12 +189,15 @@ def _nifti_gz(path, shape, body_bytes):
 
 
 _PEAK = """
-import json, resource, sys
+import json, sys
 from data_pipeline.ingest import pipeline
 from data_pipeline.ingest.spec import load_spec
 import pydicom, nibabel, PIL.Image  # the readers' libraries: part of the baseline
 def peak():
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  # This process's own high-water mark. Not getrusage's ru_maxrss: Linux carries
+  # the forking parent's (pytest's, GBs late in a suite) across exec into it.
+  with open("/proc/self/status") as f:
+    return next(int(l.split()[1]) for l in f if l.startswith("VmHWM:")) / 1024
 base = peak()
 m = pipeline.ingest(load_spec(sys.argv[1]), sys.argv[2], workers=0, progress=False)
 print(json.dumps({"base_mb": base, "peak_mb": peak(), "manifest": m}))

@@ -16,6 +16,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
+import sys
 
 import orbax.checkpoint as ocp
 
@@ -89,6 +91,28 @@ class _OrbaxOneLine(logging.Filter):
 
 for _name in ("absl", "asyncio"):
   logging.getLogger(_name).addFilter(_OrbaxOneLine())
+
+
+def _closed_loop_one_line(hook):
+  """After a failed async save, tensorstore's writer threads still report
+  their results to orbax's closed event loop, and Python prints each
+  "Event loop is closed" with its traceback (as an unraisable exception, from
+  C++): say it once, in one line; anything else goes to `hook` as before."""
+  said = []
+
+  def unraisablehook(unraisable):
+    exc = unraisable.exc_value
+    if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+      if not said:
+        said.append(True)
+        logging.warning("Background checkpoint writes ended after their event loop "
+                        "closed (after a failed save).")
+      return
+    hook(unraisable)
+  return unraisablehook
+
+
+sys.unraisablehook = _closed_loop_one_line(sys.unraisablehook)
 
 
 class Checkpointer:
@@ -237,9 +261,15 @@ def _shapes(tree) -> dict[str, tuple]:
 
 def one_line(e) -> str:
   """The gist of a (TensorStore, orbax) error: its first non-empty line, cut short."""
-  line = next((l.strip() for l in str(e).splitlines() if l.strip()), type(e).__name__)
-  # TensorStore puts the OS error (e.g. "No space left on device") at the end.
-  return line if len(line) <= 300 else f"{line[:140]} ... {line[-150:]}"
+  text = str(e)
+  line = next((l.strip() for l in text.splitlines() if l.strip()), type(e).__name__)
+  # TensorStore puts the OS error (e.g. "No space left on device") at the end,
+  # sometimes only as its number.
+  line = line if len(line) <= 300 else f"{line[:140]} ... {line[-150:]}"
+  oserror = re.search(r"os_error_code='?(\d+)", text)
+  if oserror and os.strerror(int(oserror.group(1))) not in line:
+    line += f" ({os.strerror(int(oserror.group(1)))})"
+  return line
 
 
 
