@@ -399,8 +399,8 @@ def test_bad_configs_name_the_key():
   assert obj._koleo_group(24, 2) == 3   # pylint: disable=protected-access
   with pytest.raises(ValueError, match=r"config\.dinov2\.koleo_group_size=3"):
     obj._koleo_group(16, 2)             # pylint: disable=protected-access
-  c = make_config()
-  c.data.global_crop_size = ml_collections.FieldReference(48)  # not image_size's reference
+  c = ml_collections.ConfigDict(make_config().to_dict())  # plain values: no shared references
+  c.data.global_crop_size = 48
   with pytest.raises(ValueError, match=r"config\.data\.global_crop_size"):
     DINOv2Objective(c, total_steps=1, steps_per_epoch=1)
   c = make_config()

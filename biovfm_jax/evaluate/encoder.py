@@ -18,7 +18,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from biovfm_jax import sharding as shd
 from biovfm_jax.models.vit import ViTConfig, VisionTransformer, vit_config
@@ -130,9 +129,3 @@ def load_encoder(checkpoint: str, *, step: int | None = None, mesh=None, rules=N
     raise ValueError(f"{step_dir}: the backbone at {'/'.join(path)} does not match the "
                      f"recorded encoder config: {e}") from e
   return Encoder(config, params, mesh=mesh, rules=rules, source=step_dir)
-
-
-def encoder_from_model(model: VisionTransformer, *, mesh=None, rules=None) -> Encoder:
-  """An Encoder over an in-memory nnx VisionTransformer (used during pretraining)."""
-  _, params, _ = nnx.split(model, nnx.Param, ...)
-  return Encoder(model.config, nnx.to_pure_dict(params), mesh=mesh, rules=rules)
