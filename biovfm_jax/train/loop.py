@@ -138,18 +138,13 @@ class _StepGuard:
   the loss and param norm of the step a checkpoint would hold.
   """
 
-  def __init__(self, config, ckpt, workdir: str, run_info: dict, start_step: int):
+  def __init__(self, config, ckpt, workdir: str, run_info: dict, restored_run: dict):
     self.skip = bool(config.optim.skip_nonfinite)
     self.max_consecutive = int(config.optim.max_consecutive_skips)
     self.ckpt, self.workdir, self.run_info = ckpt, workdir, run_info
     self.consecutive = self.skipped_updates = self.skipped_records = 0
-    if start_step:  # carry the first step's param norm on from the checkpoint
-      try:
-        saved = ckpt_lib.read_run(ckpt_lib.find_step_dir(workdir, start_step))
-        if "param_norm_first" in saved:
-          run_info["param_norm_first"] = saved["param_norm_first"]
-      except (OSError, ValueError):
-        pass
+    if "param_norm_first" in restored_run:  # carried on from the resumed checkpoint
+      run_info["param_norm_first"] = restored_run["param_norm_first"]
 
   def __call__(self, step: int, host: dict) -> None:
     finite = bool(np.isfinite(host["loss"]) and np.isfinite(host["grad_norm"]))
@@ -365,9 +360,10 @@ def _train(config, workdir: str, preemption: _Preemption) -> dict:
               "backbone": "/".join(objective.backbone_path),
               "encoder": dataclasses.asdict(objective.encoder_config)}
   if ckpt.latest_step() is not None:
-    state, _ = ckpt.restore(state_lib.abstract_state(spec, tx, objective, shardings),
-                            run_info)
+    state, restored_run = ckpt.restore(
+        state_lib.abstract_state(spec, tx, objective, shardings), run_info)
   else:
+    restored_run = {}
     state = state_lib.create_state(spec, tx, objective, shardings,
                                    params=_initial_params(config, spec))
   start_step = int(state.step)
@@ -392,7 +388,7 @@ def _train(config, workdir: str, preemption: _Preemption) -> dict:
       peak=metrics_lib.peak_tflops(config), start_step=start_step)
   last: dict = {}
 
-  guard = _StepGuard(config, ckpt, workdir, run_info, start_step)
+  guard = _StepGuard(config, ckpt, workdir, run_info, restored_run)
 
   def check_and_log(step: int, metrics) -> None:
     nonlocal last
