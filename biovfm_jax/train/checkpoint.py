@@ -165,8 +165,8 @@ class Checkpointer:
         continue
       check_same_model(saved, run, step_dir, abstract_state)
       try:
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), run=ocp.args.JsonRestore()))
+        state = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state))).state
       except Exception as e:  # pylint: disable=broad-exception-caught
         unreadable.append((step, e))
         continue
@@ -180,10 +180,9 @@ class Checkpointer:
                       "from step %d.", bad, one_line(err), self._set_aside(bad), step)
     if unreadable:
       self.manager.reload()
-    saved = dict(restored.run or {})
-    check_input_facts(saved, run, step)
+    check_input_facts(saved, run, step)  # `saved`: the run facts read before the state
     logging.info("Restored checkpoint at step %d", step)
-    return restored.state, saved
+    return state, saved
 
   def _set_aside(self, step: int) -> str:
     """Moves a damaged step out of orbax's sight (process 0 only; it is never deleted)."""
