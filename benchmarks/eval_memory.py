@@ -37,7 +37,8 @@ def measure(evals: int, cache: str) -> dict:
   from configs import quickstart
 
   config = quickstart.get_config()
-  entry = dict(config.evals.knn_mini.to_dict(), data_dir=os.path.join(cache, "tfds"))
+  entry = config.evals.knn_mini
+  entry.data_dir = os.path.join(cache, "tfds")
   evaluator = Evaluator("knn_mini", entry)
   vit = vit_config_of(config, vit_config)
   params = nnx.to_pure_dict(nnx.split(VisionTransformer(vit, rngs=nnx.Rngs(0)),

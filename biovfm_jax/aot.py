@@ -299,7 +299,7 @@ def batch_specs(config, sharding) -> dict:
 
 
 def _check_slices(config, target: Target) -> None:
-  slices = int(config.mesh.get("slices", 1) or 1)
+  slices = int(config.mesh.slices)
   if slices != target.num_slices:
     raise ValueError(f"config.mesh.slices={slices} but the target has {target.num_slices} "
                      f"slice(s): pass --config.mesh.slices={target.num_slices}")

@@ -3,7 +3,9 @@ dinov2_base.py) set the recipe on top. Not run directly."""
 from ml_collections import config_dict
 
 from biovfm_jax.sharding import DEFAULT_RULES
+from configs.eval import common as eval_common
 from data_pipeline import storage
+from data_pipeline.errors import ConfigError
 from data_pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -103,7 +105,7 @@ def get_config(size: str | None) -> config_dict.ConfigDict:
   c.image_every_steps = 2000        # TensorBoard sample grid; 0 disables
   c.peak_tflops_per_device = config_dict.placeholder(float)  # for MFU; auto if unset
   # Benchmarks scored while pretraining (biovfm_jax/evaluate/during_training.py):
-  # name -> dict(type=knn|fast|biovfm|finetune, every_steps=N, <eval config keys>).
+  # name -> eval_entry(protocol, every_steps=N, <eval config keys>).
   c.evals = config_dict.ConfigDict()
   return c
 
@@ -115,3 +117,21 @@ def expand_paths(c) -> None:
   c.data.cache_dir = storage.expand(c.data.cache_dir)
   if isinstance(c.data.shards, str):
     c.data.shards = storage.expand_list(c.data.shards)
+
+
+def eval_entry(protocol: str, every_steps: int, **overrides) -> config_dict.ConfigDict:
+  """One entry of `config.evals`: the evaluation config of `protocol`
+  (configs/eval/common.py) with `overrides`, scored every `every_steps` steps.
+  Unknown keys fail here, as the config file loads."""
+  c = eval_common.get_config(protocol)
+  c.every_steps = every_steps
+  c.features.cache = False   # the features change as the model trains
+  # Decode in the training thread: reader threads started anew at each evaluation
+  # left glibc malloc arenas behind, ~50-100 MB of host memory per evaluation.
+  c.features.read_threads = 0
+  c.lock()
+  try:
+    c.update(overrides)
+  except (KeyError, AttributeError) as e:
+    raise ConfigError(f"eval_entry({protocol!r}): unknown key {e}") from None
+  return c

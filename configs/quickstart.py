@@ -6,7 +6,7 @@
 The same program and recipe as configs/vit_*_mae.py, only smaller: 64 px
 images, patch 8, a 4-layer encoder and a 2-layer decoder.
 """
-from configs import mae_base
+from configs import common, mae_base
 
 
 def get_config(arg=None):
@@ -33,5 +33,6 @@ def get_config(arg=None):
   c.checkpoint.every_steps = 50
   c.image_every_steps = 100
   # kNN modality classification on the mini corpus, logged as eval/knn_mini/*.
-  c.evals.knn_mini = dict(type="knn", every_steps=150, benchmarks="mini", image_size=64)
+  c.evals.knn_mini = common.eval_entry("knn", every_steps=150, benchmarks="mini",
+                                     image_size=64)
   return c

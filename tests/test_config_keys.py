@@ -1,10 +1,11 @@
 """Configs are the only defaults: every key a training run reads is declared in
-every config of its objective, so each can be set from the command line.
+every config of its objective, and every key an evaluation reads in every
+eval config, so each can be set from the command line.
 
 A run records each key the code reads (attribute, item or `get`) while it
-builds and trains two steps; a `get` of an undeclared key (a hidden default in
-the code) fails the test, and so does a read key that some config file of the
-same objective lacks."""
+builds and trains two steps, or evaluates a checkpoint with each protocol; a
+`get` of an undeclared key (a hidden default in the code) fails the test, and
+so does a read key that some config file lacks."""
 import glob
 import os
 
@@ -17,6 +18,8 @@ from biovfm_jax.train import loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
+EVAL_CONFIGS = sorted(p for p in glob.glob(os.path.join(ROOT, "configs", "eval", "*.py"))
+                      if os.path.basename(p) not in ("common.py", "__init__.py"))
 
 
 def _paths(config, prefix=""):
@@ -102,23 +105,57 @@ def test_every_key_a_run_reads_is_declared_in_every_config(tmp_path, monkeypatch
   assert {"optim.eps", "data.crop_ratio", "data.prefetch_buffer"} & leaves  # it did record
   same = [p for p in CONFIGS if _objective_of(p) == objective]
   assert len(same) >= 5
-  for path in same:
+  _check_declared_and_settable(same, config, leaves, at_least=20)
+
+
+def _check_declared_and_settable(paths, config, leaves, at_least):
+  """Each config file declares every read key, and the command line reaches
+  them: one override per scalar key, parsed as the binaries parse them."""
+  for path in paths:
     c = _load(path)
     missing = sorted(k for k in leaves if not _has(c, k))
     assert not missing, f"{os.path.basename(path)} lacks keys the code reads: {missing}"
-  # And the command line reaches them: one override per scalar key, parsed as main.py does.
   overrides = [f"--config.{k}={_lookup(config, k)}" for k in sorted(leaves)
                if type(_lookup(config, k)) in (int, float, str, bool)]
-  argv = ["main.py", f"--config={same[0]}", *overrides]
+  argv = ["binary", f"--config={paths[0]}", *overrides]
   fv = flags.FlagValues()
   # config_flags finds the override flags in the argv it is given at definition.
   config_flags.DEFINE_config_file("config", None, flag_values=fv, lock_config=True,
                                   sys_argv=argv)
   fv(argv)
-  assert len(overrides) > 20
+  assert len(overrides) > at_least
   for arg in overrides:
     key = arg.split("=", 1)[0][len("--config."):]
     assert _lookup(fv.config, key) == _lookup(config, key), arg
+
+
+@pytest.mark.slow
+def test_every_key_an_evaluation_reads_is_declared_in_every_eval_config(tmp_path,
+                                                                        monkeypatch):
+  import sys
+  sys.path.insert(0, os.path.dirname(__file__))
+  from test_eval_protocols import eval_config, save_encoder
+  from biovfm_jax.evaluate import runner
+  from data_pipeline.readers import medmnist
+  medmnist.make_synthetic_npz(medmnist.npz_path(tmp_path / "npz", "breastmnist", 28),
+                              "breastmnist", 28, counts=(64, 16, 32), seed=1)
+  data = {"npz_dir": str(tmp_path / "npz"), "data_dir": str(tmp_path / "tfds")}
+  save_encoder(tmp_path / "enc")
+  leaves, hidden = set(), set()
+  for protocol in ("biovfm", "fast", "knn", "finetune"):
+    config = eval_config(protocol, data, str(tmp_path / "enc"), tmp_path / protocol,
+                         benchmarks="breastmnist")
+    config.probe.epochs = config.finetune.epochs = 1
+    rec = _Recorder(monkeypatch, config)
+    runner.run(config)
+    monkeypatch.undo()
+    hidden |= rec.hidden
+    leaves |= {k for k in rec.read
+               if not isinstance(_lookup(config, k), ml_collections.ConfigDict)}
+  assert not hidden, f"keys read with a default in the code, not declared: {hidden}"
+  assert {"knn.k", "probe.lr", "finetune.layer_decay", "features.read_threads"} <= leaves
+  assert len(EVAL_CONFIGS) >= 4
+  _check_declared_and_settable(EVAL_CONFIGS, config, leaves, at_least=15)
 
 
 def test_the_recorder_sees_a_hidden_default(monkeypatch):

@@ -222,18 +222,22 @@ def test_pretraining_logs_the_evaluator_scores(tmp_path, monkeypatch):
 
 def test_evaluator_entries_are_checked_before_training():
   from biovfm_jax.evaluate.during_training import Evaluator
-  with pytest.raises(ValueError, match="config.evals.x: unknown key"):
-    Evaluator("x", {"type": "knn", "every_steps": 1, "knn": {"kk": 3}})
-  with pytest.raises(ValueError, match="config.evals.x.type"):
-    Evaluator("x", {"type": "linear", "every_steps": 1})
+  from configs.common import eval_entry
+  with pytest.raises(ValueError, match="eval_entry\\('knn'\\): unknown key"):
+    eval_entry("knn", every_steps=1, knn={"kk": 3})
+  with pytest.raises(ValueError, match="config.evals.x.protocol"):
+    Evaluator("x", eval_entry("linear", every_steps=1))
   with pytest.raises(ValueError, match="every_steps"):
-    Evaluator("x", {"type": "knn"})
+    Evaluator("x", eval_entry("knn", every_steps=0))
+  with pytest.raises(ValueError, match="config.evals.x is not an evaluation config"):
+    Evaluator("x", {"type": "knn", "every_steps": 1})  # the old form: says what to do
   with pytest.raises(ValueError, match=r"config.evals.x.image_size=32: the benchmarks are"):
-    Evaluator("x", {"type": "knn", "every_steps": 1, "image_size": 32})  # was: after training
-  ev = Evaluator("x", {"type": "fast", "every_steps": 5, "benchmarks": "derma,mini",
-                       "probe": {"epochs": 3}})
+    Evaluator("x", eval_entry("knn", every_steps=1, image_size=32))  # was: after training
+  entry = eval_entry("fast", every_steps=5, benchmarks="derma,mini", probe={"epochs": 3})
+  ev = Evaluator("x", entry)
   assert ev.benchmarks == ["dermamnist", "mini_modality"] and ev.config.probe.epochs == 3
   assert ev.due(10) and not ev.due(11)
+  assert ev.config.features.cache is False and ev.config.features.read_threads == 0
 
 
 def test_report_names_the_checkpoint_step(data, tmp_path):

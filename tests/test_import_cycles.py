@@ -14,10 +14,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ("biovfm_jax", "data_pipeline")
 
 
-def _modules(root: str) -> dict[str, str]:
-  """{dotted module name: file} for the .py files of PACKAGES under `root`."""
+def _modules(root: str, packages=PACKAGES) -> dict[str, str]:
+  """{dotted module name: file} for the .py files of `packages` under `root`."""
   found = {}
-  for package in PACKAGES:
+  for package in packages:
     for dirpath, dirnames, filenames in os.walk(os.path.join(root, package)):
       dirnames[:] = sorted(d for d in dirnames if d != "__pycache__")
       for name in filenames:
@@ -29,9 +29,9 @@ def _modules(root: str) -> dict[str, str]:
   return found
 
 
-def import_graph(root: str) -> dict[str, set[str]]:
-  """{module: the modules of PACKAGES it imports}."""
-  modules = _modules(root)
+def import_graph(root: str, packages=PACKAGES) -> dict[str, set[str]]:
+  """{module: the modules of `packages` it imports}."""
+  modules = _modules(root, packages)
   graph = {}
   for name, path in modules.items():
     is_package = path.endswith("__init__.py")
@@ -105,3 +105,14 @@ def test_the_check_finds_lazy_and_relative_cycles(tmp_path):
                                "data_pipeline.corpus"]
   (tmp_path / "data_pipeline/corpus.py").write_text("import numpy\n")
   assert find_cycle(import_graph(str(tmp_path))) is None
+
+
+
+def test_the_library_does_not_import_the_configs():
+  """Configs import the library, never the other way round (lazy imports count)."""
+  graph = import_graph(ROOT, PACKAGES + ("configs",))
+  offenders = {m: sorted(e for e in edges if e.split(".")[0] == "configs")
+               for m, edges in graph.items() if m.split(".")[0] != "configs"}
+  offenders = {m: e for m, e in offenders.items() if e}
+  assert not offenders, f"library modules importing configs/: {offenders}"
+  assert "configs.eval.common" in graph["configs.common"]  # the walk sees configs' imports

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from biovfm_jax.evaluate import runner
 from configs import quickstart
 from configs.eval import common as eval_common
 from data_pipeline import storage
@@ -39,12 +40,12 @@ def test_configs_expand_their_path_fields(monkeypatch, tmp_path):
   assert c.data.shards == f"mini,{tmp_path}/shards"
   e = eval_common.get_config("knn")
   e.checkpoint, e.out_dir = "run", "~/eval"
-  eval_common.expand_paths(e)
+  runner.expand_paths(e)
   assert e.data_dir == f"{tmp_path}/home/.cache/biovfm_jax/tfds"  # was a literal '~/...'
   assert e.npz_dir == f"{tmp_path}/home/.cache/biovfm_jax/medmnist"
   assert (e.checkpoint, e.out_dir) == (f"{tmp_path}/run", f"{tmp_path}/home/eval")
   from biovfm_jax.evaluate.during_training import Evaluator
-  ev = Evaluator("knn_mini", dict(c.evals.knn_mini))
+  ev = Evaluator("knn_mini", c.evals.knn_mini)
   assert ev.config.data_dir == f"{tmp_path}/home/.cache/biovfm_jax/tfds"
 
 

@@ -1,51 +1,45 @@
 """Evaluators that score the backbone while it pretrains (as big_vision's
-registry): each entry of `config.evals` names a protocol and how often.
+registry): each entry of `config.evals` is a whole evaluation config (the keys
+of configs/eval/common.py) plus `every_steps`, built in the training config by
 
-  config.evals.knn_mini = dict(type="knn", every_steps=500, benchmarks="mini",
-                               image_size=64, knn=dict(k=20))
+  c.evals.knn_mini = common.eval_entry("knn", every_steps=500, benchmarks="mini",
+                                       image_size=64, knn=dict(k=20))
 
-Every key besides `type` and `every_steps` overrides the evaluation config of
-that protocol (configs/eval/common.py), so whatever evaluate.py accepts works
-here. Unknown keys fail when the run starts, before anything compiles.
-Scores are logged as `eval/<name>/<benchmark>/auc` (and acc, and the mean
-over benchmarks).
+so every key evaluate.py accepts is declared, and settable from the command
+line (`--config.evals.knn_mini.knn.k=10`). Entries are checked when the run
+starts, before anything compiles. Scores are logged as
+`eval/<name>/<benchmark>/auc` (and acc, and the mean over benchmarks).
 """
 from __future__ import annotations
 
+import copy
 import logging
 import time
 
+import ml_collections
 import numpy as np
 
-from biovfm_jax.evaluate import protocols
+from biovfm_jax.evaluate import protocols, runner
 from biovfm_jax.evaluate.encoder import Encoder
-from configs.eval import common as eval_common
 from data_pipeline.errors import ConfigError
 from data_pipeline.readers import medmnist
 
 
 class Evaluator:
 
-  def __init__(self, name: str, entry: dict):
-    entry = dict(entry)
+  def __init__(self, name: str, entry: ml_collections.ConfigDict):
+    if not isinstance(entry, ml_collections.ConfigDict) or "protocol" not in entry:
+      raise ConfigError(f"config.evals.{name} is not an evaluation config: build it with "
+                        "configs.common.eval_entry(protocol, every_steps=N, ...)")
     self.name = name
-    kind = entry.pop("type", None)
-    if kind not in protocols.PROTOCOLS:
-      raise ConfigError(f"config.evals.{name}.type={kind!r}; known: {protocols.PROTOCOLS}")
-    self.every_steps = int(entry.pop("every_steps", 0))
+    self.config = copy.deepcopy(entry)  # expand_paths writes to it
+    if self.config.protocol not in protocols.PROTOCOLS:
+      raise ConfigError(f"config.evals.{name}.protocol={self.config.protocol!r}; "
+                        f"known: {protocols.PROTOCOLS}")
+    self.every_steps = int(self.config.every_steps)
     if self.every_steps <= 0:
       raise ConfigError(f"config.evals.{name}.every_steps must be a positive integer")
-    self.config = eval_common.get_config(kind)
-    self.config.features.cache = False   # the features change as the model trains
-    # Decode in the training thread: reader threads started anew at each evaluation
-    # left glibc malloc arenas behind, ~50-100 MB of host memory per evaluation.
-    self.config.features.read_threads = 0
-    self.config.lock()                   # nested update, unknown keys refused
-    try:
-      self.config.update(entry)
-    except (KeyError, AttributeError) as e:
-      raise ConfigError(f"config.evals.{name}: unknown key {e}") from None
-    eval_common.expand_paths(self.config)  # its default cache is under '~'
+    runner.expand_paths(self.config)  # its default cache is under '~'
     self.benchmarks = protocols.benchmark_names(self.config.benchmarks)
     if self.config.image_size not in medmnist.SIZES:  # the stored sizes, mini's too
       raise ConfigError(f"config.evals.{name}.image_size={self.config.image_size}: the "
@@ -74,9 +68,7 @@ class Evaluator:
 
 
 def build_evaluators(config) -> list[Evaluator]:
-  evals = config.evals
-  return [Evaluator(name, entry.to_dict() if hasattr(entry, "to_dict") else entry)
-          for name, entry in evals.items()]
+  return [Evaluator(name, entry) for name, entry in config.evals.items()]
 
 
 def backbone_encoder(objective, state, mesh, rules) -> Encoder:

@@ -7,7 +7,19 @@ import os
 
 from absl import logging
 
+from data_pipeline import storage
 from data_pipeline.errors import ConfigError
+
+# An eval config's path fields (configs/eval/common.py).
+PATH_KEYS = ("checkpoint", "npz_dir", "data_dir", "out_dir", "cache_dir")
+
+
+def expand_paths(config) -> None:
+  """'~' and relative paths of an eval config made absolute in place, once,
+  where the config enters (evaluate.py, the evaluators run in pretraining)."""
+  with config.unlocked():
+    for key in PATH_KEYS:
+      config[key] = storage.expand(config[key])
 
 
 def resolve_config(config, *, checkpoint=None, benchmarks=None, image_size=None,
@@ -15,14 +27,13 @@ def resolve_config(config, *, checkpoint=None, benchmarks=None, image_size=None,
   """Applies the flags and fills the defaults; fails on a bad config before
   anything is loaded."""
   from biovfm_jax.evaluate import protocols
-  from configs.eval import common
   from data_pipeline.readers import medmnist
   with config.unlocked():
     for key, value in (("checkpoint", checkpoint), ("benchmarks", benchmarks),
                        ("image_size", image_size), ("out_dir", out_dir)):
       if value is not None:
         config[key] = value
-    common.expand_paths(config)  # once, here: '~' expanded, relative made absolute
+    expand_paths(config)  # once, here: '~' expanded, relative made absolute
     if not config.checkpoint:
       raise ConfigError("config.checkpoint is empty: pass --checkpoint=DIR")
     if not config.out_dir:

@@ -3,11 +3,6 @@ import os
 
 import ml_collections
 
-from data_pipeline import storage
-
-# Path fields, made absolute ('~' expanded) by expand_paths where a config enters.
-PATH_KEYS = ("checkpoint", "npz_dir", "data_dir", "out_dir", "cache_dir")
-
 
 def get_config(protocol: str):
   c = ml_collections.ConfigDict()
@@ -19,7 +14,8 @@ def get_config(protocol: str):
   c.image_size = 224                 # which MedMNIST+ files: 28, 64, 128 or 224
   # Size fed to the encoder; None: image_size if the patch divides it, else the encoder's.
   c.input_size = ml_collections.FieldReference(None, field_type=int)
-  # The documented cache: $BIOVFM_DATA, else ~/.cache/biovfm_jax (see expand_paths).
+  # The documented cache: $BIOVFM_DATA, else ~/.cache/biovfm_jax (made absolute
+  # where the config enters: biovfm_jax/evaluate/runner.expand_paths).
   c.npz_dir = os.path.join(os.environ.get("BIOVFM_DATA", "~/.cache/biovfm_jax"), "medmnist")
   c.download = False                 # fetch missing npz files from MedMNIST's servers
   c.data_dir = os.path.join(os.environ.get("BIOVFM_DATA", "~/.cache/biovfm_jax"), "tfds")
@@ -48,10 +44,3 @@ def get_config(protocol: str):
       "freeze_last_layer_epochs": 0, "freeze_pattern": ""})
   return c
 
-
-def expand_paths(c) -> None:
-  """'~' and relative paths of an eval config, made absolute in place, once,
-  where the config enters (evaluate.py, the evaluators run in pretraining)."""
-  with c.unlocked():
-    for key in PATH_KEYS:
-      c[key] = storage.expand(c[key])
