@@ -24,6 +24,9 @@ INSTALL_REQUIRES = [
     "nilearn>=0.11",
     "scikit-image>=0.25",
 ]
+# The analysis reads pandas tables, fits with scipy, scores clusters with
+# scikit-learn (Davies-Bouldin) and draws with matplotlib.
+ANALYSIS_REQUIRES = ["pandas>=2.2", "scipy>=1.11", "scikit-learn>=1.4", "matplotlib>=3.8"]
 
 setup(
     name="biovfm-jax",
@@ -33,6 +36,8 @@ setup(
     packages=find_packages(include=["biovfm_jax*", "data_pipeline*", "configs*"]),
     py_modules=["main"],
     install_requires=INSTALL_REQUIRES,
+    # The paper's published results, the analysis' default table.
+    package_data={"biovfm_jax.analysis": ["published.csv"]},
     extras_require={
         "cuda": ["jax[cuda12]>=0.10.2,<0.11"],
         "tpu": ["jax[tpu]>=0.10.2,<0.11"],
@@ -40,6 +45,8 @@ setup(
         "video": ["av>=14"],
         # Reading PyTorch .pth files (safetensors alone needs no torch).
         "interop": ["torch>=2.9", "safetensors>=0.4"],
+        # The scaling analysis (biovfm_jax/analysis): tables, fits, plots.
+        "analysis": ANALYSIS_REQUIRES,
         # torch/torchvision pinned to the builds this project tests against (a
         # bare `torch` may pull a multi-GB CUDA build); timm builds reference
         # models for the import/export parity tests; medmnist's own evaluator
@@ -49,6 +56,8 @@ setup(
                  # libtpu: the ahead-of-time fit check compiles for a TPU topology on CPU.
                  "jax[tpu]>=0.10.2,<0.11",
                  # gs:// tests: a GCS emulator on 127.0.0.1, reached by epath through gcsfs.
-                 "gcp-storage-emulator>=2024.8", "gcsfs>=2024.6"],
+                 "gcp-storage-emulator>=2024.8", "gcsfs>=2024.6",
+                 # tests/test_analysis.py runs the scaling analysis.
+                 *ANALYSIS_REQUIRES],
     },
 )

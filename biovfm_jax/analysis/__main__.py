@@ -1,0 +1,123 @@
+"""Command line of the scaling analysis.
+
+  python -m biovfm_jax.analysis fit [--results=FILE] --out=DIR [--x=params_encoder]
+      [--metric=auc] [--bootstrap=0] [--features_dir=OBJECTIVE=DIR ...]
+      [--npz_dir=DIR] [--image_size=224] [--db_split=test] [--gzip_max_images=N]
+
+writes slopes.csv, factors.csv, correlations.csv, curves.png, slopes.png and
+factors.png into --out. Without --results it reads the paper's published
+table (its slopes: --x=params_total). gzip_ratio needs --npz_dir; db_index
+needs --features_dir (an eval's <out_dir>/features, one per objective) and
+--npz_dir for the labels.
+
+  python -m biovfm_jax.analysis published --paper=PAPER.md [--out=CSV] [--overwrite]
+
+rewrites the package's published.csv from PAPER.md.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from biovfm_jax import analysis
+from biovfm_jax.analysis import fit as fit_lib
+from biovfm_jax.analysis import published
+from data_pipeline import storage
+from data_pipeline.readers import medmnist
+
+
+def _features_dir(spec: str) -> tuple[str, str]:
+  objective, sep, path = spec.partition("=")
+  if not sep or not objective or not path:
+    raise argparse.ArgumentTypeError(f"{spec!r} is not OBJECTIVE=DIR")
+  return objective, storage.expand(path)
+
+
+def _parser() -> argparse.ArgumentParser:
+  ap = argparse.ArgumentParser(prog="python -m biovfm_jax.analysis", description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = ap.add_subparsers(dest="command", required=True)
+  f = sub.add_parser("fit", help="slopes, factors, correlations and plots")
+  f.add_argument("--results", default=None, help="results CSV (default: the paper's table)")
+  f.add_argument("--out", required=True, help="directory for the CSVs and PNGs")
+  f.add_argument("--x", default="params_encoder",
+                 help="column to scale over: params_encoder, params_total, train_flops, "
+                 "images_seen or another numeric column")
+  f.add_argument("--metric", default="auc", choices=analysis.results.METRICS)
+  f.add_argument("--bootstrap", type=int, default=0, help="bootstrap resamples of b")
+  f.add_argument("--features_dir", type=_features_dir, action="append", default=[],
+                 metavar="OBJECTIVE=DIR", help="cached eval features, per objective")
+  f.add_argument("--npz_dir", default=None, help="MedMNIST npz files (gzip, labels)")
+  f.add_argument("--image_size", type=int, default=224, choices=medmnist.SIZES,
+                 help="size of the npz files to read")
+  f.add_argument("--db_split", default="test", choices=medmnist.SPLITS,
+                 help="split whose cached features give the Davies-Bouldin index")
+  f.add_argument("--gzip_max_images", type=int, default=None,
+                 help="compress only the first N training images of each benchmark")
+  p = sub.add_parser("published", help="write published.csv from PAPER.md")
+  p.add_argument("--paper", required=True, help="PAPER.md")
+  p.add_argument("--out", default=analysis.PUBLISHED_CSV)
+  p.add_argument("--overwrite", action="store_true")
+  return ap
+
+
+def run_fit(args) -> dict[str, str]:
+  """The `fit` command: writes the tables and figures, returns their paths."""
+  df = analysis.load_results(storage.expand(args.results))
+  slopes = analysis.fit_slopes(df, x=args.x, metric=args.metric, bootstrap=args.bootstrap)
+  if slopes.empty:
+    raise analysis.ResultsError(f"{args.results or analysis.PUBLISHED_CSV}: nothing to fit "
+                                f"over {args.x}: {'; '.join(slopes.attrs['notes'])}")
+  benchmarks = [b for b in slopes["benchmark"].unique() if b != fit_lib.MEAN]
+  factors = analysis.factor_table(
+      benchmarks, sorted(slopes["objective"].unique()),
+      features_dirs=dict(args.features_dir), npz_dir=storage.expand(args.npz_dir),
+      image_size=args.image_size, db_split=args.db_split,
+      gzip_max_images=args.gzip_max_images)
+  corr = analysis.correlations(slopes, factors)
+  out = storage.expand(args.out)
+  os.makedirs(out, exist_ok=True)
+  paths = {name: os.path.join(out, name) for name in (
+      "slopes.csv", "factors.csv", "correlations.csv", "curves.png", "slopes.png",
+      "factors.png")}
+  slopes.to_csv(paths["slopes.csv"], index=False)
+  factors.to_csv(paths["factors.csv"], index=False)
+  corr.to_csv(paths["correlations.csv"], index=False)
+  analysis.plot_curves(df, slopes, paths["curves.png"], metric=args.metric)
+  analysis.plot_slopes(slopes, paths["slopes.png"])
+  analysis.plot_factors(slopes, factors, corr, paths["factors.png"])
+  notes = slopes.attrs["notes"] + factors.attrs["notes"]
+  if args.results is None and args.x != "params_total":
+    notes.append("the paper's slopes are fitted over its size axis: use --x=params_total")
+  for note in notes:
+    print(f"note: {note}")
+  mean = slopes[slopes["benchmark"] == fit_lib.MEAN]
+  for row in mean.itertuples():
+    print(f"{row.objective}: mean-{args.metric} slope b = {row.b:.4f} (SE {row.se_b:.4f})")
+  keys = list(corr.columns[:corr.columns.get_loc("factor")])
+  columns = [k for k in keys if corr[k].nunique() > 1] or ["objective"]
+  print("Pearson r of the slopes with each factor:")
+  print(corr.pivot_table(index="factor", columns=columns, values="r", aggfunc="first",
+                         dropna=False).round(2).to_string())
+  print(f"wrote {', '.join(paths)} to {out}")
+  return paths
+
+
+def main(argv=None) -> None:
+  args = _parser().parse_args(argv)
+  logging.basicConfig(level=logging.INFO, format="%(message)s")
+  try:
+    if args.command == "fit":
+      run_fit(args)
+    else:
+      print(published.write_published(storage.expand(args.paper), storage.expand(args.out),
+                                      overwrite=args.overwrite))
+  except (ValueError, OSError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,380 @@
+"""Scaling analysis: the published table, the fits, the factors and the CLI."""
+from __future__ import annotations
+
+import gzip
+import os
+import types
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from biovfm_jax import analysis
+from biovfm_jax.analysis import __main__ as cli
+from biovfm_jax.analysis import published
+from data_pipeline.readers import medmnist
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PAPER_MD = os.path.join(os.path.dirname(ROOT), "shared", "PAPER.md")
+needs_paper = pytest.mark.skipif(not os.path.exists(PAPER_MD), reason="no ../shared/PAPER.md")
+
+# PAPER.md "Scaling analysis": the published slopes b (DINOv2, MAE).
+PAPER_SLOPES = {
+    "chestmnist": (0.0224, 0.0452), "tissuemnist": (0.0224, 0.0240),
+    "dermamnist": (0.0223, 0.0269), "octmnist": (0.0141, 0.0692),
+    "breastmnist": (0.0124, 0.0318), "organsmnist": (0.0038, 0.0040),
+    "pneumoniamnist": (0.0031, 0.0134), "retinamnist": (0.0025, 0.0094),
+    "organcmnist": (0.0024, 0.0063), "organamnist": (0.0020, 0.0044),
+    "pathmnist": (0.0017, 0.0015), "bloodmnist": (0.0016, 0.0037), "mean": (0.0088, 0.0191),
+}
+
+
+@pytest.fixture(scope="module")
+def table():
+  return analysis.load_results()
+
+
+@pytest.fixture(scope="module")
+def paper_slopes(table):
+  return analysis.fit_slopes(table, x="params_total")
+
+
+def _rows(points, **common):
+  """A results frame from [(run, N, benchmark, value)] with contract columns."""
+  base = {c: "" for c in analysis.COLUMNS}
+  base.update(objective="mae", model_size="X", protocol="biovfm", metric="auc",
+              data_subset="d", modality_subset="all", **common)
+  rows = [{**base, "run": run, "params_encoder": n, "params_total": n, "benchmark": b,
+           "value": v} for run, n, b, v in points]
+  return analysis.check_results(pd.DataFrame(rows), "synthetic")
+
+
+# --- the published table --------------------------------------------------------
+
+@needs_paper
+def test_published_csv_is_paper_md(tmp_path):
+  """The committed CSV is what the generator makes of PAPER.md, byte for byte,
+  and its 12 benchmarks average to the table's mean row."""
+  out = str(tmp_path / "published.csv")
+  cli.main(["published", f"--paper={PAPER_MD}", f"--out={out}"])
+  assert open(out).read() == open(analysis.PUBLISHED_CSV).read()
+  with pytest.raises(SystemExit) as e:  # never replaces a file unasked
+    cli.main(["published", f"--paper={PAPER_MD}", f"--out={out}"])
+  assert e.value.code == 2
+  text = open(PAPER_MD).read()
+  header, *rows = published.markdown_table(text, "Results to beat")
+  mean_row = [float(c) for c in next(r for r in rows if r[0] == "mean")[1:]]
+  df = analysis.load_results()
+  for column, want in zip(header[1:], mean_row):
+    prefix, _, size = column.partition("-")
+    objective = published.OBJECTIVES.get(prefix, "biomedclip")
+    sel = (df["objective"] == objective) & (df["model_size"] == (size or "B"))
+    assert sel.sum() == 12
+    # The paper averaged unrounded AUCs: its mean row is up to ~0.015 off ours.
+    assert abs(100 * df[sel]["value"].mean() - want) < 0.02, column
+  assert published.paper_params(text) == {"T": 31_200_000, "S": 47_400_000,
+                                          "B": 111_660_000, "L": 329_240_000}
+
+
+def test_published_table_shape(table):
+  assert len(table) == 9 * 12 and set(table["metric"]) == {"auc"}
+  assert sorted(table["benchmark"].unique()) == sorted(medmnist.FLAGS)
+  ssl = table[table["objective"].isin(["mae", "dinov2"])]
+  assert len(ssl) == 96 and ssl["params_total"].notna().all()
+  assert set(ssl["protocol"]) == {"biovfm"} and set(ssl["data_subset"]) == {"biovfm21m"}
+  one = ssl[(ssl["objective"] == "mae") & (ssl["model_size"] == "B")
+            & (ssl["benchmark"] == "octmnist")]
+  assert one["value"].item() == pytest.approx(0.9822)
+
+
+def test_published_encoder_counts_follow_configs(table):
+  """published.ENCODER_OVERRIDES is each recipe's encoder as the configs build it."""
+  import importlib
+  from biovfm_jax.models.vit import vit_config, vit_config_from
+  shape_fields = ("width", "depth", "num_heads", "mlp_dim", "patch_size", "image_size",
+                  "in_channels", "pos_embed", "class_token", "num_registers", "ffn",
+                  "mask_token")
+  for objective, overrides in published.ENCODER_OVERRIDES.items():
+    for size in published.SIZES:
+      config = importlib.import_module(f"configs.vit_{size.lower()}_{objective}").get_config()
+      theirs, ours = vit_config_from(config.model), vit_config(size, **overrides)
+      for field in shape_fields:
+        assert getattr(theirs, field) == getattr(ours, field), (objective, size, field)
+      assert (theirs.layerscale_init is None) == (ours.layerscale_init is None)
+  # The depth-linear count is the full model's (MAE: no position table, fixed
+  # sin-cos; DINOv2: learned positions, mask token, LayerScale).
+  for objective in published.ENCODER_OVERRIDES:
+    full = published._count(vit_config("T", **published.ENCODER_OVERRIDES[objective]))
+    assert published.encoder_params(objective, "T") == full
+    rows = table[(table["objective"] == objective) & (table["model_size"] == "T")]
+    assert set(rows["params_encoder"]) == {full}
+
+
+# --- fits -------------------------------------------------------------------------
+
+def test_paper_slopes_reproduce(paper_slopes):
+  assert not paper_slopes["objective"].eq("biomedclip").any()
+  assert any("biomedclip" in n for n in paper_slopes.attrs["notes"])
+  got = paper_slopes.set_index(["objective", "benchmark"])["b"]
+  for flag, (d, m) in PAPER_SLOPES.items():
+    assert abs(got["dinov2", flag] - d) < 0.001, flag
+    assert abs(got["mae", flag] - m) < 0.001, flag
+  assert round(got["dinov2", "mean"], 4) == 0.0088
+  assert round(got["mae", "mean"], 4) == 0.0191
+  assert (paper_slopes["n_points"] == 4).all()
+
+
+@needs_paper
+def test_paper_slopes_constants_are_paper_md():
+  _, *rows = published.markdown_table(open(PAPER_MD).read(), "Scaling analysis")
+  flags = {d.lower(): f for f, d in analysis.fit.report.BENCHMARKS}
+  flags["mean"] = "mean"
+  assert {flags[r[0].lower()]: (float(r[1]), float(r[2])) for r in rows} == PAPER_SLOPES
+
+
+def test_fit_recovers_a_line_exactly():
+  a, b = 3.9, 0.021
+  ns = [2e6, 9e6, 4e7, 3e8]
+  points = [(f"r{i}", n, bench, np.exp(a + b * np.log(n) + off) / 100)
+            for i, n in enumerate(ns) for bench, off in (("dermamnist", 0.0),
+                                                         ("octmnist", 0.01))]
+  s = analysis.fit_slopes(_rows(points)).set_index("benchmark")
+  assert s.loc["dermamnist", "a"] == pytest.approx(a, abs=1e-9)
+  assert s.loc["octmnist", "a"] == pytest.approx(a + 0.01, abs=1e-9)
+  for bench in ("dermamnist", "octmnist"):
+    assert s.loc[bench, "b"] == pytest.approx(b, abs=1e-10)
+    assert s.loc[bench, "se_b"] == pytest.approx(0, abs=1e-8)
+    assert s.loc[bench, "r2"] == pytest.approx(1.0)
+  # The mean row: each run's mean AUC, one fit over the 4 runs.
+  mean_auc = [np.mean([np.exp(a + b * np.log(n) + o) for o in (0.0, 0.01)]) for n in ns]
+  ref = stats.linregress(np.log(ns), np.log(mean_auc))
+  assert s.loc["mean", "b"] == pytest.approx(ref.slope, rel=1e-9)
+  assert list(s.index) == ["dermamnist", "octmnist", "mean"]
+
+
+def test_fit_statistics_match_scipy():
+  rng = np.random.default_rng(1)
+  x = np.log([1e6, 3e6, 1e7, 3e7, 1e8, 3e8])
+  y = 4.4 + 0.015 * x + rng.normal(0, 0.004, x.size)
+  got, ref = analysis.fit_line(x, y), stats.linregress(x, y)
+  assert got["b"] == pytest.approx(ref.slope) and got["a"] == pytest.approx(ref.intercept)
+  assert got["se_b"] == pytest.approx(ref.stderr)
+  assert got["se_a"] == pytest.approx(ref.intercept_stderr)
+  assert got["r2"] == pytest.approx(ref.rvalue ** 2)
+  half = stats.t.ppf(0.975, x.size - 2) * ref.stderr
+  assert (got["ci_low"], got["ci_high"]) == pytest.approx((ref.slope - half, ref.slope + half))
+  two = analysis.fit_line(x[:2], y[:2])  # no residual dof: no SE, no interval
+  assert np.isnan(two["se_b"]) and np.isnan(two["ci_low"]) and two["r2"] == 1.0
+  with pytest.raises(ValueError, match="2 distinct"):
+    analysis.fit_line([1.0, 1.0], [2.0, 3.0])
+  low, high = analysis.fit.bootstrap_b(x, y, 300, seed=0)
+  assert low < got["b"] < high and high - low < 0.02
+
+
+def test_fit_skips_and_notes():
+  points = [("r1", 1e6, "dermamnist", 0.8), ("r2", 1e7, "dermamnist", 0.85),
+            ("r1", 1e6, "octmnist", 0.7), ("r2", 1e7, "octmnist", 0.75),
+            ("r3", 1e8, "dermamnist", 0.9),  # r3 lacks octmnist: left out of the mean
+            ("r4", 1e6, "mini_modality", 0.6)]  # one x: skipped
+  df = _rows(points)
+  df.loc[df["run"] == "r4", "objective"] = "dinov2"
+  s = analysis.fit_slopes(df)
+  assert set(zip(s["objective"], s["benchmark"])) == {
+      ("mae", "dermamnist"), ("mae", "octmnist"), ("mae", "mean")}
+  assert s.set_index("benchmark").loc["mean", "n_points"] == 2
+  notes = " ".join(s.attrs["notes"])
+  assert "r3" in notes and "skipped, 1 distinct params_encoder" in notes
+  with pytest.raises(ValueError, match="no column 'nope'"):
+    analysis.fit_slopes(df, x="nope")
+
+
+def test_fit_over_data_and_compute():
+  """Data fits hold the model size and pool data subsets; compute fits hold nothing."""
+  rows = []
+  for size, offset in (("S", 0.0), ("B", 0.02)):
+    for subset, seen in (("us", 1e6), ("0.2m", 1e7), ("21m", 1e8)):
+      rows.append((f"{size}{subset}", 1e7, "dermamnist",
+                   np.exp(4.4 + offset + 0.01 * np.log(seen)) / 100, size, subset, seen))
+  df = _rows([r[:4] for r in rows])
+  df["model_size"] = [r[4] for r in rows]
+  df["data_subset"] = [r[5] for r in rows]
+  df["images_seen"] = pd.array([int(r[6]) for r in rows], dtype="Int64")
+  df["train_flops"] = [r[6] * (2 if r[4] == "B" else 1) for r in rows]
+  data = analysis.fit_slopes(df, x="images_seen")
+  per = data[data["benchmark"] == "dermamnist"].set_index("model_size")
+  assert per.loc["S", "b"] == pytest.approx(0.01) and per.loc["B", "b"] == pytest.approx(0.01)
+  assert (per["n_points"] == 3).all()
+  flops = analysis.fit_slopes(df, x="train_flops")
+  assert len(flops) == 2 and (flops["n_points"] == 6).all()
+  # A parameter fit keeps each data subset apart: one N per group, nothing to fit.
+  assert analysis.fit_slopes(df).empty
+
+
+# --- reading results --------------------------------------------------------------
+
+def test_load_results_errors(tmp_path, table):
+  good = tmp_path / "good.csv"
+  extra = table.assign(note="x", data_size=table["params_total"] // 10)
+  extra.to_csv(good, index=False)
+  back = analysis.load_results(good)
+  assert back["note"].iloc[0] == "x" and pd.api.types.is_numeric_dtype(back["data_size"])
+  by_size = analysis.fit_slopes(back, x="data_size", by=("data_subset", "modality_subset"))
+  assert by_size.shape[0] == 26
+  cases = {
+      "missing column 'protocol'": table.drop(columns=["protocol"]),
+      "column 'value' line 5: 95.33 is not a fraction": table.assign(
+          value=[95.33 if i == 3 else v for i, v in enumerate(table["value"])]),
+      "column 'params_total' line 2: 'big' is not a number": table.astype(
+          {"params_total": object}).assign(
+          params_total=["big"] + list(table["params_total"][1:])),
+      "column 'metric' line 2: 'AUC'": table.assign(metric=["AUC"] + ["auc"] * 107),
+      "column 'run' line 3 is empty": table.assign(run=["a", ""] + ["b"] * 106),
+  }
+  for i, (message, frame) in enumerate(cases.items()):
+    path = tmp_path / f"bad{i}.csv"
+    frame.to_csv(path, index=False)
+    with pytest.raises(analysis.ResultsError) as e:
+      analysis.load_results(path)
+    assert str(path) in str(e.value) and message in str(e.value), str(e.value)
+  with pytest.raises(analysis.ResultsError, match="cannot read"):
+    analysis.load_results(tmp_path / "absent.csv")
+
+
+# --- factors ----------------------------------------------------------------------
+
+def test_davies_bouldin_by_hand():
+  # Two clusters on a line: centroids 0 and 10, mean distances to them 1 and 2.
+  feats = np.array([[-1.0, 0], [1, 0], [8, 0], [12, 0]])
+  labels = np.array([0, 0, 1, 1])
+  assert analysis.davies_bouldin(feats, labels) == pytest.approx((1 + 2) / 10)
+  assert analysis.davies_bouldin(feats, labels[:, None]) == pytest.approx(0.3)
+  rng = np.random.default_rng(0)
+  many = rng.normal(size=(60, 5)) + np.repeat(np.eye(5)[:4] * 3, 15, axis=0)
+  y = np.repeat(np.arange(4), 15)
+  from sklearn.metrics import davies_bouldin_score
+  assert analysis.davies_bouldin(many, y) == pytest.approx(davies_bouldin_score(many, y))
+  # Multi-label: the mean of the present-vs-absent index per label; a label
+  # present everywhere (one group) is skipped.
+  multi = np.stack([labels, 1 - labels, np.ones(4, int)], axis=1)
+  assert analysis.davies_bouldin(feats, multi) == pytest.approx(0.3)
+  assert np.isnan(analysis.davies_bouldin(feats, np.zeros(4, int)))
+
+
+def _npz(path, images, labels_width=1, seed=0):
+  """A MedMNIST-format npz holding `images` as every split."""
+  labels = np.random.default_rng(seed).integers(0, 2, (len(images), labels_width))
+  arrays = {}
+  for split in medmnist.SPLITS:
+    arrays[f"{split}_images"], arrays[f"{split}_labels"] = images, labels.astype(np.uint8)
+  np.savez(path, **arrays)
+  return str(path)
+
+
+def test_gzip_ratio(tmp_path):
+  rng = np.random.default_rng(0)
+  flat = _npz(tmp_path / "flat.npz", np.full((20, 28, 28), 7, np.uint8))
+  noise = _npz(tmp_path / "noise.npz", rng.integers(0, 256, (20, 28, 28), dtype=np.uint8))
+  assert analysis.gzip_ratio(flat, "breastmnist") < 0.1
+  assert analysis.gzip_ratio(noise, "breastmnist") > 0.99
+  syn = medmnist.make_synthetic_npz(tmp_path / "dermamnist.npz", "dermamnist", 28,
+                                    counts=(300, 4, 4))
+  train = medmnist.load_npz(syn, "dermamnist")["train_images"]
+  for limit in (None, 5, 257):
+    ims = train[:limit]
+    want = sum(len(gzip.compress(im.tobytes(), 6, mtime=0)) for im in ims) / ims.nbytes
+    assert analysis.gzip_ratio(syn, "dermamnist", limit) == pytest.approx(want)
+  with pytest.raises(medmnist.NpzFormatError):  # grey images are not a colour benchmark
+    analysis.gzip_ratio(flat, "dermamnist")
+
+
+def _cache_features(monkeypatch, cache_dir, flag, split, feats):
+  """Writes `feats` where the eval binary's feature cache puts them."""
+  from biovfm_jax.evaluate import features as feat_lib
+  monkeypatch.setattr(feat_lib, "extract", lambda *a, **k: feats)
+  encoder = types.SimpleNamespace(source="", config="vit")
+  split_ = types.SimpleNamespace(name=flag, split=split, num_examples=len(feats),
+                                 image_size=28)
+  return feat_lib.cached(encoder, split_, str(cache_dir), how="mean_patch", image_size=28)
+
+
+def test_factor_table(tmp_path, monkeypatch):
+  npz_dir = tmp_path / "npz"
+  for flag in ("dermamnist", "chestmnist"):
+    medmnist.make_synthetic_npz(npz_dir / f"{flag}.npz", flag, 28, counts=(12, 4, 10))
+  labels = medmnist.load_npz(npz_dir / "dermamnist.npz", "dermamnist")["test_labels"]
+  feats = np.random.default_rng(0).normal(size=(10, 6)).astype(np.float32)
+  _cache_features(monkeypatch, tmp_path / "f", "dermamnist", "test", feats)
+  t = analysis.factor_table(["dermamnist", "chestmnist", "mini_modality"],
+                            features_dirs={"mae": str(tmp_path / "f")},
+                            npz_dir=str(npz_dir), image_size=28)
+  assert list(t["objective"]) == ["dinov2", "dinov2", "mae", "mae"]
+  row = t.set_index(["objective", "benchmark"])
+  assert row.loc[("mae", "chestmnist"), "num_classes"] == 14
+  assert row.loc[("mae", "chestmnist"), "train_samples"] == 78468
+  assert row.loc[("dinov2", "dermamnist"), "dataset_samples"] == 7007 + 1003 + 2005
+  assert row.loc[("mae", "dermamnist"), "db_index"] == pytest.approx(
+      analysis.davies_bouldin(feats, labels))
+  assert np.isnan(row.loc[("dinov2", "dermamnist"), "db_index"])  # no dinov2 features
+  assert np.isnan(row.loc[("mae", "chestmnist"), "db_index"])
+  assert 0 < row.loc[("mae", "chestmnist"), "gzip_ratio"] < 1.1  # noise: gzip's header
+  notes = " ".join(t.attrs["notes"])
+  assert "mini_modality" in notes and "mae/chestmnist: no cached test features" in notes
+  with pytest.raises(ValueError, match="npz_dir"):
+    analysis.factor_table(["dermamnist"], features_dirs={"mae": str(tmp_path / "f")})
+  # A second encoder's features in the same dir are ambiguous.
+  _cache_features(monkeypatch, tmp_path / "f", "dermamnist", "test", feats[:9])
+  with pytest.raises(ValueError, match="several cached feature files"):
+    analysis.factor_table(["dermamnist"], features_dirs={"mae": str(tmp_path / "f")},
+                          npz_dir=str(npz_dir), image_size=28)
+
+
+def test_paper_correlations(paper_slopes):
+  factors = analysis.factor_table(list(medmnist.FLAGS))
+  r = analysis.correlations(paper_slopes, factors).set_index(["objective", "factor"])["r"]
+  assert (r.index.get_level_values("objective").unique().sort_values() == ["dinov2", "mae"]).all()
+  assert abs(r["dinov2", "num_classes"] - 0.05) < 0.01
+  assert abs(r["mae", "num_classes"] + 0.24) < 0.01
+  # The paper's "training samples" figures come out with the whole dataset size.
+  assert abs(r["dinov2", "dataset_samples"] - 0.51) < 0.01
+  assert abs(r["mae", "dataset_samples"] - 0.33) < 0.01
+
+
+# --- command line -----------------------------------------------------------------
+
+def _png(path):
+  with open(path, "rb") as f:
+    head = f.read(8)
+  return head == b"\x89PNG\r\n\x1a\n" and os.path.getsize(path) > 5000
+
+
+@pytest.mark.slow
+def test_cli_end_to_end(tmp_path, monkeypatch, capsys):
+  npz_dir = tmp_path / "npz"
+  for flag in medmnist.FLAGS:
+    medmnist.make_synthetic_npz(npz_dir / f"{flag}.npz", flag, 28, counts=(8, 2, 6))
+  _cache_features(monkeypatch, tmp_path / "feats", "octmnist", "test",
+                  np.random.default_rng(0).normal(size=(6, 4)).astype(np.float32))
+  out = tmp_path / "out"
+  cli.main(["fit", f"--out={out}", "--x=params_total", f"--npz_dir={npz_dir}",
+            "--image_size=28", f"--features_dir=dinov2={tmp_path / 'feats'}",
+            "--bootstrap=50"])
+  printed = capsys.readouterr().out
+  assert "mae: mean-auc slope b = 0.0191" in printed
+  slopes = pd.read_csv(out / "slopes.csv")
+  assert len(slopes) == 26 and {"boot_low", "boot_high", "se_b", "r2"} <= set(slopes.columns)
+  factors = pd.read_csv(out / "factors.csv")
+  assert factors["gzip_ratio"].notna().all() and factors["db_index"].notna().sum() == 1
+  corr = pd.read_csv(out / "correlations.csv")
+  assert set(corr["factor"]) == set(analysis.factors.FACTORS)
+  assert corr[corr["factor"] == "db_index"]["r"].isna().all()  # one benchmark only
+  for name in ("curves.png", "slopes.png", "factors.png"):
+    assert _png(out / name), name
+  # The default axis: this project's encoder counts, and a note on the paper's.
+  cli.main(["fit", f"--out={tmp_path / 'default'}"])
+  assert "use --x=params_total" in capsys.readouterr().out
+  bad = tmp_path / "bad.csv"
+  analysis.load_results().drop(columns=["benchmark"]).to_csv(bad, index=False)
+  with pytest.raises(SystemExit) as e:
+    cli.main(["fit", f"--results={bad}", f"--out={tmp_path / 'x'}"])
+  assert e.value.code == 2 and "missing column 'benchmark'" in capsys.readouterr().err
