@@ -184,7 +184,7 @@ def test_fit_skips_and_notes():
       ("mae", "dermamnist"), ("mae", "octmnist"), ("mae", "mean")}
   assert s.set_index("benchmark").loc["mean", "n_points"] == 2
   notes = " ".join(s.attrs["notes"])
-  assert "r3" in notes and "skipped, 1 distinct params_encoder" in notes
+  assert "r3" in notes and "skipped, 1 distinct params_total" in notes
   with pytest.raises(ValueError, match="no column 'nope'"):
     analysis.fit_slopes(df, x="nope")
 
@@ -370,8 +370,10 @@ def test_cli_end_to_end(tmp_path, monkeypatch, capsys):
   assert corr[corr["factor"] == "db_index"]["r"].isna().all()  # one benchmark only
   for name in ("curves.png", "slopes.png", "factors.png"):
     assert _png(out / name), name
-  # The default axis: this project's encoder counts, and a note on the paper's.
+  # The default axis is the paper's; another one on the paper's table gets a note.
   cli.main(["fit", f"--out={tmp_path / 'default'}"])
+  assert "dinov2: mean-auc slope b = 0.0088" in capsys.readouterr().out
+  cli.main(["fit", f"--out={tmp_path / 'enc'}", "--x=params_encoder"])
   assert "use --x=params_total" in capsys.readouterr().out
   bad = tmp_path / "bad.csv"
   analysis.load_results().drop(columns=["benchmark"]).to_csv(bad, index=False)

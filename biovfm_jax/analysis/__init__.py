@@ -7,7 +7,7 @@ correlates them with the slopes. The API the scaling notebook calls:
 
     from biovfm_jax import analysis
     df = analysis.load_results(path=None)          # None: the paper's table
-    slopes = analysis.fit_slopes(df, x="params_encoder")   # or params_total,
+    slopes = analysis.fit_slopes(df, x="params_total")   # or params_encoder,
                                     # train_flops, images_seen; bootstrap=1000
     factors = analysis.factor_table(benchmarks, objectives=("dinov2", "mae"),
                                     features_dirs={"mae": DIR}, npz_dir=DIR)
@@ -20,7 +20,7 @@ Results and factor tables carry their notes (skipped groups, missing
 features) in `.attrs["notes"]`. The paper's slopes come out of the published
 table with x="params_total" (its size axis; see published.py). Command line:
 
-    python -m biovfm_jax.analysis fit [--results=FILE] --out=DIR [--x=params_encoder]
+    python -m biovfm_jax.analysis fit [--results=FILE] --out=DIR [--x=params_total]
         [--features_dir=OBJECTIVE=DIR ...] [--npz_dir=DIR --image_size=224]
     python -m biovfm_jax.analysis published --paper=PAPER.md [--overwrite]
 """

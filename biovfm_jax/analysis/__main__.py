@@ -1,6 +1,6 @@
 """Command line of the scaling analysis.
 
-  python -m biovfm_jax.analysis fit [--results=FILE] --out=DIR [--x=params_encoder]
+  python -m biovfm_jax.analysis fit [--results=FILE] --out=DIR [--x=params_total]
       [--metric=auc] [--bootstrap=0] [--features_dir=OBJECTIVE=DIR ...]
       [--npz_dir=DIR] [--image_size=224] [--db_split=test] [--gzip_max_images=N]
 
@@ -42,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
   f = sub.add_parser("fit", help="slopes, factors, correlations and plots")
   f.add_argument("--results", default=None, help="results CSV (default: the paper's table)")
   f.add_argument("--out", required=True, help="directory for the CSVs and PNGs")
-  f.add_argument("--x", default="params_encoder",
+  f.add_argument("--x", default="params_total",
                  help="column to scale over: params_encoder, params_total, train_flops, "
                  "images_seen or another numeric column")
   f.add_argument("--metric", default="auc", choices=analysis.results.METRICS)

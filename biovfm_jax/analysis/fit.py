@@ -98,7 +98,7 @@ def _points(df: pd.DataFrame, x: str, keys: list[str], notes: list) -> pd.DataFr
   return pd.concat(out, ignore_index=True) if out else df.iloc[:0]
 
 
-def scaling_points(df: pd.DataFrame, x: str = "params_encoder", metric: str = "auc",
+def scaling_points(df: pd.DataFrame, x: str = "params_total", metric: str = "auc",
                    by: tuple[str, ...] | None = None) -> pd.DataFrame:
   """The points the fits use: the group keys (BASE_KEYS + `by`, default
   held(x)), benchmark, x and value, with each run's "mean" rows. Rows with
@@ -122,7 +122,7 @@ def scaling_points(df: pd.DataFrame, x: str = "params_encoder", metric: str = "a
   return out
 
 
-def fit_slopes(df: pd.DataFrame, x: str = "params_encoder", metric: str = "auc",
+def fit_slopes(df: pd.DataFrame, x: str = "params_total", metric: str = "auc",
                by: tuple[str, ...] | None = None, bootstrap: int = 0,
                seed: int = 0) -> pd.DataFrame:
   """b of ln(100 x value) = a + b ln(x) per group and benchmark, plus "mean"
