@@ -23,6 +23,8 @@ INSTALL_REQUIRES = [
     "nibabel>=5",
     "nilearn>=0.11",
     "scikit-image>=0.25",
+    # Figures: notebooks/quickstart.ipynb's reconstructions and PCA maps.
+    "matplotlib>=3.8",
 ]
 
 setup(
@@ -49,6 +51,9 @@ setup(
                  # libtpu: the ahead-of-time fit check compiles for a TPU topology on CPU.
                  "jax[tpu]>=0.10.2,<0.11",
                  # gs:// tests: a GCS emulator on 127.0.0.1, reached by epath through gcsfs.
-                 "gcp-storage-emulator>=2024.8", "gcsfs>=2024.6"],
+                 "gcp-storage-emulator>=2024.8", "gcsfs>=2024.6",
+                 # tests/test_notebooks.py runs the notebooks in an ipykernel of the test's
+                 # Python through nbclient.
+                 "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
     },
 )
