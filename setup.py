@@ -23,10 +23,14 @@ INSTALL_REQUIRES = [
     "nibabel>=5",
     "nilearn>=0.11",
     "scikit-image>=0.25",
+    # The scaling study (biovfm_jax/analysis, the notebooks): results tables in
+    # pandas, fits with scipy, Davies-Bouldin with scikit-learn, figures with
+    # matplotlib (also the quickstart's reconstructions and PCA maps).
+    "pandas>=2.2",
+    "scipy>=1.11",
+    "scikit-learn>=1.4",
+    "matplotlib>=3.8",
 ]
-# The analysis reads pandas tables, fits with scipy, scores clusters with
-# scikit-learn (Davies-Bouldin) and draws with matplotlib.
-ANALYSIS_REQUIRES = ["pandas>=2.2", "scipy>=1.11", "scikit-learn>=1.4", "matplotlib>=3.8"]
 
 setup(
     name="biovfm-jax",
@@ -45,8 +49,6 @@ setup(
         "video": ["av>=14"],
         # Reading PyTorch .pth files (safetensors alone needs no torch).
         "interop": ["torch>=2.9", "safetensors>=0.4"],
-        # The scaling analysis (biovfm_jax/analysis): tables, fits, plots.
-        "analysis": ANALYSIS_REQUIRES,
         # torch/torchvision pinned to the builds this project tests against (a
         # bare `torch` may pull a multi-GB CUDA build); timm builds reference
         # models for the import/export parity tests; medmnist's own evaluator
@@ -57,7 +59,8 @@ setup(
                  "jax[tpu]>=0.10.2,<0.11",
                  # gs:// tests: a GCS emulator on 127.0.0.1, reached by epath through gcsfs.
                  "gcp-storage-emulator>=2024.8", "gcsfs>=2024.6",
-                 # tests/test_analysis.py runs the scaling analysis.
-                 *ANALYSIS_REQUIRES],
+                 # tests/test_notebooks.py runs the notebooks in an ipykernel of the test's
+                 # Python through nbclient.
+                 "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
     },
 )

@@ -1,18 +1,36 @@
-"""Console logging shared by the binaries (main.py, evaluate.py): one short
-time-stamped line per message, library INFO chatter filtered out."""
+"""Console logging shared by the binaries (main.py, evaluate.py) and the
+notebooks: one short time-stamped line per message, library INFO chatter
+filtered out."""
 import logging as pylogging
 
 from absl import logging
 
+# Libraries whose INFO chatter stays off the progress console.
+_CHATTY = ("orbax", "grain", "clu", "tensorboard")
+_FORMAT = pylogging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
+
 
 def _quiet_libraries(record) -> bool:
-  """Keeps library INFO chatter (orbax, grain, clu) off the progress console."""
   if record.levelno >= pylogging.WARNING:
     return True
-  return not any(f"/{lib}/" in record.pathname for lib in ("orbax", "grain", "clu"))
+  return not any(f"/{lib}/" in record.pathname for lib in _CHATTY)
 
 
 def setup() -> None:
   handler = logging.get_absl_handler()
-  handler.setFormatter(pylogging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+  handler.setFormatter(_FORMAT)
   handler.addFilter(_quiet_libraries)
+
+
+def setup_notebook() -> None:
+  """The same console in a notebook or script without app.run (which installs
+  absl's handler): INFO lines, the training progress, through one stderr
+  handler on the root logger, time-stamped and filtered alike."""
+  root = pylogging.getLogger()
+  handler = next((h for h in root.handlers if type(h) is pylogging.StreamHandler), None)
+  if handler is None:  # absl's first log call adds one (basicConfig) unless we do
+    handler = pylogging.StreamHandler()
+    root.addHandler(handler)
+  handler.setFormatter(_FORMAT)
+  handler.addFilter(_quiet_libraries)  # a no-op when already there
+  root.setLevel(pylogging.INFO)

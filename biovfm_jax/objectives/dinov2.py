@@ -15,6 +15,7 @@ import numpy as np
 from flax import nnx
 
 from biovfm_jax import sharding as shd
+from biovfm_jax.evaluate.pca_map import pca_rgb
 from biovfm_jax.models.dino_head import DINOv2Model
 from biovfm_jax.models.vit import ViTConfig, vit_config_from
 from biovfm_jax.objectives import dino_losses as L
@@ -372,20 +373,9 @@ class DINOv2Objective:
     images = jnp.asarray(batch["global_crops"][:n, 0], jnp.float32)
     net = model if extra is None else self.teacher(model, extra)
     _, patches = net.encode(images)
-    feats = np.asarray(shd.to_host(patches), np.float32)
-    k, npatch, dim = feats.shape
-    flat = feats.reshape(-1, dim)
-    flat = flat - flat.mean(axis=0)
-    _, _, vt = np.linalg.svd(flat, full_matrices=False)
-    comps = flat @ vt[:3].T
-    if comps.shape[1] < 3:
-      comps = np.pad(comps, ((0, 0), (0, 3 - comps.shape[1])))
-    lo, hi = comps.min(axis=0), comps.max(axis=0)
-    comps = (comps - lo) / np.where(hi > lo, hi - lo, 1.0)
     p = self.vit.patch_size
-    gh, gw = images.shape[1] // p, images.shape[2] // p
-    pca = comps.reshape(k, gh, gw, 3).repeat(p, axis=1).repeat(p, axis=2)
-    pca = np.round(pca * 255).astype(np.uint8)
+    pca = pca_rgb(shd.to_host(patches), (images.shape[1] // p, images.shape[2] // p),
+                  upsample=p)
     inputs = _to_uint8(shd.to_host(images), self.mean, self.std)
     return np.concatenate([inputs, pca], axis=2)
 
