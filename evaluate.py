@@ -7,8 +7,11 @@
   python -m biovfm_jax.evaluate.report --merge /tmp/eval/a /tmp/eval/b --out=/tmp/eval/cmp
 
 Writes report.md / report.csv / report.json and TensorBoard scalars to --out_dir.
+With --results=FILE it also appends one row per benchmark and metric to the
+results store FILE (biovfm_jax/results.py); --config.results.run, .model_size,
+.data_subset and .modality_subset label the rows (defaults: what the checkpoint
+records).
 """
-import os
 import sys
 
 from absl import app, flags, logging
@@ -22,22 +25,23 @@ _BENCHMARKS = flags.DEFINE_string("benchmarks", None, "'all', 'mini' or MedMNIST
                                   "(comma-separated); default: the config's.")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", None, "MedMNIST+ size: 28, 64, 128 or 224.")
 _OUT_DIR = flags.DEFINE_string("out_dir", None, "Where the report goes.")
+_RESULTS = flags.DEFINE_string("results", None, "Results store (CSV) to append the rows to.")
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-  from biovfm_jax import console, distributed
+  from biovfm_jax import console
+  console.start_binary()  # before jax and TensorFlow load
+  from biovfm_jax import distributed
   from biovfm_jax.evaluate import runner
-  from data_pipeline import mini
-  os.environ.setdefault("KERAS_HOME", os.path.join(mini.cache_root(), "keras"))  # not ~/.keras
-  console.setup()
-  distributed.skip_absent_tpu()
+  # Joins the hosts of a TPU pod or SLURM job as main.py does (feature extraction
+  # is split over all of them); a single process otherwise.
+  distributed.initialize()
   try:
     config = runner.resolve_config(_CONFIG.value, checkpoint=_CHECKPOINT.value,
                                    benchmarks=_BENCHMARKS.value, image_size=_IMAGE_SIZE.value,
-                                   out_dir=_OUT_DIR.value)
+                                   out_dir=_OUT_DIR.value, results=_RESULTS.value)
     runner.run(config)
   # One clear line (-v 1 shows the traceback): a ConfigError, or a checkpoint or
   # benchmark file that is missing or does not match.

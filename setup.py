@@ -17,6 +17,7 @@ INSTALL_REQUIRES = [
     "tensorboard>=2.21",
     "absl-py",
     "numpy>=2",
+    "pandas>=2",              # the results store reads back as a DataFrame
     "pillow>=11",
     # Readers for medical formats, and the packages that ship the mini corpus.
     "pydicom>=3",

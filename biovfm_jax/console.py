@@ -2,6 +2,7 @@
 notebooks: one short time-stamped line per message, library INFO chatter
 filtered out."""
 import logging as pylogging
+import os
 
 from absl import logging
 
@@ -34,3 +35,13 @@ def setup_notebook() -> None:
   handler.setFormatter(_FORMAT)
   handler.addFilter(_quiet_libraries)  # a no-op when already there
   root.setLevel(pylogging.INFO)
+
+
+def start_binary() -> None:
+  """What evaluate.py and the sweep launcher do first: TensorFlow's C++ logs
+  quiet, Keras's files (TensorFlow, which clu imports, writes them on import)
+  in our cache rather than ~/.keras, and the console format above."""
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  from data_pipeline import mini  # pylint: disable=import-outside-toplevel
+  os.environ.setdefault("KERAS_HOME", os.path.join(mini.cache_root(), "keras"))
+  setup()

@@ -3,8 +3,8 @@ dinov2_base.py) set the recipe on top. Not run directly."""
 from ml_collections import config_dict
 
 from biovfm_jax.sharding import DEFAULT_RULES
+from biovfm_jax.train import validate
 from configs.eval import common as eval_common
-from data_pipeline import storage
 from data_pipeline.errors import ConfigError
 from data_pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD
 
@@ -110,13 +110,8 @@ def get_config(size: str | None) -> config_dict.ConfigDict:
   return c
 
 
-def expand_paths(c) -> None:
-  """Path fields of a pretraining config, '~' expanded and made absolute, in
-  place: main.py calls it once, as the config enters (gs:// kept as given)."""
-  c.init_from = storage.expand(c.init_from)
-  c.data.cache_dir = storage.expand(c.data.cache_dir)
-  if isinstance(c.data.shards, str):
-    c.data.shards = storage.expand_list(c.data.shards)
+# Path fields made absolute where the config enters (the library's, for the sweep launcher).
+expand_paths = validate.expand_paths
 
 
 def eval_entry(protocol: str, every_steps: int, **overrides) -> config_dict.ConfigDict:

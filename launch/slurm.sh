@@ -7,6 +7,7 @@
 #       [--time=D-HH:MM:SS] [--account=A] [--job-name=biovfm] [--log-dir=slurm-logs]
 #       [--stage-shards=SRC:DIR] [--sbatch-arg=ARG ...] [--dry-run]
 #       -- --config=configs/vit_l_mae.py --workdir=/shared/runs/vit_l [--config.x=y ...]
+#       [--then-evaluate --config=configs/eval/medmnist_linear.py --checkpoint=... ...]
 #
 # Writes the batch script to LOG_DIR/JOB_NAME-<time>.sbatch and submits it with
 # sbatch; the job's output goes to LOG_DIR/JOB_NAME-<job id>.out. --dry-run
@@ -30,6 +31,9 @@
 # a shared path, or gcloud storage rsync from gs://); pass --config.data.shards=DIR.
 # Time limit and preemption: SLURM sends SIGTERM 300 s before --time (main.py
 # checkpoints and exits); the job is requeueable and resumes from --workdir.
+# --then-evaluate (after main.py's flags): the words after it are evaluate.py's
+# flags; the job runs it on one node once main.py exits 0 (a sweep's jobs pass
+# --config.results.finished_only=True, so a preempted run is not scored).
 # PYTHON: the interpreter on the nodes (default: python, from the submitting
 # shell's PATH, e.g. its venv).
 set -euo pipefail
@@ -61,6 +65,13 @@ while [[ $# -gt 0 ]]; do
   shift
 done
 main_args=("$@")
+eval_args=() then_evaluate=0
+for (( i = 0; i < ${#main_args[@]}; i++ )); do
+  if [[ "${main_args[$i]}" == --then-evaluate ]]; then
+    eval_args=("${main_args[@]:$((i + 1))}") main_args=("${main_args[@]:0:$i}") then_evaluate=1
+    break
+  fi
+done
 
 is_int() { [[ "$1" =~ ^[1-9][0-9]*$ ]]; }
 [[ -n "$nodes" ]] || die "--nodes=N is required"
@@ -130,6 +141,10 @@ script() {
   fi
   echo "srun --ntasks-per-node=1 --gpus-per-node=$gpus --cpus-per-task=$cpus --gpu-bind=none" \
        "--kill-on-bad-exit=1 $(q "${PYTHON:-python}") main.py $(printf '%q ' "${main_args[@]}")"
+  if [[ $then_evaluate == 1 ]]; then
+    echo "srun --nodes=1 --ntasks=1 --gpus-per-node=$gpus --cpus-per-task=$cpus --gpu-bind=none" \
+         "$(q "${PYTHON:-python}") evaluate.py $(printf '%q ' "${eval_args[@]}")"
+  fi
 }
 
 file="$log_dir/$job_name-$(date -u +%Y%m%d-%H%M%S).sbatch"

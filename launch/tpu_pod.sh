@@ -6,6 +6,7 @@
 #       [--skip-create] [--skip-setup] [--stage-shards=SRC:DIR] [--python=3.11]
 #       [--tail] [--dry-run]
 #       -- --config=configs/vit_l_mae.py --workdir=gs://BUCKET/RUN [--config.x=y ...]
+#       [--then-evaluate --config=configs/eval/medmnist_linear.py --checkpoint=... ...]
 #   launch/tpu_pod.sh --name=NAME --zone=ZONE [--slices=N] --logs|--stop|--delete
 #
 # Steps, each printed before it runs:
@@ -23,6 +24,9 @@
 #  3. start    main.py with the flags after `--` on all workers at once, under
 #              nohup, logging to ~/biovfm-logs/main-<time>.log (latest.log links
 #              to it) on each worker. --slices=N adds --config.mesh.slices=N.
+#              --then-evaluate (after main.py's flags): the words after it are
+#              evaluate.py's flags, run on every worker once main.py exits 0
+#              (main.pid stays main.py's, for --stop).
 #  4. --tail   follow worker 0's log (Ctrl-C stops following, not the run).
 # Other actions: --logs follows worker 0's log; --stop sends SIGTERM to main.py on
 # every worker (it checkpoints and exits); --delete deletes the queued resource.
@@ -67,6 +71,13 @@ while [[ $# -gt 0 ]]; do
   shift
 done
 main_args=("$@")
+eval_args=() then_evaluate=0
+for (( i = 0; i < ${#main_args[@]}; i++ )); do
+  if [[ "${main_args[$i]}" == --then-evaluate ]]; then
+    eval_args=("${main_args[@]:$((i + 1))}") main_args=("${main_args[@]:0:$i}") then_evaluate=1
+    break
+  fi
+done
 
 [[ -n "$name" ]] || die "--name=NAME is required (the queued resource / TPU VM)"
 [[ -n "$zone" ]] || die "--zone=ZONE is required (e.g. us-east5-a for v5p)"
@@ -224,8 +235,15 @@ fi
 # 3. Start on all workers together (jax.distributed.initialize() finds its peers).
 log="main-$(date -u +%Y%m%d-%H%M%S).log"
 start="$running_check; cd ~/biovfm-jax && mkdir -p ~/biovfm-logs"
-start+=" && { nohup ~/biovfm-venv/bin/python main.py $(printf '%q ' "${main_args[@]}")"
-start+="> ~/biovfm-logs/$log 2>&1 < /dev/null & echo \$! > ~/biovfm-logs/main.pid; }"
+if [[ $then_evaluate == 0 ]]; then
+  start+=" && { nohup ~/biovfm-venv/bin/python main.py $(printf '%q ' "${main_args[@]}")"
+  start+="> ~/biovfm-logs/$log 2>&1 < /dev/null & echo \$! > ~/biovfm-logs/main.pid; }"
+else  # main.py, then evaluate.py if it exited 0; the pid file names main.py
+  chain="~/biovfm-venv/bin/python main.py $(printf '%q ' "${main_args[@]}")"
+  chain+="& echo \$! > ~/biovfm-logs/main.pid"
+  chain+="; wait \$! && exec ~/biovfm-venv/bin/python evaluate.py $(printf '%q ' "${eval_args[@]}")"
+  start+=" && { nohup bash -c $(printf %q "$chain") > ~/biovfm-logs/$log 2>&1 < /dev/null & }"
+fi
 start+=" && ln -sfn $log ~/biovfm-logs/latest.log"
 run "${ssh[@]}" "${all[@]}" "--command=$start"
 

@@ -36,3 +36,100 @@ def shard_dir(tmp_path_factory):
   out = tmp_path_factory.mktemp("shards")
   shards.write_shards(recs, out, "t", records_per_shard=16)
   return str(out)
+
+
+def _sweep_states(root):
+  import json
+  import glob
+  return {os.path.basename(p)[:-5]: json.load(open(p))
+          for p in glob.glob(os.path.join(root, "state", "*.json"))}
+
+
+def _sweep_mtimes(root, names):
+  """path -> mtime of every file the finished runs wrote (workdirs and evals)."""
+  out = {}
+  for name in names:
+    for sub in ("runs", "evals"):
+      for d, _, files in os.walk(os.path.join(root, sub, name)):
+        for f in files:
+          if f != "run.lock":
+            out[os.path.join(d, f)] = os.stat(os.path.join(d, f)).st_mtime_ns
+  return out
+
+
+@pytest.fixture(scope="session")
+def tiny_sweep_root(tmp_path_factory):
+  """configs/sweeps/tiny.py run to the end by the launcher, the hard way: SIGKILLed
+  while its 2nd run trains, restarted and stopped by SIGTERM in a later run,
+  restarted again. Returns the sweep root (str): results.csv, runs/, evals/,
+  state/, logs/. What was seen on the way is in ../interruptions.json."""
+  import json
+  import signal
+  import subprocess
+  import sys
+  import time
+  base = tmp_path_factory.mktemp("tiny_sweep")
+  root = str(base / "root")
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  # One device and XLA's quickest compiles: the runs are tiny, compiling is their cost.
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=repo,
+             XLA_FLAGS="--xla_force_host_platform_device_count=1 "
+                       "--xla_backend_optimization_level=0")
+  cmd = [sys.executable, "-m", "biovfm_jax.sweep", "--sweep=configs/sweeps/tiny.py",
+         f"--root={root}"]
+  logs = []
+
+  def launch():
+    out = open(base / f"launcher{len(logs)}.log", "w")
+    logs.append(out.name)
+    return subprocess.Popen(cmd, cwd=repo, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+  def wait_until(child, predicate, what):
+    end = time.time() + 400
+    while time.time() < end and child.poll() is None:
+      states = _sweep_states(root)
+      if predicate(states):
+        return states
+      time.sleep(0.1)
+    child.kill()
+    child.wait()
+    raise AssertionError(f"tiny sweep: never {what}; launcher log:\n"
+                         + open(logs[-1]).read()[-3000:])
+
+  facts = {}
+  child = launch()
+  try:
+    # 1. SIGKILL once the first run is done and the second has trained a moment.
+    states = wait_until(child, lambda s: any(v["status"] == "done" for v in s.values())
+                        and any(v["status"] == "running" for v in s.values()),
+                        "finished a run")
+    time.sleep(1)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    states = _sweep_states(root)
+    facts["killed"] = [n for n, v in states.items() if v["status"] == "running"]
+    facts["done_before_kill"] = [n for n, v in states.items() if v["status"] == "done"]
+    facts["mtimes"] = _sweep_mtimes(root, facts["done_before_kill"])
+    # 2. Restarted; SIGTERM once two more runs are done.
+    child = launch()
+    n_done = len(facts["done_before_kill"]) + 2
+    wait_until(child, lambda s: sum(v["status"] == "done" for v in s.values()) >= n_done
+               and any(v["status"] == "running" for v in s.values()), "ran on")
+    time.sleep(1)
+    child.send_signal(signal.SIGTERM)
+    facts["sigterm_exit"] = child.wait(timeout=120)
+    states = _sweep_states(root)
+    facts["stopped"] = [n for n, v in states.items() if v["status"] == "running"]
+    facts["done_before_stop"] = [n for n, v in states.items() if v["status"] == "done"]
+    # 3. Restarted to the end.
+    child = launch()
+    facts["final_exit"] = child.wait(timeout=600)
+  finally:
+    if child.poll() is None:
+      child.kill()
+      child.wait()
+  facts["logs"] = logs
+  with open(base / "interruptions.json", "w") as f:
+    json.dump(facts, f, indent=1)
+  assert facts["final_exit"] == 0, open(logs[-1]).read()[-3000:]
+  return root

@@ -193,13 +193,22 @@ def test_cli_scores_the_mini_benchmark(encoders, tmp_path):
   cmd = [sys.executable, "evaluate.py", "--config=configs/eval/mini.py",
          f"--checkpoint={encoders['good']}", f"--out_dir={tmp_path / 'out'}",
          "--config.protocol=knn", f"--config.data_dir={tmp_path / 'tfds'}"]
-  r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  r = subprocess.run(cmd + [f"--results={tmp_path / 'store.csv'}", "--config.results.run=cli"],
+                     cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
   assert "mini_modality" in r.stdout and "| mean |" in r.stdout.lower().replace("**", "")
   report = json.load(open(tmp_path / "out" / "report.json"))
   auc, _ = reference_metrics(tmp_path / "out" / "scores" / "mini_modality.npz")
   assert report["results"]["mini_modality"]["auc"] == pytest.approx(auc, abs=1e-9)
   assert auc > 0.7  # modality is easy to tell even from random features
+  # --results: the rows of the results store, its columns as the store defines them.
+  from biovfm_jax import results
+  rows = results.read(tmp_path / "store.csv", strict=True)
+  assert list(rows.columns) == list(results.COLUMNS)
+  assert list(zip(rows["run"], rows["benchmark"], rows["metric"], rows["protocol"])) == [
+      ("cli", "mini_modality", "auc", "knn"), ("cli", "mini_modality", "acc", "knn")]
+  assert rows["value"][0] == pytest.approx(auc, abs=1e-12)
+  assert rows["checkpoint"][0] == report["meta"]["checkpoint"]
   bad = subprocess.run(cmd[:3] + [f"--checkpoint={tmp_path / 'missing'}",
                                   f"--out_dir={tmp_path / 'o2'}"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

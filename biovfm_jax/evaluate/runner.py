@@ -20,10 +20,11 @@ def expand_paths(config) -> None:
   with config.unlocked():
     for key in PATH_KEYS:
       config[key] = storage.expand(config[key])
+    config.results.file = storage.expand(config.results.file)
 
 
 def resolve_config(config, *, checkpoint=None, benchmarks=None, image_size=None,
-                   out_dir=None):
+                   out_dir=None, results=None):
   """Applies the flags and fills the defaults; fails on a bad config before
   anything is loaded."""
   from biovfm_jax.evaluate import protocols
@@ -33,6 +34,8 @@ def resolve_config(config, *, checkpoint=None, benchmarks=None, image_size=None,
                        ("image_size", image_size), ("out_dir", out_dir)):
       if value is not None:
         config[key] = value
+    if results is not None:
+      config.results.file = results
     expand_paths(config)  # once, here: '~' expanded, relative made absolute
     if not config.checkpoint:
       raise ConfigError("config.checkpoint is empty: pass --checkpoint=DIR")
@@ -54,12 +57,19 @@ def run(config) -> dict:
   from biovfm_jax import sharding as shd
   from biovfm_jax.evaluate import protocols, report
   from biovfm_jax.evaluate.encoder import load_encoder
+  from biovfm_jax.train import checkpoint as ckpt_lib
 
-  encoder = load_encoder(config.checkpoint, step=None if config.step < 0 else config.step,
-                         mesh=shd.make_mesh(dict(config.mesh)), **dict(config.encoder))
+  step_dir = ckpt_lib.find_step_dir(config.checkpoint,
+                                    None if config.step < 0 else config.step)
+  run_facts = ckpt_lib.read_run(step_dir)
+  step, total = ckpt_lib.progress(step_dir, run_facts)
+  if config.results.finished_only and total is not None and step < total:
+    raise ConfigError(f"{step_dir} is step {step} of its run's {total}: the run has not "
+                      "finished (config.results.finished_only); nothing evaluated")
+  encoder = load_encoder(step_dir, mesh=shd.make_mesh(dict(config.mesh)),
+                         **dict(config.encoder))
   logging.info("Encoder %s: %s parameters, %s, %d device(s)", encoder.source,
                f"{encoder.num_params:,}", encoder.config.width, jax.device_count())
-  step = int(os.path.basename(encoder.source))  # source: <workdir>/checkpoints/<step>
   results = protocols.evaluate_encoder(encoder, config,
                                        scores_dir=os.path.join(config.out_dir, "scores"))
   meta = {"checkpoint": encoder.source, "protocol": config.protocol,
@@ -74,4 +84,25 @@ def run(config) -> dict:
                                 meta=meta, step=step)
     with open(paths["md"]) as f:
       print(f.read())
+    if config.results.file:
+      _append_results(config, results, run_facts, encoder, step)
   return results
+
+
+def _append_results(config, results: dict, run_facts: dict, encoder, step: int) -> None:
+  """The evaluation's rows into the results store config.results.file; labels
+  the config leaves empty come from the checkpoint's run facts."""
+  from biovfm_jax import results as results_lib
+  labels = config.results
+  enc = encoder.config
+  mixture = run_facts.get("data_mixture") or ""
+  rows = results_lib.evaluation_rows(
+      results, run=labels.run or config.name, run_facts=run_facts,
+      checkpoint=encoder.source, step=step, protocol=config.protocol,
+      params_encoder=encoder.num_params,
+      model_size=labels.model_size or run_facts.get("model_size") or
+      f"w{enc.width}d{enc.depth}",
+      data_subset=labels.data_subset or str(run_facts.get("data_shards") or "unknown"),
+      modality_subset=labels.modality_subset or mixture or "all")
+  n = results_lib.append(config.results.file, rows)
+  logging.info("Appended %d rows to %s", n, config.results.file)

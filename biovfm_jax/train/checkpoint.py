@@ -326,6 +326,14 @@ def read_run(step_dir: str) -> dict:
       os.path.join(step_dir, "run")) or {})
 
 
+def progress(step_dir: str, run: dict | None = None) -> tuple[int, int | None]:
+  """(step, total steps) of a checkpoint: its step and the step its run was
+  to end at (None where the run JSON does not record it: imports, older runs)."""
+  run = read_run(step_dir) if run is None else run
+  total = run.get("total_steps")
+  return int(os.path.basename(step_dir.rstrip("/"))), None if total is None else int(total)
+
+
 def state_metadata(step_dir: str):
   """The saved state's tree of array metadata (shape, dtype), read without loading."""
   return ocp.PyTreeCheckpointer().metadata(os.path.join(step_dir, "state")).item_metadata.tree

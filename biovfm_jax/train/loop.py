@@ -358,7 +358,13 @@ def _train(config, workdir: str, preemption: _Preemption) -> dict:
   # Not checked on resume: tells evaluation and export which weights are the backbone.
   run_info = {**facts, "objective": config.objective,
               "backbone": "/".join(objective.backbone_path),
-              "encoder": dataclasses.asdict(objective.encoder_config)}
+              "encoder": dataclasses.asdict(objective.encoder_config),
+              # For the results store (biovfm_jax/results.py): what the run is, in
+              # the study's terms, and where it was to end.
+              "model_size": config.model.size or "", "params_total": spec.num_params(),
+              "flops_per_example": float(objective.flops_per_example()),
+              "data_mixture": _mixture_text(config.data.mixture.weights),
+              "total_steps": int(total_steps)}
   if ckpt.latest_step() is not None:
     state, restored_run = ckpt.restore(
         state_lib.abstract_state(spec, tx, objective, shardings), run_info)
@@ -480,6 +486,13 @@ def _train(config, workdir: str, preemption: _Preemption) -> dict:
             raise
           logging.warning("While stopping: %s", ckpt_lib.one_line(e))
   return last
+
+
+def _mixture_text(weights) -> str:
+  """config.data.mixture.weights as text ("CT:0.4,MR:0.6"), "" for none."""
+  if not isinstance(weights, str):
+    weights = ",".join(f"{k}:{float(v):g}" for k, v in sorted(dict(weights).items()))
+  return weights
 
 
 def _initial_params(config, spec: state_lib.ModelSpec):

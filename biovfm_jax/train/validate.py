@@ -74,6 +74,16 @@ def validate_config(config, mesh) -> None:
     raise ConfigError("config.data.mean and config.data.std must be 3 values, std nonzero")
 
 
+def expand_paths(c) -> None:
+  """Path fields of a pretraining config, '~' expanded and made absolute, in
+  place: once, where the config enters (main.py, the sweep launcher; gs://
+  kept as given)."""
+  c.init_from = storage.expand(c.init_from)
+  c.data.cache_dir = storage.expand(c.data.cache_dir)
+  if isinstance(c.data.shards, str):
+    c.data.shards = storage.expand_list(c.data.shards)
+
+
 def _get(config, key: str):
   for part in key.split("."):
     config = config[part]
@@ -92,6 +102,10 @@ def _check_paths(config) -> None:
     raise ConfigError(f"config.init_from={init} does not exist")
 
 
+# Config-file flags of the binaries (main.py, evaluate.py: --config; the sweep: --sweep).
+_CONFIG_FLAGS = ("config.", "noconfig.", "sweep.", "nosweep.")
+
+
 def _one_line(e: Exception, argv) -> str:
   """The error of a bad flag, with absl/ml_collections' suggestion, as one line."""
   while isinstance(e, (KeyError, AttributeError)) and e.args:  # KeyError's own str is a repr
@@ -101,7 +115,7 @@ def _one_line(e: Exception, argv) -> str:
   hint = hint.strip()
   for arg in argv[1:]:  # the override that names this key: --config.model.widht=64
     name = arg.split("=", 1)[0].lstrip("-")
-    if name.startswith(("config.", "noconfig.")) and key.strip("'") in name.split(".")[1:]:
+    if name.startswith(_CONFIG_FLAGS) and key.strip("'") in name.split(".")[1:]:
       return f"--{name}: no such config key" + (f". {hint}" if hint else "")
   return " ".join(text.split())
 

@@ -21,6 +21,15 @@ def get_config(protocol: str):
   c.data_dir = os.path.join(os.environ.get("BIOVFM_DATA", "~/.cache/biovfm_jax"), "tfds")
   c.out_dir = ""                     # report folder (--out_dir)
   c.cache_dir = ""                   # feature cache; default <out_dir>/features
+  # The results store (biovfm_jax/results.py): file (--results) gets one row per
+  # benchmark and metric. The labels default to what the checkpoint records: run to
+  # config.name, model_size to the run's model size (else "w<width>d<depth>"),
+  # data_subset to its shards ("unknown" for imports), modality_subset to its
+  # mixture weights ("all": none).
+  # finished_only: refuse a checkpoint before its run's last step (sweeps set it).
+  c.results = ml_collections.ConfigDict({
+      "file": "", "run": "", "model_size": "", "data_subset": "", "modality_subset": "",
+      "finished_only": False})
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
   # Runtime overrides of the saved encoder (bf16 compute, attention kernel ...).
   c.encoder = ml_collections.ConfigDict({
