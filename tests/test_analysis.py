@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import re
 import types
 
 import numpy as np
@@ -19,15 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAPER_MD = os.path.join(os.path.dirname(ROOT), "shared", "PAPER.md")
 needs_paper = pytest.mark.skipif(not os.path.exists(PAPER_MD), reason="no ../shared/PAPER.md")
 
-# PAPER.md "Scaling analysis": the published slopes b (DINOv2, MAE).
-PAPER_SLOPES = {
-    "chestmnist": (0.0224, 0.0452), "tissuemnist": (0.0224, 0.0240),
-    "dermamnist": (0.0223, 0.0269), "octmnist": (0.0141, 0.0692),
-    "breastmnist": (0.0124, 0.0318), "organsmnist": (0.0038, 0.0040),
-    "pneumoniamnist": (0.0031, 0.0134), "retinamnist": (0.0025, 0.0094),
-    "organcmnist": (0.0024, 0.0063), "organamnist": (0.0020, 0.0044),
-    "pathmnist": (0.0017, 0.0015), "bloodmnist": (0.0016, 0.0037), "mean": (0.0088, 0.0191),
-}
+PAPER_SLOPES = published.PAPER_SLOPES  # (DINOv2, MAE) per benchmark and "mean"
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +36,8 @@ def paper_slopes(table):
 def _rows(points, **common):
   """A results frame from [(run, N, benchmark, value)] with contract columns."""
   base = {c: "" for c in analysis.COLUMNS}
-  base.update(objective="mae", model_size="X", protocol="biovfm", metric="auc",
-              data_subset="d", modality_subset="all", **common)
+  base.update(dict(objective="mae", model_size="X", protocol="biovfm", metric="auc",
+                   data_subset="d", modality_subset="all"), **common)
   rows = [{**base, "run": run, "params_encoder": n, "params_total": n, "benchmark": b,
            "value": v} for run, n, b, v in points]
   return analysis.check_results(pd.DataFrame(rows), "synthetic")
@@ -131,6 +124,21 @@ def test_paper_slopes_constants_are_paper_md():
   flags = {d.lower(): f for f, d in analysis.fit.report.BENCHMARKS}
   flags["mean"] = "mean"
   assert {flags[r[0].lower()]: (float(r[1]), float(r[2])) for r in rows} == PAPER_SLOPES
+  assert published.PAPER_OBJECTIVES == ("dinov2", "mae")  # the table's column order
+
+
+@needs_paper
+def test_paper_correlation_constants_are_paper_md():
+  text = " ".join(open(PAPER_MD).read().split())  # the sentence wraps
+  words = {"dataset_samples": "number of training samples",
+           "db_index": "Davies-Bouldin index of the benchmark's classes in feature space",
+           "num_classes": "number of classes", "gzip_ratio": "gzip compressibility of the images"}
+  got = {}
+  for factor, phrase in words.items():
+    m = re.search(rf"{re.escape(phrase)} \(D (-?[\d.]+), M (-?[\d.]+)\)", text)
+    assert m, phrase
+    got[factor] = (float(m.group(1)), float(m.group(2)))
+  assert got == published.PAPER_CORRELATIONS
 
 
 def test_fit_recovers_a_line_exactly():
@@ -333,11 +341,65 @@ def test_paper_correlations(paper_slopes):
   factors = analysis.factor_table(list(medmnist.FLAGS))
   r = analysis.correlations(paper_slopes, factors).set_index(["objective", "factor"])["r"]
   assert (r.index.get_level_values("objective").unique().sort_values() == ["dinov2", "mae"]).all()
-  assert abs(r["dinov2", "num_classes"] - 0.05) < 0.01
-  assert abs(r["mae", "num_classes"] + 0.24) < 0.01
   # The paper's "training samples" figures come out with the whole dataset size.
-  assert abs(r["dinov2", "dataset_samples"] - 0.51) < 0.01
-  assert abs(r["mae", "dataset_samples"] - 0.33) < 0.01
+  for factor in ("num_classes", "dataset_samples"):
+    for objective, want in zip(published.PAPER_OBJECTIVES, published.PAPER_CORRELATIONS[factor]):
+      assert abs(r[objective, factor] - want) < 0.01, (objective, factor)
+
+
+# --- beside the paper -------------------------------------------------------------
+
+def test_slope_table_beside_the_paper(paper_slopes):
+  t = analysis.slope_table(paper_slopes)
+  assert list(t.columns) == ["benchmark", "dinov2 b", "dinov2 SE", "dinov2 R²", "paper dinov2",
+                             "mae b", "mae SE", "mae R²", "paper mae"]
+  assert list(t["benchmark"]) == [f for f, _ in analysis.fit.report.BENCHMARKS] + ["mean"]
+  fitted = paper_slopes.set_index(["objective", "benchmark"])
+  for row in t.itertuples(index=False):
+    assert row[1] == fitted.loc[("dinov2", row[0]), "b"]
+    assert row[6] == fitted.loc[("mae", row[0]), "se_b"]
+    assert (row[4], row[8]) == PAPER_SLOPES[row[0]]
+  md = analysis.markdown(t).splitlines()
+  assert md[0] == "| " + " | ".join(t.columns) + " |"
+  assert md[2].startswith("| Derma | 0.0223 | ")
+  assert md[-1].startswith("| mean | 0.0088 | ") and "| 0.0088 | 0.0191 |" in md[-1]
+
+
+def test_slope_table_of_own_runs():
+  """Several groups of one objective, a benchmark the paper lacks, the other
+  objective only published: every paper column and row stays."""
+  points = [(f"{d}{n}", n, b, v) for d in ("u", "a") for n, v in ((1e6, 0.7), (1e7, 0.8))
+            for b in ("dermamnist", "mini_modality")]
+  df = _rows(points)
+  df["data_subset"] = [run[0] for run, *_ in points]
+  s = analysis.fit_slopes(df)
+  t = analysis.slope_table(s)
+  # Two sizes per group: b alone (no SE, R² = 1).
+  assert list(t.columns) == ["benchmark", "mae a b", "mae u b", "paper mae", "paper dinov2"]
+  assert list(t["benchmark"])[-2:] == ["mini_modality", "mean"] and len(t) == 14
+  row = t.set_index("benchmark")
+  want = np.log(80 / 70) / np.log(10)
+  assert row.loc["mini_modality", "mae u b"] == pytest.approx(want)
+  assert np.isnan(row.loc["mini_modality", "paper mae"])
+  assert np.isnan(row.loc["octmnist", "mae a b"]) and row.loc["octmnist", "paper mae"] == 0.0692
+  md = analysis.markdown(t)
+  assert "| OCT |  |  | 0.0692 | 0.0141 |" in md
+  assert "| mini_modality | " in md and "nan" not in md
+  # Nothing fitted: the paper's columns alone.
+  assert list(analysis.slope_table(s.iloc[:0]).columns) == ["benchmark", "paper dinov2",
+                                                            "paper mae"]
+
+
+def test_correlation_table_beside_the_paper(paper_slopes):
+  corr = analysis.correlations(paper_slopes, analysis.factor_table(list(medmnist.FLAGS)))
+  t = analysis.correlation_table(corr).set_index("factor")
+  assert list(t.index) == ["train_samples", "dataset_samples", "num_classes", "gzip_ratio",
+                           "db_index"]  # the static ones computed, the paper's all shown
+  assert list(t.columns) == ["dinov2 r", "paper dinov2", "mae r", "paper mae"]
+  assert t.loc["num_classes", "paper mae"] == -0.24
+  assert np.isnan(t.loc["train_samples", "paper mae"]) and np.isnan(t.loc["db_index", "mae r"])
+  md = analysis.markdown(t.reset_index(), digits=2)
+  assert "| num_classes | 0.05 | 0.05 | -0.24 | -0.24 |" in md
 
 
 # --- command line -----------------------------------------------------------------

@@ -39,7 +39,7 @@ strip = _strip_module()
 
 def test_committed_notebooks_have_no_outputs():
   paths = strip.notebooks()
-  assert any(p.endswith("quickstart.ipynb") for p in paths), paths
+  assert {os.path.basename(p) for p in paths} >= {"quickstart.ipynb", "scaling_curves.ipynb"}
   for path in paths:
     nb = nbformat.read(path, as_version=4)
     nbformat.validate(nb)
@@ -82,15 +82,17 @@ def test_strip_finds_and_clears_what_a_run_leaves(tmp_path):
   assert strip.strip(nb) is False and open(path, "rb").read() == before
 
 
-def test_quickstart_badge_and_repo_url_agree():
-  """The repository URL is a placeholder in two places: the Colab badge and
-  REPO_URL in the parameters cell. They must name the same repository."""
-  nb = nbformat.read(os.path.join(NOTEBOOKS, "quickstart.ipynb"), as_version=4)
+@pytest.mark.parametrize("name", ["quickstart.ipynb", "scaling_curves.ipynb"])
+def test_badge_and_repo_url_agree(name):
+  """The repository URL is a placeholder in two places: the Colab badge (which
+  opens this notebook) and REPO_URL in the parameters cell. They must name the
+  same repository."""
+  nb = nbformat.read(os.path.join(NOTEBOOKS, name), as_version=4)
   params = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
   assert len(params) == 1
   url = re.search(r'REPO_URL = "https://github\.com/([^"]+)"', params[0].source).group(1)
   badge = re.search(r"colab\.research\.google\.com/github/(\S+?)/blob/main/notebooks/"
-                    r"quickstart\.ipynb", nb.cells[0].source).group(1)
+                    + re.escape(name), nb.cells[0].source).group(1)
   assert badge == url
 
 
@@ -101,6 +103,7 @@ class Case:
   notebook: str
   env: Callable[[str], dict]            # tmp dir -> extra environment for the run
   check: Callable[[object, str], None]  # (executed notebook, workdir) -> asserts
+  name: str = ""                        # the test id when a notebook has several cases
 
 
 def _outputs(nb, kind):
@@ -132,11 +135,95 @@ def _check_quickstart(nb, workdir):
   assert os.path.isdir(os.path.join(workdir, "mae", "checkpoints", "4"))  # tiny: 4 steps
 
 
+def _markdown_tables(text: str) -> dict[str, list[dict]]:
+  """The markdown tables printed in `text`, by their first header cell:
+  rows as {header: cell}."""
+  tables, header = {}, None
+  for line in text.splitlines():
+    if not line.startswith("|"):
+      header = None
+      continue
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    if header is None:
+      header = cells
+      tables[header[0]] = []
+    elif not set(line) <= set("|-"):
+      tables[header[0]].append(dict(zip(header, cells)))
+  return tables
+
+
+def _slope_rows(nb) -> dict[str, dict]:
+  """The printed slope table, by benchmark display name."""
+  return {row["benchmark"]: row for row in _markdown_tables(_stdout(nb))["benchmark"]}
+
+
+def _check_scaling_figures(nb, workdir):
+  sources = _cells_with_image(nb)
+  assert any("plot_curves(" in s for s in sources), "no scaling-curve figure"
+  for name in ("slopes.csv", "curves.png", "slopes.png"):
+    assert os.path.getsize(os.path.join(workdir, name)) > 0, name
+
+
+def _check_scaling_published(nb, workdir):
+  """No results given: the paper's table, its slopes beside the published ones."""
+  _check_scaling_figures(nb, workdir)
+  mean = _slope_rows(nb)["mean"]
+  assert (mean["dinov2 b"], mean["paper dinov2"]) == ("0.0088", "0.0088"), mean
+  assert (mean["mae b"], mean["paper mae"]) == ("0.0191", "0.0191"), mean
+  out = _stdout(nb)
+  assert "from the published table" in out
+  assert "biomedclip: 12 rows without a positive params_total" in out  # one model: no fit
+  factors = {r["factor"]: r for r in _markdown_tables(out)["factor"]}
+  classes = factors["num_classes"]
+  assert (classes["dinov2 r"], classes["mae r"]) == ("0.05", "-0.24"), classes
+  assert "gzip_ratio: optional" in out and "db_index: optional" in out
+  assert any("plot_factors(" in s for s in _cells_with_image(nb))
+
+
+USER_RESULTS = "results.csv"  # in the case's tmp dir, beside its workdir ("work")
+
+
+def _user_results(tmp: str) -> dict:
+  """A results store as a user's runs leave it: 2 model sizes x 2 objectives x
+  2 benchmarks, AUCs on a power law in N with a slope per objective and benchmark."""
+  from test_analysis import _rows  # noqa: E402 (the analysis tests' row builder)
+  import numpy as np
+  import pandas as pd
+  frames = []
+  for objective, slope in (("dinov2", 0.011), ("mae", 0.027)):
+    for size, n in (("S", 22_000_000), ("B", 86_000_000)):
+      points = [(f"{objective}_{size}", n, bench, np.exp(3.9 + (slope + d) * np.log(n)) / 100)
+                for bench, d in (("dermamnist", 0.0), ("octmnist", 0.004))]
+      frames.append(_rows(points, objective=objective, model_size=size, protocol="fast"))
+  path = os.path.join(tmp, USER_RESULTS)
+  pd.concat(frames).to_csv(path, index=False)
+  return {"BIOVFM_RESULTS": path}
+
+
+def _check_scaling_user(nb, workdir):
+  """A user's results: the printed slopes are fit_slopes' on the same CSV, the
+  paper's columns stay beside them."""
+  from biovfm_jax import analysis
+  from biovfm_jax.evaluate import report
+  _check_scaling_figures(nb, workdir)
+  path = os.path.join(workdir, os.pardir, os.pardir, USER_RESULTS)
+  slopes = analysis.fit_slopes(analysis.load_results(path))
+  assert len(slopes) == 6  # 2 objectives x (2 benchmarks + mean)
+  rows = _slope_rows(nb)
+  for s in slopes.itertuples():
+    assert rows[report.display_name(s.benchmark)][f"{s.objective} b"] == f"{s.b:.4f}", s
+  assert rows["mean"]["paper mae"] == "0.0191" and rows["OCT"]["paper dinov2"] == "0.0141"
+  assert rows["Path"]["mae b"] == ""  # not in these results, in the paper's
+  assert f"{len(slopes)} fits over params_total" in _stdout(nb)
+  assert "r needs 3 or more" in _stdout(nb)  # 2 benchmarks: no correlation
+
+
 CASES = [
     Case("quickstart.ipynb", lambda tmp: {}, _check_quickstart),
-    # The scaling notebook, once written, e.g.:
-    # Case("scaling_curves.ipynb", lambda tmp: {"BIOVFM_RESULTS": <a tiny results CSV>},
-    #      _check_scaling),
+    # BIOVFM_RESULTS empty: the published table, whatever the caller's environment holds.
+    Case("scaling_curves.ipynb", lambda tmp: {"BIOVFM_RESULTS": ""}, _check_scaling_published,
+         "scaling_curves-published"),
+    Case("scaling_curves.ipynb", _user_results, _check_scaling_user, "scaling_curves-own-runs"),
 ]
 
 
@@ -195,7 +282,7 @@ def _repo_status() -> set[str] | None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.notebook)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name or c.notebook)
 def test_notebook_runs_in_tiny_mode(case, tmp_path):
   repo_before = _repo_status()
   t0 = time.perf_counter()

@@ -15,6 +15,8 @@ correlates them with the slopes. The API the scaling notebook calls:
     analysis.plot_curves(df, slopes, "curves.png")  # returns the Figure
     analysis.plot_slopes(slopes, path)
     analysis.plot_factors(slopes, factors, corr, path)
+    print(analysis.markdown(analysis.slope_table(slopes)))   # beside the paper's
+    print(analysis.markdown(analysis.correlation_table(corr), digits=2))
 
 Results and factor tables carry their notes (skipped groups, missing
 features) in `.attrs["notes"]`. The paper's slopes come out of the published
@@ -24,6 +26,7 @@ table with x="params_total" (its size axis; see published.py). Command line:
         [--features_dir=OBJECTIVE=DIR ...] [--npz_dir=DIR --image_size=224]
     python -m biovfm_jax.analysis published --paper=PAPER.md [--overwrite]
 """
+from biovfm_jax.analysis.compare import correlation_table, markdown, slope_table
 from biovfm_jax.analysis.factors import (correlations, davies_bouldin, factor_table,
                                          gzip_ratio, static_factors)
 from biovfm_jax.analysis.fit import fit_line, fit_slopes, scaling_points

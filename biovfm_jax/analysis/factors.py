@@ -157,8 +157,7 @@ def correlations(slopes: pd.DataFrame, factors: pd.DataFrame) -> pd.DataFrame:
   left out. Factors with fewer than 3 benchmarks or no spread give NaN."""
   names = [c for c in factors.columns if c in FACTORS]
   slopes = slopes[slopes["benchmark"] != fit.MEAN]
-  # fit_slopes puts its group keys before "benchmark".
-  keys = list(slopes.columns[:slopes.columns.get_loc("benchmark")]) + ["x"]
+  keys = fit.group_keys(slopes) + ["x"]
   merged = slopes.merge(factors, on=["objective", "benchmark"], how="inner")
   rows = []
   for group, g in merged.groupby(keys, dropna=False, sort=False):

@@ -98,6 +98,27 @@ def _points(df: pd.DataFrame, x: str, keys: list[str], notes: list) -> pd.DataFr
   return pd.concat(out, ignore_index=True) if out else df.iloc[:0]
 
 
+def group_keys(table: pd.DataFrame, last: str = "benchmark") -> list[str]:
+  """The group keys of a fit_slopes (or correlations, last="factor") table:
+  the columns before `last`."""
+  return list(table.columns[:table.columns.get_loc(last)])
+
+
+def in_group(frame: pd.DataFrame, keys: list[str], group: tuple) -> pd.Series:
+  """Rows of `frame` whose `keys` columns hold `group`."""
+  return (frame[keys] == pd.Series(group, keys)).all(axis=1)
+
+
+def group_labels(table: pd.DataFrame, keys: list[str]) -> dict[tuple, str]:
+  """Group key tuple -> a short label: the objective and the values of the
+  other keys that differ between groups (the objective alone in the usual
+  case)."""
+  groups = table[keys].drop_duplicates()
+  varying = [k for k in keys if k == "objective" or groups[k].nunique() > 1]
+  return {tuple(row): " ".join(str(v) for k, v in zip(keys, row) if k in varying)
+          for row in groups.itertuples(index=False)}
+
+
 def scaling_points(df: pd.DataFrame, x: str = "params_total", metric: str = "auc",
                    by: tuple[str, ...] | None = None) -> pd.DataFrame:
   """The points the fits use: the group keys (BASE_KEYS + `by`, default

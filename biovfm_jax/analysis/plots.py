@@ -20,25 +20,6 @@ from biovfm_jax.analysis import fit
 from biovfm_jax.evaluate import report
 
 
-def _keys(slopes: pd.DataFrame) -> list[str]:
-  return list(slopes.columns[:slopes.columns.get_loc("benchmark")])
-
-
-def _in(frame: pd.DataFrame, keys: list[str], group: tuple) -> pd.Series:
-  """Rows of `frame` in slope group `group`."""
-  return (frame[keys] == pd.Series(group, keys)).all(axis=1)
-
-
-def _labels(slopes: pd.DataFrame) -> dict[tuple, str]:
-  """Group key tuple -> legend label: the keys that differ between groups
-  (the objective alone in the usual case)."""
-  keys = _keys(slopes)
-  groups = slopes[keys].drop_duplicates()
-  varying = [k for k in keys if groups[k].nunique() > 1] or ["objective"]
-  return {tuple(row): " ".join(str(v) for k, v in zip(keys, row) if k in varying)
-          for row in groups.itertuples(index=False)}
-
-
 def _colors(labels: dict) -> dict[tuple, str]:
   return {g: f"C{i % 10}" for i, g in enumerate(labels)}
 
@@ -69,14 +50,15 @@ def plot_curves(df: pd.DataFrame, slopes: pd.DataFrame, path=None, metric: str =
   of the same df, x, metric and by)."""
   x = str(slopes["x"].iloc[0])
   points = fit.scaling_points(df, x, metric, by)
-  keys, labels = _keys(slopes), _labels(slopes)
+  keys = fit.group_keys(slopes)
+  labels = fit.group_labels(slopes, keys)
   colors = _colors(labels)
   names = _benchmarks(slopes)
   fig, axes = _grid(len(names), cols=min(4, len(names)))
   for ax, name in zip(axes, names):
     for group, label in labels.items():
-      pts = points[(points["benchmark"] == name) & _in(points, keys, group)]
-      fitted = slopes[(slopes["benchmark"] == name) & _in(slopes, keys, group)]
+      pts = points[(points["benchmark"] == name) & fit.in_group(points, keys, group)]
+      fitted = slopes[(slopes["benchmark"] == name) & fit.in_group(slopes, keys, group)]
       if pts.empty:
         continue
       ax.scatter(pts[x], 100 * pts["value"], s=14, color=colors[group])
@@ -98,7 +80,8 @@ def plot_curves(df: pd.DataFrame, slopes: pd.DataFrame, path=None, metric: str =
 
 def plot_slopes(slopes: pd.DataFrame, path=None) -> Figure:
   """Bar chart of b per benchmark (paper order, mean last), +- one SE."""
-  keys, labels = _keys(slopes), _labels(slopes)
+  keys = fit.group_keys(slopes)
+  labels = fit.group_labels(slopes, keys)
   colors = _colors(labels)
   names = _benchmarks(slopes)
   fig = Figure(figsize=(max(6.0, 0.7 * len(names) * max(1, len(labels)) ** 0.5), 3.5),
@@ -106,7 +89,7 @@ def plot_slopes(slopes: pd.DataFrame, path=None) -> Figure:
   ax = fig.subplots()
   width = 0.8 / max(1, len(labels))
   for i, (group, label) in enumerate(labels.items()):
-    g = slopes[_in(slopes, keys, group)].set_index("benchmark")
+    g = slopes[fit.in_group(slopes, keys, group)].set_index("benchmark")
     b = g["b"].reindex(names)
     se = g["se_b"].reindex(names).fillna(0)
     ax.bar(np.arange(len(names)) + (i - (len(labels) - 1) / 2) * width, b, width,
@@ -122,7 +105,8 @@ def plot_slopes(slopes: pd.DataFrame, path=None) -> Figure:
 def plot_factors(slopes: pd.DataFrame, factors: pd.DataFrame, correlations=None,
                  path=None) -> Figure:
   """The benchmarks' slopes against each factor; Pearson r in the legend."""
-  keys, labels = _keys(slopes), _labels(slopes)
+  keys = fit.group_keys(slopes)
+  labels = fit.group_labels(slopes, keys)
   colors = _colors(labels)
   names = [c for c in factors.columns if c in factors_lib.FACTORS]
   merged = slopes[slopes["benchmark"] != fit.MEAN].merge(
@@ -130,12 +114,13 @@ def plot_factors(slopes: pd.DataFrame, factors: pd.DataFrame, correlations=None,
   fig, axes = _grid(len(names), cols=min(3, max(1, len(names))), size=3.4)
   for ax, name in zip(axes, names):
     for group, label in labels.items():
-      g = merged[_in(merged, keys, group)].dropna(subset=[name])
+      g = merged[fit.in_group(merged, keys, group)].dropna(subset=[name])
       if g.empty:
         continue
       text = label
       if correlations is not None:
-        c = correlations[(correlations["factor"] == name) & _in(correlations, keys, group)]
+        c = correlations[(correlations["factor"] == name)
+                         & fit.in_group(correlations, keys, group)]
         if len(c):
           text += f" r={c['r'].iloc[0]:.2f}"
       ax.scatter(g[name], g["b"], s=16, color=colors[group], label=text)

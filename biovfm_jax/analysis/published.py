@@ -15,6 +15,10 @@ decoder (31.2M, 47.4M, 111.66M, 329.24M), for DINOv2 too, since the paper
 fits both objectives over it: fit with x="params_total" to reproduce its
 slopes. `params_encoder` is this project's encoder of that recipe (what an
 evaluation of one of our checkpoints records).
+
+The paper's own fit results (its "Scaling analysis" section) are constants
+here, PAPER_SLOPES and PAPER_CORRELATIONS; tests check them against PAPER.md
+and that the fits of published.csv reproduce them.
 """
 from __future__ import annotations
 
@@ -37,6 +41,23 @@ BASELINE = ("BiomedCLIP", "biomedclip", "B")  # column, objective, ViT size
 ENCODER_OVERRIDES = {"mae": {}, "dinov2": dict(pos_embed="learned", layerscale_init=1e-5,
                                                mask_token=True)}
 _FLAG = {display.lower(): flag for flag, display in report.BENCHMARKS}
+
+# The objectives the paper fitted, in the order of the pairs below.
+PAPER_OBJECTIVES = tuple(OBJECTIVES.values())
+# Published slopes b per benchmark and of the mean AUC ("mean").
+PAPER_SLOPES = {
+    "chestmnist": (0.0224, 0.0452), "tissuemnist": (0.0224, 0.0240),
+    "dermamnist": (0.0223, 0.0269), "octmnist": (0.0141, 0.0692),
+    "breastmnist": (0.0124, 0.0318), "organsmnist": (0.0038, 0.0040),
+    "pneumoniamnist": (0.0031, 0.0134), "retinamnist": (0.0025, 0.0094),
+    "organcmnist": (0.0024, 0.0063), "organamnist": (0.0020, 0.0044),
+    "pathmnist": (0.0017, 0.0015), "bloodmnist": (0.0016, 0.0037),
+    report.MEAN: (0.0088, 0.0191),
+}
+# Pearson r of the slopes with each factor (factors.py's names; the paper's
+# "number of training samples" comes out as dataset_samples, train + val + test).
+PAPER_CORRELATIONS = {"dataset_samples": (0.51, 0.33), "db_index": (0.47, 0.61),
+                      "num_classes": (0.05, -0.24), "gzip_ratio": (-0.22, -0.31)}
 
 
 def markdown_table(text: str, section: str) -> list[list[str]]:

@@ -78,7 +78,8 @@ def _mean(values) -> float:
   return sum(values) / len(values) if values else float("nan")
 
 
-def _markdown(header, rows) -> str:
+def markdown(header, rows) -> str:
+  """A markdown table of string cells, header first."""
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   lines += ["| " + " | ".join(row) + " |" for row in rows]
   return "\n".join(lines) + "\n"
@@ -138,7 +139,7 @@ def write_report(results: dict[str, dict], out_dir, *, name: str, meta: dict | N
   md_rows.append([MEAN] + [_fmt(mean[m]) for m in METRICS])
   note = ("\nIntervals: percentile bootstrap over test examples.\n"
           if any(has_ci.values()) else "")
-  md = title + _markdown(["benchmark", "AUC", "ACC"], md_rows) + note
+  md = title + markdown(["benchmark", "AUC", "ACC"], md_rows) + note
 
   header = ["benchmark", "auc", "acc", "auc_low", "auc_high", "acc_low", "acc_high"]
   csv_rows = []
@@ -222,7 +223,7 @@ def merge_reports(report_dirs_or_json_paths, out_dir, *, metric: str = "auc") ->
   if len(common) < len(order):
     title += (f"mean over the {len(common)} benchmarks every run has: "
               f"{', '.join(display_name(b) for b in common) or 'none'}\n\n")
-  md = title + _markdown(["benchmark"] + names, md_rows)
+  md = title + markdown(["benchmark"] + names, md_rows)
 
   csv_rows = [[b] + [_num(value(r, b)) for r in runs] for b in order]
   csv_rows.append([MEAN] + [_num(means[n]) for n in names])

@@ -1,0 +1,85 @@
+"""Fitted slopes and factor correlations beside the paper's (published.py's
+PAPER_SLOPES and PAPER_CORRELATIONS), as the tables the scaling notebook
+prints.
+
+Columns come in one block per slope group (fit.group_labels: the objective
+alone in the usual case), and each objective the paper fitted gets its
+"paper <objective>" column after its groups' block: always, fitted here or
+not, so a user's own runs are read beside the published numbers.
+"""
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from biovfm_jax.analysis import factors as factors_lib
+from biovfm_jax.analysis import fit
+from biovfm_jax.analysis import published
+from biovfm_jax.evaluate import report
+
+
+def _blocks(table: pd.DataFrame, keys: list[str]) -> list[tuple[str, list[tuple[tuple, str]]]]:
+  """[(objective, [(group, label), ...])]: the table's objectives in its
+  order, then the paper's that it lacks (no groups)."""
+  labels = fit.group_labels(table, keys) if len(table) else {}
+  objectives = list(dict.fromkeys(g[keys.index("objective")] for g in labels))
+  objectives += [o for o in published.PAPER_OBJECTIVES if o not in objectives]
+  return [(o, [(g, label) for g, label in labels.items() if g[keys.index("objective")] == o])
+          for o in objectives]
+
+
+def _paper_column(values: dict, objective: str, rows: list[str]) -> list[float]:
+  i = published.PAPER_OBJECTIVES.index(objective)
+  return [values[r][i] if r in values else math.nan for r in rows]
+
+
+def _table(table: pd.DataFrame, keys: list[str], row_key: str, rows: list[str],
+           columns: dict[str, str], paper: dict) -> pd.DataFrame:
+  """Rows `rows` of `table` (long, one row per group and `row_key`), wide:
+  per group its `columns` (name in table -> header suffix), per paper
+  objective the paper's values."""
+  out = pd.DataFrame({row_key: rows})
+  for objective, groups in _blocks(table, keys):
+    for group, label in groups:
+      g = table[fit.in_group(table, keys, group)].set_index(row_key)
+      for column, suffix in columns.items():
+        out[f"{label} {suffix}"] = g[column].reindex(rows).to_numpy(dtype=float)
+    if objective in published.PAPER_OBJECTIVES:
+      out[f"paper {objective}"] = _paper_column(paper, objective, rows)
+  return out
+
+
+def slope_table(slopes: pd.DataFrame) -> pd.DataFrame:
+  """fit_slopes' b (with SE and R^2) beside the paper's b. Rows: the
+  benchmarks fitted here and the paper's, in the paper's order, mean last.
+  A group fitted on two sizes only has no SE and an R^2 of 1: its b alone."""
+  keys = fit.group_keys(slopes)
+  names = set(slopes["benchmark"]) | set(published.PAPER_SLOPES)
+  rows = report.ordered(names - {fit.MEAN}) + [fit.MEAN]
+  out = _table(slopes, keys, "benchmark", rows, {"b": "b", "se_b": "SE", "r2": "R²"},
+               published.PAPER_SLOPES)
+  for label in (fit.group_labels(slopes, keys) if len(slopes) else {}).values():
+    if out[f"{label} SE"].isna().all():  # lines through two points: no SE, R² = 1
+      out = out.drop(columns=[f"{label} SE", f"{label} R²"])
+  return out
+
+
+def correlation_table(corr: pd.DataFrame) -> pd.DataFrame:
+  """correlations' Pearson r beside the paper's. Rows: the factors computed
+  here and the paper's, in factors.FACTORS order."""
+  keys = fit.group_keys(corr, last="factor")
+  names = set(corr["factor"]) | set(published.PAPER_CORRELATIONS)
+  rows = [f for f in factors_lib.FACTORS if f in names]
+  return _table(corr, keys, "factor", rows, {"r": "r"}, published.PAPER_CORRELATIONS)
+
+
+def markdown(table: pd.DataFrame, digits: int = 4) -> str:
+  """A slope or correlation table as markdown: benchmark display names,
+  numbers to `digits` decimals, missing ones empty."""
+  def cell(v) -> str:
+    if isinstance(v, str):
+      return report.display_name(v)
+    return "" if v is None or math.isnan(v) else f"{v:.{digits}f}"
+  return report.markdown(list(table.columns),
+                         [[cell(v) for v in row] for row in table.itertuples(index=False)])
