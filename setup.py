@@ -17,14 +17,13 @@ INSTALL_REQUIRES = [
     "tensorboard>=2.21",
     "absl-py",
     "numpy>=2",
-    "pandas>=2",              # the results store reads back as a DataFrame
     "pillow>=11",
     # Readers for medical formats, and the packages that ship the mini corpus.
     "pydicom>=3",
     "nibabel>=5",
     "nilearn>=0.11",
     "scikit-image>=0.25",
-    # The scaling study (biovfm_jax/analysis, the notebooks): results tables in
+    # The scaling study (the results store, biovfm_jax/analysis, the notebooks): tables in
     # pandas, fits with scipy, Davies-Bouldin with scikit-learn, figures with
     # matplotlib (also the quickstart's reconstructions and PCA maps).
     "pandas>=2.2",

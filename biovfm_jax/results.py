@@ -49,8 +49,8 @@ COLUMNS = ("run", "objective", "model_size", "params_encoder", "params_total",
            "benchmark", "metric", "value", "ci_low", "ci_high", "checkpoint", "step",
            "git_rev", "time")
 METRICS = ("auc", "acc")
-_INTS = ("params_encoder", "params_total", "images_seen", "step")
-_FLOATS = ("train_flops", "value", "ci_low", "ci_high")
+INT_COLUMNS = ("params_encoder", "params_total", "images_seen", "step")
+FLOAT_COLUMNS = ("train_flops", "value", "ci_low", "ci_high")
 # May be empty: unknown for imported checkpoints, no bootstrap, no git checkout.
 _OPTIONAL = ("params_total", "train_flops", "images_seen", "ci_low", "ci_high", "git_rev")
 
@@ -66,11 +66,11 @@ def _cell(key: str, value, where: str) -> str:
       return ""
     raise ResultsError(f"{where}: column {key!r} is empty")
   try:
-    if key in _INTS:
+    if key in INT_COLUMNS:
       if isinstance(value, float) and not value.is_integer():
         raise ValueError
       return str(int(value))
-    if key in _FLOATS:
+    if key in FLOAT_COLUMNS:
       v = float(value)
       if key in ("value", "ci_low", "ci_high") and not math.isnan(v) and not 0 <= v <= 1:
         raise ResultsError(f"{where}: {key}={value} is not a fraction in [0, 1]")
@@ -79,7 +79,7 @@ def _cell(key: str, value, where: str) -> str:
     if isinstance(e, ResultsError):
       raise
     raise ResultsError(f"{where}: {key}={value!r} is not a "
-                       f"{'whole number' if key in _INTS else 'number'}") from None
+                       f"{'whole number' if key in INT_COLUMNS else 'number'}") from None
   text = str(value)
   if key == "metric" and text not in METRICS:
     raise ResultsError(f"{where}: metric={text!r}; one of {METRICS}")
@@ -194,9 +194,9 @@ def read(path, *, strict: bool = False):
     raise FileNotFoundError(f"no results store at {path}")
   rows = [r for p in paths for r in _read_one(p, strict)]
   frame = pd.DataFrame(rows, columns=list(COLUMNS))
-  for key in _INTS:
+  for key in INT_COLUMNS:
     frame[key] = pd.array([int(x) if x else None for x in frame[key]], dtype="Int64")
-  for key in _FLOATS:
+  for key in FLOAT_COLUMNS:
     frame[key] = [float(x) if x else math.nan for x in frame[key]]
   frame["time"] = pd.to_datetime(frame["time"], utc=True)
   return frame

@@ -12,20 +12,12 @@ import os
 import numpy as np
 import pandas as pd
 
-COLUMNS = ("run", "objective", "model_size", "params_encoder", "params_total",
-           "train_flops", "images_seen", "data_subset", "modality_subset", "protocol",
-           "benchmark", "metric", "value", "ci_low", "ci_high", "checkpoint", "step",
-           "git_rev", "time")
-INT_COLUMNS = ("params_encoder", "params_total", "images_seen", "step")
-FLOAT_COLUMNS = ("train_flops", "value", "ci_low", "ci_high")
+# The store's contract, in one place: biovfm_jax/results.py.
+from biovfm_jax.results import COLUMNS, FLOAT_COLUMNS, INT_COLUMNS, METRICS, ResultsError
+
 # Empty elsewhere is allowed (a published row has no checkpoint, no FLOPs).
 NOT_EMPTY = ("run", "objective", "model_size", "benchmark", "metric", "value")
-METRICS = ("auc", "acc")
 PUBLISHED_CSV = os.path.join(os.path.dirname(os.path.abspath(__file__)), "published.csv")
-
-
-class ResultsError(ValueError):
-  """A results table the analysis cannot use; the message names file and column."""
 
 
 def _line(df: pd.DataFrame, mask) -> int:
