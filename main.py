@@ -48,9 +48,6 @@ def _run_args():
   expanded, once, here (orbax needs absolute paths; './~' must never appear)."""
   from configs import common
   from data_pipeline import storage
-  from data_pipeline import mini
-  # Keras (under TensorFlow, which clu imports) writes ~/.keras/ on import: keep it in our cache.
-  os.environ.setdefault("KERAS_HOME", os.path.join(mini.cache_root(), "keras"))
   config = _CONFIG.value
   common.expand_paths(config)
   return config, storage.expand(_WORKDIR.value)
@@ -59,16 +56,16 @@ def _run_args():
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  from biovfm_jax import console
+  console.start_binary()  # before jax and TensorFlow load
   config, workdir = _run_args()
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
   import jax  # after absl parsed flags: lets XLA_FLAGS / JAX_* env settle first
-  from biovfm_jax import console, distributed
+  from biovfm_jax import distributed
   from biovfm_jax.train import checkpoint, workdir_lock
   from biovfm_jax.train.loop import Interrupted, NonFiniteLossError, train
   from data_pipeline.errors import ConfigError
   from data_pipeline.shards import InputDataError
 
-  console.setup()
   try:
     distributed.initialize(coordinator_address=_COORDINATOR.value,
                            num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value,

@@ -38,10 +38,13 @@ def setup_notebook() -> None:
 
 
 def start_binary() -> None:
-  """What evaluate.py and the sweep launcher do first: TensorFlow's C++ logs
-  quiet, Keras's files (TensorFlow, which clu imports, writes them on import)
-  in our cache rather than ~/.keras, and the console format above."""
+  """What the binaries (main.py, evaluate.py, the sweep launcher) do first,
+  before jax and TensorFlow load: TensorFlow's C++ logs quiet, and the files
+  libraries write on import kept in our cache, not in $HOME. TensorFlow (which
+  clu imports) writes ~/.keras, and loads matplotlib, which writes
+  ~/.config/matplotlib and ~/.cache/matplotlib. Then the console format above."""
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
   from data_pipeline import mini  # pylint: disable=import-outside-toplevel
   os.environ.setdefault("KERAS_HOME", os.path.join(mini.cache_root(), "keras"))
+  os.environ.setdefault("MPLCONFIGDIR", os.path.join(mini.cache_root(), "matplotlib"))
   setup()
