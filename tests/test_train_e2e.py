@@ -132,9 +132,10 @@ def test_bad_config_key_fails_before_compiling(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("config,params,low,high", [
     # norm-pix MSE of an untrained MAE is near 1-2.
-    ("vit_l_mae", "329,239,296 parameters", 0.5, 5.0),
-    # DINOv2 at init: cross-entropies near log(131072) ~ 11.8 per term.
-    ("vit_l_dinov2", None, 5.0, 40.0)])
+    ("vit_l_mae", "329,239,296 parameters", 0.5, 5.0)])
+# Not DINOv2's ViT-L: one step on CPU peaks at 15.4 GB of host memory (the tests'
+# limit is 8 GB). Its real config compiles sharded in test_dinov2_train.py, and the
+# quickstart DINOv2 trains there and end to end here.
 def test_vit_l_config_runs_a_step_on_cpu(tmp_path, config, params, low, high):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
              JAX_PLATFORMS="cpu")
