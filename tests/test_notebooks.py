@@ -294,3 +294,34 @@ def test_notebook_runs_in_tiny_mode(case, tmp_path):
   assert _outputs(nb, "error") == []
   case.check(nb, str(tmp_path / "work" / "tiny"))  # tiny runs write to WORKDIR/tiny
   assert _repo_status() == repo_before, "the notebook wrote into the repository"
+
+
+def _check_fits_printed(nb, results_csv):
+  """Every slope the notebook prints is fit_slopes' on the same results, in
+  its group's column (fit.group_labels: objective and data subset here)."""
+  from biovfm_jax import analysis
+  from biovfm_jax.analysis import fit
+  from biovfm_jax.evaluate import report
+  slopes = analysis.fit_slopes(analysis.load_results(results_csv))
+  keys = fit.group_keys(slopes)
+  labels = fit.group_labels(slopes, keys)
+  rows = _slope_rows(nb)
+  for s in slopes.to_dict("records"):
+    label = labels[tuple(s[k] for k in keys)]
+    assert rows[report.display_name(s["benchmark"])][f"{label} b"] == f"{s['b']:.4f}", s
+  return slopes
+
+
+@pytest.mark.slow
+def test_scaling_notebook_on_the_tiny_sweep(tiny_sweep_root, tmp_path):
+  """The scaling notebook on what the tiny sweep (tests/conftest.py) wrote:
+  2 model sizes x 2 objectives x 2 data subsets of the mini corpus."""
+  results_csv = os.path.join(tiny_sweep_root, "results.csv")
+  nb, _ = run_notebook("scaling_curves.ipynb", str(tmp_path), {"BIOVFM_RESULTS": results_csv})
+  assert _outputs(nb, "error") == []
+  _check_scaling_figures(nb, str(tmp_path / "work" / "tiny"))
+  slopes = _check_fits_printed(nb, results_csv)
+  # Both objectives, each data subset its own curve over the two sizes.
+  assert sorted(zip(slopes["objective"], slopes["data_subset"], slopes["benchmark"])) == [
+      (o, d, b) for o in ("dinov2", "mae") for d in ("mini", "mini_mr_ct")
+      for b in ("mean", "mini_modality")]

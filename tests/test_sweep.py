@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 from absl import flags
 from ml_collections import config_flags
@@ -328,3 +329,29 @@ def test_isolated_runs_give_the_in_process_results(tiny_sweep_root, tmp_path):
   assert list(mine["value"]) == list(theirs["value"])
   assert list(mine["params_total"]) == list(theirs["params_total"])
   assert json.load(open(tmp_path / "state" / f"{name}.json"))["status"] == "done"
+
+
+@pytest.mark.slow
+def test_the_analysis_fits_the_sweep_results(tiny_sweep_root, tmp_path, capsys):
+  """`python -m biovfm_jax.analysis fit` on the tiny sweep's store: one fit per
+  objective and data subset over the two model sizes, the CSVs and plots."""
+  import pandas as pd
+  from biovfm_jax.analysis import __main__ as cli
+  out = tmp_path / "fit"
+  cli.main(["fit", f"--results={os.path.join(tiny_sweep_root, 'results.csv')}",
+            f"--out={out}"])
+  slopes = pd.read_csv(out / "slopes.csv")
+  assert sorted(zip(slopes["objective"], slopes["data_subset"], slopes["benchmark"])) == [
+      (o, d, b) for o in ("dinov2", "mae") for d in ("mini", "mini_mr_ct")
+      for b in ("mean", "mini_modality")]
+  assert (slopes["n_points"] == 2).all() and slopes["b"].notna().all()
+  store = results_lib.read(os.path.join(tiny_sweep_root, "results.csv"))
+  auc = store[store["metric"] == "auc"]
+  # A line through two points: b is their log-log slope.
+  for s in slopes[slopes["benchmark"] == "mini_modality"].itertuples():
+    pts = auc[(auc["objective"] == s.objective) & (auc["data_subset"] == s.data_subset)]
+    pts = pts.sort_values("params_total")
+    x, y = np.log(pts["params_total"].astype(float)), np.log(100 * pts["value"])
+    assert s.b == pytest.approx((y.iloc[1] - y.iloc[0]) / (x.iloc[1] - x.iloc[0]), rel=1e-6)
+  for name in ("factors.csv", "correlations.csv", "curves.png", "slopes.png"):
+    assert (out / name).stat().st_size > 0, name
