@@ -323,5 +323,5 @@ def test_scaling_notebook_on_the_tiny_sweep(tiny_sweep_root, tmp_path):
   slopes = _check_fits_printed(nb, results_csv)
   # Both objectives, each data subset its own curve over the two sizes.
   assert sorted(zip(slopes["objective"], slopes["data_subset"], slopes["benchmark"])) == [
-      (o, d, b) for o in ("dinov2", "mae") for d in ("mini", "mini_mr_ct")
-      for b in ("mean", "mini_modality")]
+      (o, d, "mini_modality") for o in ("dinov2", "mae") for d in ("mini", "mini_mr_ct")]
+  # (no "mean" row: the mean is over MedMNIST benchmarks, and mini's is not one)

@@ -342,8 +342,8 @@ def test_the_analysis_fits_the_sweep_results(tiny_sweep_root, tmp_path, capsys):
             f"--out={out}"])
   slopes = pd.read_csv(out / "slopes.csv")
   assert sorted(zip(slopes["objective"], slopes["data_subset"], slopes["benchmark"])) == [
-      (o, d, b) for o in ("dinov2", "mae") for d in ("mini", "mini_mr_ct")
-      for b in ("mean", "mini_modality")]
+      (o, d, "mini_modality") for o in ("dinov2", "mae") for d in ("mini", "mini_mr_ct")]
+  # (no "mean" row: the mean is over MedMNIST benchmarks, and mini's is not one)
   assert (slopes["n_points"] == 2).all() and slopes["b"].notna().all()
   store = results_lib.read(os.path.join(tiny_sweep_root, "results.csv"))
   auc = store[store["metric"] == "auc"]
