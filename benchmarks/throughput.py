@@ -6,7 +6,9 @@ One batch from the config's input pipeline is reused for every step: this
 measures the model and the update step, not the input pipeline.
 Fields: img/s, img/s per device, TFLOP/s per device (analytic FLOPs, see the
 objective's flops_per_example), MFU (when the device peak is known), compile
-seconds, seconds per step, peak host memory.
+seconds, seconds per step, peak host memory, peak device memory (where the
+backend reports it: GPU, TPU). --trace_dir writes a jax.profiler trace of the
+timed steps (open it in TensorBoard's profile tab or Perfetto).
 """
 import json
 import os
@@ -21,6 +23,7 @@ from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps after the compile step.")
+_TRACE_DIR = flags.DEFINE_string("trace_dir", None, "Write a profiler trace of the timed steps.")
 
 
 def main(argv):
@@ -49,11 +52,16 @@ def main(argv):
   compile_s = time.perf_counter() - t0
   state, m = compiled(state, batch)  # warm-up run
   jax.block_until_ready(m)
+  if _TRACE_DIR.value:
+    jax.profiler.start_trace(_TRACE_DIR.value)
   t0 = time.perf_counter()
   for _ in range(_STEPS.value):
     state, m = compiled(state, batch)
   jax.block_until_ready(m)
   step_s = (time.perf_counter() - t0) / _STEPS.value
+  if _TRACE_DIR.value:
+    jax.profiler.stop_trace()
+  device_stats = jax.local_devices()[0].memory_stats() or {}
 
   n = jax.device_count()
   img_s = config.batch_size / step_s
@@ -70,6 +78,8 @@ def main(argv):
       "mfu": round(tflops / peak, 4) if peak else None,
       "gflops_per_example": round(s.objective.flops_per_example() / 1e9, 3),
       "peak_host_mem_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+      "peak_device_mem_gb": (round(device_stats["peak_bytes_in_use"] / 2**30, 2)
+                             if "peak_bytes_in_use" in device_stats else None),
       "final_loss": float(m["loss"]),
   }
   print(json.dumps(out))
