@@ -23,10 +23,20 @@ def setup() -> None:
   handler.addFilter(_quiet_libraries)
 
 
+def _quiet_library_start() -> None:
+  """TensorFlow's C++ logs quiet, and Keras's files (TensorFlow, which clu
+  imports, writes ~/.keras on import) in our cache; before TensorFlow loads."""
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  from data_pipeline import mini  # pylint: disable=import-outside-toplevel
+  os.environ.setdefault("KERAS_HOME", os.path.join(mini.cache_root(), "keras"))
+
+
 def setup_notebook() -> None:
   """The same console in a notebook or script without app.run (which installs
   absl's handler): INFO lines, the training progress, through one stderr
-  handler on the root logger, time-stamped and filtered alike."""
+  handler on the root logger, time-stamped and filtered alike. Call it before
+  TensorFlow loads (see _quiet_library_start)."""
+  _quiet_library_start()
   root = pylogging.getLogger()
   handler = next((h for h in root.handlers if type(h) is pylogging.StreamHandler), None)
   if handler is None:  # absl's first log call adds one (basicConfig) unless we do
@@ -43,8 +53,7 @@ def start_binary() -> None:
   libraries write on import kept in our cache, not in $HOME. TensorFlow (which
   clu imports) writes ~/.keras, and loads matplotlib, which writes
   ~/.config/matplotlib and ~/.cache/matplotlib. Then the console format above."""
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  _quiet_library_start()
   from data_pipeline import mini  # pylint: disable=import-outside-toplevel
-  os.environ.setdefault("KERAS_HOME", os.path.join(mini.cache_root(), "keras"))
   os.environ.setdefault("MPLCONFIGDIR", os.path.join(mini.cache_root(), "matplotlib"))
   setup()
