@@ -32,6 +32,26 @@ except ImportError:
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+# pytest.ini runs the suite on pytest-xdist workers (`-n auto`). Most of a test's
+# time is one-threaded (imports, tracing, XLA compiles, subprocess start-up), so
+# two workers on two cores finish sooner than one. Each worker may hold a test of
+# up to 8 GB, so `auto` is the core count capped by host memory / 8 GB.
+_GB_PER_WORKER = 8
+
+
+def pytest_xdist_auto_num_workers(config):  # pylint: disable=unused-argument
+  cores = len(os.sched_getaffinity(0))
+  mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+  return max(1, min(cores, int(mem_gb // _GB_PER_WORKER)))
+
+
+def pytest_collection_modifyitems(config, items):  # pylint: disable=unused-argument
+  # The tiny sweep is a session fixture of ~2 minutes: its users share one worker
+  # (`--dist loadgroup`) so it runs once, not once per worker.
+  for item in items:
+    if "tiny_sweep_root" in getattr(item, "fixturenames", ()):
+      item.add_marker(pytest.mark.xdist_group("tiny_sweep"))
+
 
 @pytest.fixture(scope="session")
 def shard_dir(tmp_path_factory):
