@@ -58,6 +58,10 @@ def get_config(size: str | None) -> config_dict.ConfigDict:
   c.data.num_workers = 0            # grain worker processes (0: in-process)
   c.data.prefetch_buffer = 4
   c.data.read_threads = 2
+  # Batches whose host-to-device transfer is issued ahead of the step taking
+  # them (0: each is sent when its step starts). Each costs one batch of
+  # uint8 pixels in device memory.
+  c.data.device_prefetch = 2
   # Stop when the unreadable records found exceed this fraction of the records in play
   # (each is skipped, named once in the log and counted on the progress line).
   c.data.max_skipped_fraction = 0.01

@@ -22,6 +22,9 @@ batching above are the same for both:
   "multicrop" (DINOv2) two global and n local crops and the iBOT masks of the
               global crops (see data_pipeline/multicrop.py):
               {"global_crops", "local_crops", "masks", "skipped"}
+Pixels leave the host as uint8 (a quarter of float32's bytes); the train step
+normalises them on the device with config.data.mean/std
+(biovfm_jax/train/device_input.py).
 """
 from __future__ import annotations
 
@@ -129,29 +132,27 @@ class _Example:
 
 
 class PretrainExample(_Example):
-  """One random resized crop (MAE): {"image": float32 (S, S, 3), "skipped"}."""
+  """One random resized crop (MAE): {"image": uint8 (S, S, 3), "skipped"}."""
 
   def __init__(self, data: selection_lib.Resolved, seed: int, *, image_size: int,
-               crop_scale, crop_ratio, hflip: bool, mean, std):
+               crop_scale, crop_ratio, hflip: bool):
     super().__init__(data, seed)
     self.image_size = int(image_size)
     self.crop_scale = tuple(float(x) for x in crop_scale)
     self.crop_ratio = tuple(float(x) for x in crop_ratio)
     self.hflip = bool(hflip)
-    self.mean = tuple(float(x) for x in mean)
-    self.std = tuple(float(x) for x in std)
 
   def transform(self, pixels, rng):
     img = transforms.random_resized_crop(transforms.to_rgb(pixels), self.image_size,
                                          self.crop_scale, self.crop_ratio, rng=rng)
     if self.hflip:
       img = transforms.random_hflip(img, rng)
-    return {"image": transforms.normalize(img, self.mean, self.std)}
+    return {"image": img}
 
 
 class MultiCropExample(_Example):
   """DINOv2 views (see multicrop.MultiCrop, which takes the keyword arguments):
-  {"global_crops": float32 (2, G, G, 3), "local_crops": float32 (n, l, l, 3),
+  {"global_crops": uint8 (2, G, G, 3), "local_crops": uint8 (n, l, l, 3),
    "masks": bool (2, (G // patch)**2), "skipped"}."""
 
   def __init__(self, data: selection_lib.Resolved, seed: int, **crop_kwargs):
@@ -164,7 +165,7 @@ class MultiCropExample(_Example):
 
 _MULTICROP_FIELDS = ("global_crop_size", "global_crop_scale", "local_crop_size",
                      "local_crop_scale", "num_local_crops", "mask_probability",
-                     "mask_ratio", "patch_size", "mean", "std")
+                     "mask_ratio", "patch_size")
 
 
 def resolve(data_cfg: Any) -> selection_lib.Resolved:
@@ -184,7 +185,7 @@ def make_example(data_cfg: Any, seed: int,
     return PretrainExample(
         data, int(seed), image_size=data_cfg.image_size,
         crop_scale=data_cfg.crop_scale, crop_ratio=data_cfg.crop_ratio,
-        hflip=data_cfg.hflip, mean=data_cfg.mean, std=data_cfg.std)
+        hflip=data_cfg.hflip)
   if crops == "multicrop":
     return MultiCropExample(data, int(seed), **{k: data_cfg[k] for k in _MULTICROP_FIELDS})
   raise ConfigError(f"config.data.crops must be 'single' or 'multicrop', got {crops!r}")
@@ -210,11 +211,11 @@ def batch_spec(data_cfg: Any, batch_size: int) -> dict[str, tuple[tuple[int, ...
   b = int(batch_size)
   if data_cfg.crops == "single":
     s = int(data_cfg.image_size)
-    spec = {"image": ((b, s, s, 3), np.float32)}
+    spec = {"image": ((b, s, s, 3), np.uint8)}
   elif data_cfg.crops == "multicrop":
     g, loc = int(data_cfg.global_crop_size), int(data_cfg.local_crop_size)
-    spec = {"global_crops": ((b, 2, g, g, 3), np.float32),
-            "local_crops": ((b, int(data_cfg.num_local_crops), loc, loc, 3), np.float32),
+    spec = {"global_crops": ((b, 2, g, g, 3), np.uint8),
+            "local_crops": ((b, int(data_cfg.num_local_crops), loc, loc, 3), np.uint8),
             "masks": ((b, 2, (g // int(data_cfg.patch_size)) ** 2), np.bool_)}
   else:
     raise ConfigError(f"config.data.crops={data_cfg.crops!r} must be 'single' or 'multicrop'")
@@ -243,12 +244,13 @@ def make_pretrain_loader(data_cfg: Any, *, global_batch_size: int, seed: int,
                          process_count: int | None = None,
                          data: selection_lib.Resolved | None = None):
   """Returns an iterator of per-process batch dicts, L = G / process_count:
-  crops "single":    {"image": float32 (L, S, S, 3), "skipped": int32 (L,)}
-  crops "multicrop": {"global_crops": float32 (L, 2, G, G, 3),
-                      "local_crops": float32 (L, n_local, l, l, 3),
+  crops "single":    {"image": uint8 (L, S, S, 3), "skipped": int32 (L,)}
+  crops "multicrop": {"global_crops": uint8 (L, 2, G, G, 3),
+                      "local_crops": uint8 (L, n_local, l, l, 3),
                       "masks": bool (L, 2, (G // patch_size)**2),
                       "skipped": int32 (L,)}
-  Shapes are the same every step: batch_spec(data_cfg, L).
+  Shapes are the same every step: batch_spec(data_cfg, L). Pixels are
+  uint8, not normalised: device_input.normalize does that on the device.
 
   The first batch is global step `start_step`. process_index and process_count
   default to jax's. `data` is the input `resolve(data_cfg)` gives (the train

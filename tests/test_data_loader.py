@@ -29,22 +29,20 @@ def take(c, steps, **kw):
   return [next(it) for _ in range(steps)]
 
 
-def test_shapes_dtypes_and_normalisation(shard_dir):
+def test_shapes_dtypes_and_uint8_pixels(shard_dir):
   b, = take(cfg(shard_dir), 1, global_batch_size=8, seed=0, process_count=1, process_index=0)
-  assert b["image"].shape == (8, 16, 16, 3) and b["image"].dtype == np.float32
+  # Pixels leave the host as uint8, not normalised: the train step does that.
+  assert b["image"].shape == (8, 16, 16, 3) and b["image"].dtype == np.uint8
   assert b["skipped"].shape == (8,) and b["skipped"].dtype == np.int32
   assert not b["skipped"].any()
-  mean, std = np.array(transforms.IMAGENET_MEAN), np.array(transforms.IMAGENET_STD)
-  lo, hi = (0 - mean) / std, (1 - mean) / std
-  flat = b["image"].reshape(-1, 3)
-  assert (flat >= lo - 1e-5).all() and (flat <= hi + 1e-5).all()
-  # Uniform noise records: de-normalised values average one half per channel.
-  np.testing.assert_allclose((flat * std + mean).mean(0), 0.5, atol=0.03)
-  raw, = take(cfg(shard_dir, mean=(0, 0, 0), std=(1, 1, 1)), 1, global_batch_size=8,
-              seed=0, process_count=1, process_index=0)
-  assert 0 <= raw["image"].min() and raw["image"].max() <= 1
+  # Uniform noise records (smoothed by the downscale): about 127.5 per channel.
+  np.testing.assert_allclose(b["image"].reshape(-1, 3).mean(0), 127.5, atol=8)
+  # mean/std are the device's business: the host batch does not change with them.
+  other, = take(cfg(shard_dir, mean=(0, 0, 0), std=(1, 1, 1)), 1, global_batch_size=8,
+                seed=0, process_count=1, process_index=0)
+  np.testing.assert_array_equal(other["image"], b["image"])
   # Grey records (even indices) come out with three equal channels.
-  grey = [i for i in range(8) if np.ptp(raw["image"][i], axis=-1).max() == 0]
+  grey = [i for i in range(8) if np.ptp(b["image"][i], axis=-1).max() == 0]
   assert 0 < len(grey) < 8
 
 
@@ -129,7 +127,7 @@ def test_corrupt_records_are_skipped_and_counted(tmp_path):
   # The substitute is the next good record.
   data = selection.resolve(str(tmp_path / "c-00000.array_record"), None)
   example = loader.PretrainExample(data, 2, image_size=8, crop_scale=(1, 1), crop_ratio=(1, 1),
-                                   hflip=False, mean=(0, 0, 0), std=(1, 1, 1))
+                                   hflip=False)
   e = next(e for e in range(n) if selection.record_index(e, 2, n) == 3)
   pixels, skipped = example.read(e)
   assert skipped == 3
