@@ -32,6 +32,7 @@ from typing import Any
 
 import collections
 import logging
+import os
 import re
 
 import grain
@@ -239,6 +240,32 @@ def process_share(global_batch: int, process_index: int | None,
   return process_index, global_batch // process_count
 
 
+# Auto (None) input parallelism: caps on the worker processes (each holds its
+# own imports and buffers) and on the in-process read threads.
+_MAX_AUTO_WORKERS = 32
+_MAX_AUTO_THREADS = 16
+
+
+def host_cores() -> int:
+  """The cores this process may run on."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # not on Linux
+    return os.cpu_count() or 1
+
+
+def input_parallelism(data_cfg: Any) -> tuple[int, int]:
+  """(worker processes, read threads per process) for config.data.num_workers
+  and read_threads; None picks from the host's cores (configs/common.py)."""
+  workers, threads = data_cfg.num_workers, data_cfg.read_threads
+  cores = host_cores()
+  if workers is None:
+    workers = min(cores - 1, _MAX_AUTO_WORKERS) if cores > 2 else 0
+  if threads is None:
+    threads = 2 if workers else min(cores, _MAX_AUTO_THREADS)
+  return int(workers), int(threads)
+
+
 def make_pretrain_loader(data_cfg: Any, *, global_batch_size: int, seed: int,
                          start_step: int = 0, process_index: int | None = None,
                          process_count: int | None = None,
@@ -270,10 +297,13 @@ def make_pretrain_loader(data_cfg: Any, *, global_batch_size: int, seed: int,
         # Batch in the MapDataset, before the worker split: each worker then
         # makes whole batches, so a batch never depends on num_workers.
         .batch(local_batch, drop_remainder=True))
+  num_workers, read_threads = input_parallelism(data_cfg)
+  if data_cfg.num_workers is None or data_cfg.read_threads is None:
+    logging.info("Input: %d worker processes, %d read threads each (config.data.num_workers="
+                 "%s, read_threads=%s; None: from the host's %d cores).", num_workers,
+                 read_threads, data_cfg.num_workers, data_cfg.read_threads, host_cores())
   ds = ds.to_iter_dataset(grain.ReadOptions(
-      num_threads=int(data_cfg.read_threads),
-      prefetch_buffer_size=int(data_cfg.prefetch_buffer)))
-  num_workers = int(data_cfg.num_workers)
+      num_threads=read_threads, prefetch_buffer_size=int(data_cfg.prefetch_buffer)))
   if num_workers > 0:
     # grain's worker start-up reads absl flags. A program run with absl's
     # app.run has parsed them; otherwise (tests, notebooks) use the defaults.

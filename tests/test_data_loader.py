@@ -232,3 +232,14 @@ def test_hflip_and_to_rgb_and_normalize():
   x = transforms.normalize(np.full((2, 2, 3), 255, np.uint8), (0.5, 0.5, 0.5), (0.25, 0.5, 1.0))
   assert x.dtype == np.float32
   np.testing.assert_allclose(x[0, 0], [2.0, 1.0, 0.5], rtol=1e-6)
+
+
+def test_input_parallelism_from_the_host_cores_when_unset(monkeypatch):
+  c = cfg("unused", num_workers=None, read_threads=None)
+  for cores, want in ((1, (0, 1)), (2, (0, 2)), (8, (7, 2)), (200, (32, 2))):
+    monkeypatch.setattr(loader, "host_cores", lambda n=cores: n)
+    assert loader.input_parallelism(c) == want, cores
+  c.update(dict(num_workers=0))  # in-process: one read thread per core, at most 16
+  assert loader.input_parallelism(c) == (0, 16)
+  c.update(dict(num_workers=3, read_threads=5))  # explicit values are kept
+  assert loader.input_parallelism(c) == (3, 5)
