@@ -39,6 +39,7 @@ import grain
 import numpy as np
 
 from data_pipeline import multicrop, transforms
+from data_pipeline import records as records_lib
 from data_pipeline import selection as selection_lib
 from data_pipeline import shards as shards_lib
 from data_pipeline.errors import ConfigError
@@ -92,22 +93,27 @@ class _Example:
     shard, pos = self.locate(index)
     return f"record {pos} of {shard}"
 
-  def load(self, index: int) -> np.ndarray:
-    """Pixels of record `index`; CorruptRecordError when it does not read or decode."""
+  def raw(self, index: int) -> bytes:
+    """Bytes of record `index`; CorruptRecordError when it does not read."""
     try:
-      raw = self.records[index]
+      return self.records[index]
     except RuntimeError as err:  # array_record: "Corrupted Riegeli/records file: ..."
       raise CorruptRecordError(f"unreadable: {err}") from err
-    return transforms.decode(raw)[0]
 
-  def read_all(self, e: int) -> tuple[np.ndarray, list[int]]:
-    """Pixels of example `e`, and the record numbers skipped on the way."""
+  def load(self, index: int) -> np.ndarray:
+    """Pixels of record `index`; CorruptRecordError when it does not read or decode."""
+    return transforms.decode(self.raw(index))[0]
+
+  def read_all(self, e: int, fn=None) -> tuple[Any, list[int]]:
+    """fn(record number) (default: its pixels) of example `e`'s record, and the
+    record numbers skipped on the way (fn raised CorruptRecordError)."""
+    fn = fn or self.load
     tries = min(MAX_SKIP, self.chosen.size)
     bad, errors = [], []
     for skipped in range(tries):
       index = self.chosen.record(e, skipped, self.seed)
       try:
-        return self.load(index), bad
+        return fn(index), bad
       except CorruptRecordError as err:
         bad.append(index)
         errors.append(f"{self.where(index)}: {err}")
@@ -120,12 +126,20 @@ class _Example:
     pixels, bad = self.read_all(e)
     return pixels, len(bad)
 
-  def transform(self, pixels: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
+  def source(self, index: int) -> Any:
+    """What `transform` takes of record `index`: its pixels, unless a crop mode
+    decodes them itself."""
+    return self.load(index)
+
+  def transform(self, source: Any, rng: np.random.Generator) -> dict[str, np.ndarray]:
     raise NotImplementedError
 
   def __call__(self, e: int) -> dict[str, np.ndarray]:
-    pixels, bad = self.read_all(int(e))
-    out = self.transform(pixels, np.random.default_rng([self.seed, int(e)]))
+    e = int(e)
+    # Each try starts the example's generator afresh: what a record gives does
+    # not depend on the records skipped before it.
+    out, bad = self.read_all(e, lambda index: self.transform(
+        self.source(index), np.random.default_rng([self.seed, e])))
     out["skipped"] = np.int32(len(bad))
     out[_BAD_KEY] = np.full(MAX_SKIP, -1, np.int64)
     out[_BAD_KEY][:len(bad)] = bad
@@ -143,12 +157,19 @@ class PretrainExample(_Example):
     self.crop_ratio = tuple(float(x) for x in crop_ratio)
     self.hflip = bool(hflip)
 
-  def transform(self, pixels, rng):
-    img = transforms.random_resized_crop(transforms.to_rgb(pixels), self.image_size,
-                                         self.crop_scale, self.crop_ratio, rng=rng)
+  def source(self, index):
+    """The record's image, opened but not decoded: the crop box comes first."""
+    return records_lib.open_image(records_lib.decode_record(self.raw(index))[0])
+
+  def transform(self, im, rng):
+    box = transforms.sample_crop_box(im.height, im.width, self.crop_scale, self.crop_ratio, rng)
+    # Decode only the rows the crop reads (PNG), and keep a grey image in one
+    # channel until the end: the same bytes as decoding all and cropping RGB.
+    im = records_lib.decode_rows(im, transforms.rows_read(box, self.image_size, im.height))
+    img = transforms.resized_crop(im, box, self.image_size)
     if self.hflip:
       img = transforms.random_hflip(img, rng)
-    return {"image": img}
+    return {"image": transforms.to_rgb(img)}
 
 
 class MultiCropExample(_Example):

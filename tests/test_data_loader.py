@@ -10,7 +10,7 @@ from array_record.python.array_record_module import ArrayRecordWriter
 from PIL import Image
 
 from configs import mae_base
-from data_pipeline import loader, records, selection, transforms
+from data_pipeline import loader, records, selection, shards, transforms
 
 N = 40
 
@@ -243,3 +243,36 @@ def test_input_parallelism_from_the_host_cores_when_unset(monkeypatch):
   assert loader.input_parallelism(c) == (0, 16)
   c.update(dict(num_workers=3, read_threads=5))  # explicit values are kept
   assert loader.input_parallelism(c) == (3, 5)
+
+
+def test_crop_first_partial_decode_gives_the_full_decodes_bytes(tmp_path):
+  """The MAE crop decodes only the rows it reads (PNG) and crops grey in one
+  channel: the bytes of decoding all, to RGB, then crop and flip. Records
+  of 40 to 400 px, so boxes both up- and downscale; JPEG decodes whole."""
+  rng = np.random.default_rng(3)
+  recs = []
+  for i in range(24):
+    h, w = (int(x) for x in rng.integers(40, 400, 2))
+    yy, xx = np.mgrid[:h, :w]
+    img = ((np.sin(xx / 9) + np.cos(yy / 13)) * 50 + 128 + rng.normal(0, 8, (h, w))).clip(0, 255)
+    img = img.astype(np.uint8)
+    img = np.stack([img, img[::-1], 255 - img], -1) if i % 2 else img
+    recs.append(records.make_record(img, fmt="jpeg" if i % 6 == 3 else "png"))
+  # A PNG stops after the rows asked for (the rest black); JPEG gives all rows.
+  for i, stops in ((0, True), (3, False)):
+    top = np.asarray(records.decode_rows(records.open_image(records.decode_record(recs[i])[0]), 10))
+    assert top[:10].any() and (top[10:].max() == 0) == stops
+  shards.write_shards(recs, tmp_path, "p", records_per_shard=24)
+  data = selection.resolve(str(tmp_path), None)
+  for size, scale in ((32, (0.05, 1.0)), (224, (0.2, 1.0))):
+    example = loader.PretrainExample(data, 5, image_size=size, crop_scale=scale,
+                                     crop_ratio=(3 / 4, 4 / 3), hflip=True)
+    for e in range(96):
+      pixels, _ = example.read(e)
+      rng = np.random.default_rng([5, e])
+      want = transforms.random_resized_crop(transforms.to_rgb(pixels), size, scale,
+                                            (3 / 4, 4 / 3), rng=rng)
+      want = transforms.random_hflip(want, rng)
+      got = example(e)["image"]
+      assert got.dtype == np.uint8 and got.shape == (size, size, 3)
+      np.testing.assert_array_equal(got, want, err_msg=f"example {e} at {size}")
