@@ -55,9 +55,17 @@ def get_config(size: str | None) -> config_dict.ConfigDict:
   c.data.crop_ratio = (3 / 4, 4 / 3)  # aspect range of the random resized crops
   c.data.mean = IMAGENET_MEAN
   c.data.std = IMAGENET_STD
-  c.data.num_workers = 0            # grain worker processes (0: in-process)
+  # Input parallelism; None: chosen from the host's cores (os.sched_getaffinity),
+  # logged once: workers = cores - 1 (at most 32, the train loop keeps a core)
+  # on hosts of more than 2 cores, else 0; read threads = 2 per worker, or one
+  # per core (at most 16) in-process. Batches never depend on either.
+  c.data.num_workers = config_dict.placeholder(int)  # grain worker processes (0: in-process)
   c.data.prefetch_buffer = 4
-  c.data.read_threads = 2
+  c.data.read_threads = config_dict.placeholder(int)  # batches made at once, per process
+  # Batches whose host-to-device transfer is issued ahead of the step taking
+  # them (0: each is sent when its step starts). Each costs one batch of
+  # uint8 pixels in device memory.
+  c.data.device_prefetch = 2
   # Stop when the unreadable records found exceed this fraction of the records in play
   # (each is skipped, named once in the log and counted on the progress line).
   c.data.max_skipped_fraction = 0.01

@@ -19,6 +19,7 @@ def get_config(arg=None):
   c.model.num_heads = 4
   c.model.mlp_dim = 512
   c.model.dtype = "float32"  # bf16 matmuls are emulated, so slower, on most CPUs
+  c.data.num_workers = 0  # on a CPU the cores train the model: no worker processes
   c.mae.decoder_width = 96
   c.mae.decoder_depth = 2
   c.mae.decoder_heads = 4

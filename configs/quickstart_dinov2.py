@@ -26,6 +26,7 @@ def get_config(arg=None):
   c.model.init = "mae"
   c.model.layerscale_init = None
   c.model.dtype = "float32"  # bf16 matmuls are emulated, so slower, on most CPUs
+  c.data.num_workers = 0  # on a CPU the cores train the model: no worker processes
   c.dinov2.head_hidden = 256
   c.dinov2.head_bottleneck = 64
   c.dinov2.num_prototypes = 1024

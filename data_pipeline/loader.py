@@ -22,6 +22,9 @@ batching above are the same for both:
   "multicrop" (DINOv2) two global and n local crops and the iBOT masks of the
               global crops (see data_pipeline/multicrop.py):
               {"global_crops", "local_crops", "masks", "skipped"}
+Pixels leave the host as uint8 (a quarter of float32's bytes); the train step
+normalises them on the device with config.data.mean/std
+(biovfm_jax/train/device_input.py).
 """
 from __future__ import annotations
 
@@ -29,12 +32,14 @@ from typing import Any
 
 import collections
 import logging
+import os
 import re
 
 import grain
 import numpy as np
 
 from data_pipeline import multicrop, transforms
+from data_pipeline import records as records_lib
 from data_pipeline import selection as selection_lib
 from data_pipeline import shards as shards_lib
 from data_pipeline.errors import ConfigError
@@ -88,22 +93,27 @@ class _Example:
     shard, pos = self.locate(index)
     return f"record {pos} of {shard}"
 
-  def load(self, index: int) -> np.ndarray:
-    """Pixels of record `index`; CorruptRecordError when it does not read or decode."""
+  def raw(self, index: int) -> bytes:
+    """Bytes of record `index`; CorruptRecordError when it does not read."""
     try:
-      raw = self.records[index]
+      return self.records[index]
     except RuntimeError as err:  # array_record: "Corrupted Riegeli/records file: ..."
       raise CorruptRecordError(f"unreadable: {err}") from err
-    return transforms.decode(raw)[0]
 
-  def read_all(self, e: int) -> tuple[np.ndarray, list[int]]:
-    """Pixels of example `e`, and the record numbers skipped on the way."""
+  def load(self, index: int) -> np.ndarray:
+    """Pixels of record `index`; CorruptRecordError when it does not read or decode."""
+    return transforms.decode(self.raw(index))[0]
+
+  def read_all(self, e: int, fn=None) -> tuple[Any, list[int]]:
+    """fn(record number) (default: its pixels) of example `e`'s record, and the
+    record numbers skipped on the way (fn raised CorruptRecordError)."""
+    fn = fn or self.load
     tries = min(MAX_SKIP, self.chosen.size)
     bad, errors = [], []
     for skipped in range(tries):
       index = self.chosen.record(e, skipped, self.seed)
       try:
-        return self.load(index), bad
+        return fn(index), bad
       except CorruptRecordError as err:
         bad.append(index)
         errors.append(f"{self.where(index)}: {err}")
@@ -116,12 +126,20 @@ class _Example:
     pixels, bad = self.read_all(e)
     return pixels, len(bad)
 
-  def transform(self, pixels: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
+  def source(self, index: int) -> Any:
+    """What `transform` takes of record `index`: its pixels, unless a crop mode
+    decodes them itself."""
+    return self.load(index)
+
+  def transform(self, source: Any, rng: np.random.Generator) -> dict[str, np.ndarray]:
     raise NotImplementedError
 
   def __call__(self, e: int) -> dict[str, np.ndarray]:
-    pixels, bad = self.read_all(int(e))
-    out = self.transform(pixels, np.random.default_rng([self.seed, int(e)]))
+    e = int(e)
+    # Each try starts the example's generator afresh: what a record gives does
+    # not depend on the records skipped before it.
+    out, bad = self.read_all(e, lambda index: self.transform(
+        self.source(index), np.random.default_rng([self.seed, e])))
     out["skipped"] = np.int32(len(bad))
     out[_BAD_KEY] = np.full(MAX_SKIP, -1, np.int64)
     out[_BAD_KEY][:len(bad)] = bad
@@ -129,29 +147,34 @@ class _Example:
 
 
 class PretrainExample(_Example):
-  """One random resized crop (MAE): {"image": float32 (S, S, 3), "skipped"}."""
+  """One random resized crop (MAE): {"image": uint8 (S, S, 3), "skipped"}."""
 
   def __init__(self, data: selection_lib.Resolved, seed: int, *, image_size: int,
-               crop_scale, crop_ratio, hflip: bool, mean, std):
+               crop_scale, crop_ratio, hflip: bool):
     super().__init__(data, seed)
     self.image_size = int(image_size)
     self.crop_scale = tuple(float(x) for x in crop_scale)
     self.crop_ratio = tuple(float(x) for x in crop_ratio)
     self.hflip = bool(hflip)
-    self.mean = tuple(float(x) for x in mean)
-    self.std = tuple(float(x) for x in std)
 
-  def transform(self, pixels, rng):
-    img = transforms.random_resized_crop(transforms.to_rgb(pixels), self.image_size,
-                                         self.crop_scale, self.crop_ratio, rng=rng)
+  def source(self, index):
+    """The record's image, opened but not decoded: the crop box comes first."""
+    return records_lib.open_image(records_lib.decode_record(self.raw(index))[0])
+
+  def transform(self, im, rng):
+    box = transforms.sample_crop_box(im.height, im.width, self.crop_scale, self.crop_ratio, rng)
+    # Decode only the rows the crop reads (PNG), and keep a grey image in one
+    # channel until the end: the same bytes as decoding all and cropping RGB.
+    im = records_lib.decode_rows(im, transforms.rows_read(box, self.image_size, im.height))
+    img = transforms.resized_crop(im, box, self.image_size)
     if self.hflip:
       img = transforms.random_hflip(img, rng)
-    return {"image": transforms.normalize(img, self.mean, self.std)}
+    return {"image": transforms.to_rgb(img)}
 
 
 class MultiCropExample(_Example):
   """DINOv2 views (see multicrop.MultiCrop, which takes the keyword arguments):
-  {"global_crops": float32 (2, G, G, 3), "local_crops": float32 (n, l, l, 3),
+  {"global_crops": uint8 (2, G, G, 3), "local_crops": uint8 (n, l, l, 3),
    "masks": bool (2, (G // patch)**2), "skipped"}."""
 
   def __init__(self, data: selection_lib.Resolved, seed: int, **crop_kwargs):
@@ -164,7 +187,7 @@ class MultiCropExample(_Example):
 
 _MULTICROP_FIELDS = ("global_crop_size", "global_crop_scale", "local_crop_size",
                      "local_crop_scale", "num_local_crops", "mask_probability",
-                     "mask_ratio", "patch_size", "mean", "std")
+                     "mask_ratio", "patch_size")
 
 
 def resolve(data_cfg: Any) -> selection_lib.Resolved:
@@ -184,7 +207,7 @@ def make_example(data_cfg: Any, seed: int,
     return PretrainExample(
         data, int(seed), image_size=data_cfg.image_size,
         crop_scale=data_cfg.crop_scale, crop_ratio=data_cfg.crop_ratio,
-        hflip=data_cfg.hflip, mean=data_cfg.mean, std=data_cfg.std)
+        hflip=data_cfg.hflip)
   if crops == "multicrop":
     return MultiCropExample(data, int(seed), **{k: data_cfg[k] for k in _MULTICROP_FIELDS})
   raise ConfigError(f"config.data.crops must be 'single' or 'multicrop', got {crops!r}")
@@ -210,11 +233,11 @@ def batch_spec(data_cfg: Any, batch_size: int) -> dict[str, tuple[tuple[int, ...
   b = int(batch_size)
   if data_cfg.crops == "single":
     s = int(data_cfg.image_size)
-    spec = {"image": ((b, s, s, 3), np.float32)}
+    spec = {"image": ((b, s, s, 3), np.uint8)}
   elif data_cfg.crops == "multicrop":
     g, loc = int(data_cfg.global_crop_size), int(data_cfg.local_crop_size)
-    spec = {"global_crops": ((b, 2, g, g, 3), np.float32),
-            "local_crops": ((b, int(data_cfg.num_local_crops), loc, loc, 3), np.float32),
+    spec = {"global_crops": ((b, 2, g, g, 3), np.uint8),
+            "local_crops": ((b, int(data_cfg.num_local_crops), loc, loc, 3), np.uint8),
             "masks": ((b, 2, (g // int(data_cfg.patch_size)) ** 2), np.bool_)}
   else:
     raise ConfigError(f"config.data.crops={data_cfg.crops!r} must be 'single' or 'multicrop'")
@@ -238,17 +261,44 @@ def process_share(global_batch: int, process_index: int | None,
   return process_index, global_batch // process_count
 
 
+# Auto (None) input parallelism: caps on the worker processes (each holds its
+# own imports and buffers) and on the in-process read threads.
+_MAX_AUTO_WORKERS = 32
+_MAX_AUTO_THREADS = 16
+
+
+def host_cores() -> int:
+  """The cores this process may run on."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # not on Linux
+    return os.cpu_count() or 1
+
+
+def input_parallelism(data_cfg: Any) -> tuple[int, int]:
+  """(worker processes, read threads per process) for config.data.num_workers
+  and read_threads; None picks from the host's cores (configs/common.py)."""
+  workers, threads = data_cfg.num_workers, data_cfg.read_threads
+  cores = host_cores()
+  if workers is None:
+    workers = min(cores - 1, _MAX_AUTO_WORKERS) if cores > 2 else 0
+  if threads is None:
+    threads = 2 if workers else min(cores, _MAX_AUTO_THREADS)
+  return int(workers), int(threads)
+
+
 def make_pretrain_loader(data_cfg: Any, *, global_batch_size: int, seed: int,
                          start_step: int = 0, process_index: int | None = None,
                          process_count: int | None = None,
                          data: selection_lib.Resolved | None = None):
   """Returns an iterator of per-process batch dicts, L = G / process_count:
-  crops "single":    {"image": float32 (L, S, S, 3), "skipped": int32 (L,)}
-  crops "multicrop": {"global_crops": float32 (L, 2, G, G, 3),
-                      "local_crops": float32 (L, n_local, l, l, 3),
+  crops "single":    {"image": uint8 (L, S, S, 3), "skipped": int32 (L,)}
+  crops "multicrop": {"global_crops": uint8 (L, 2, G, G, 3),
+                      "local_crops": uint8 (L, n_local, l, l, 3),
                       "masks": bool (L, 2, (G // patch_size)**2),
                       "skipped": int32 (L,)}
-  Shapes are the same every step: batch_spec(data_cfg, L).
+  Shapes are the same every step: batch_spec(data_cfg, L). Pixels are
+  uint8, not normalised: device_input.normalize does that on the device.
 
   The first batch is global step `start_step`. process_index and process_count
   default to jax's. `data` is the input `resolve(data_cfg)` gives (the train
@@ -268,10 +318,13 @@ def make_pretrain_loader(data_cfg: Any, *, global_batch_size: int, seed: int,
         # Batch in the MapDataset, before the worker split: each worker then
         # makes whole batches, so a batch never depends on num_workers.
         .batch(local_batch, drop_remainder=True))
+  num_workers, read_threads = input_parallelism(data_cfg)
+  if data_cfg.num_workers is None or data_cfg.read_threads is None:
+    logging.info("Input: %d worker processes, %d read threads each (config.data.num_workers="
+                 "%s, read_threads=%s; None: from the host's %d cores).", num_workers,
+                 read_threads, data_cfg.num_workers, data_cfg.read_threads, host_cores())
   ds = ds.to_iter_dataset(grain.ReadOptions(
-      num_threads=int(data_cfg.read_threads),
-      prefetch_buffer_size=int(data_cfg.prefetch_buffer)))
-  num_workers = int(data_cfg.num_workers)
+      num_threads=read_threads, prefetch_buffer_size=int(data_cfg.prefetch_buffer)))
   if num_workers > 0:
     # grain's worker start-up reads absl flags. A program run with absl's
     # app.run has parsed them; otherwise (tests, notebooks) use the defaults.

@@ -6,7 +6,7 @@ The reference recipe (DINOv2's DataAugmentationDINO), per image:
   global crop 2: the same, but blur p=0.1, then solarise p=0.2
   local crops:   random resized crop 96, scale (0.05, 0.32), flip, colour
                  jitter, grey, blur p=0.5
-then ToTensor and normalise. Crops are bicubic with aspect ratio (3/4, 4/3).
+then ToTensor and normalise (here: on the device, in the train step). Crops are bicubic with aspect ratio (3/4, 4/3).
 
 Medical images are often grey. A grey image means three equal channels, and
 every op here treats the channels alike, so it stays grey through the whole
@@ -69,8 +69,8 @@ def as_grey_or_rgb(pixels: np.ndarray) -> np.ndarray:
 
 class MultiCrop:
   """pixels (H, W) or (H, W, 3) uint8, generator -> {
-       "global_crops": float32 (2, G, G, 3),
-       "local_crops": float32 (n_local, l, l, 3),
+       "global_crops": uint8 (2, G, G, 3),
+       "local_crops": uint8 (n_local, l, l, 3),
        "masks": bool (2, (G // patch_size)**2)}  (True = masked patch).
 
   Picklable (grain ships it to worker processes).
@@ -81,9 +81,7 @@ class MultiCrop:
                local_crop_size: int = 96,
                local_crop_scale: Sequence[float] = (0.05, 0.32),
                num_local_crops: int = 8, mask_probability: float = 0.5,
-               mask_ratio: Sequence[float] = (0.1, 0.5), patch_size: int = 16,
-               mean: Sequence[float] = transforms.IMAGENET_MEAN,
-               std: Sequence[float] = transforms.IMAGENET_STD):
+               mask_ratio: Sequence[float] = (0.1, 0.5), patch_size: int = 16):
     self.global_crop_size = int(global_crop_size)
     self.global_crop_scale = tuple(float(x) for x in global_crop_scale)
     self.local_crop_size = int(local_crop_size)
@@ -92,8 +90,6 @@ class MultiCrop:
     self.mask_probability = float(mask_probability)
     self.mask_ratio = tuple(float(x) for x in mask_ratio)
     self.patch_size = int(patch_size)
-    self.mean = tuple(float(x) for x in mean)
-    self.std = tuple(float(x) for x in std)
     if self.patch_size < 1 or self.global_crop_size % self.patch_size:
       raise ValueError(f"global_crop_size {self.global_crop_size} is not a multiple "
                        f"of patch_size {self.patch_size}")
@@ -125,6 +121,5 @@ class MultiCrop:
 
     size = self.local_crop_size
     local_u8 = np.stack(locals_) if locals_ else np.zeros((0, size, size, 3), np.uint8)
-    return {"global_crops": transforms.normalize(np.stack(globals_), self.mean, self.std),
-            "local_crops": transforms.normalize(local_u8, self.mean, self.std),
+    return {"global_crops": np.stack(globals_), "local_crops": local_u8,
             "masks": np.stack(masks)}

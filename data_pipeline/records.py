@@ -48,14 +48,42 @@ def encode_image(pixels: np.ndarray, fmt: str = "png", quality: int = 95) -> byt
 
 def decode_image(data: bytes) -> np.ndarray:
   """PNG/JPEG bytes -> uint8 array, (H, W) for grayscale or (H, W, 3)."""
+  return np.asarray(decode_rows(open_image(data)))
+
+
+def open_image(data: bytes) -> Image.Image:
+  """PNG/JPEG bytes -> a PIL image with its size known and its pixels not yet
+  decoded (decode_rows does that). Raises CorruptRecordError."""
   try:
-    with Image.open(io.BytesIO(data)) as im:
-      im.load()
-      if im.mode not in ("L", "RGB"):
-        im = im.convert("RGB" if im.mode in ("RGBA", "P", "CMYK") else "L")
-      return np.asarray(im)
+    return Image.open(io.BytesIO(data))
   except Exception as e:  # PIL raises many types for bad data
     raise CorruptRecordError(f"undecodable image: {e}") from e
+
+
+def decode_rows(im: Image.Image, rows: int | None = None) -> Image.Image:
+  """The pixels of an `open_image`, as an "L" or "RGB" image: all rows, or
+  the top `rows` where the format allows (non-interlaced PNG: its rows are
+  compressed in order, so decoding stops there), the rows below left black.
+  The image keeps its size: PIL's resize depends on it (the order of its two
+  passes), not on the rows it does not read. Raises CorruptRecordError."""
+  try:
+    if rows is not None and rows < im.height and _stops_early(im):
+      im.tile = [im.tile[0]._replace(extents=(0, 0, im.width, int(rows)))]
+    im.load()
+    if im.mode not in ("L", "RGB"):
+      im = im.convert("RGB" if im.mode in ("RGBA", "P", "CMYK") else "L")
+    return im
+  except Exception as e:  # PIL raises many types for bad data
+    raise CorruptRecordError(f"undecodable image: {e}") from e
+
+
+def _stops_early(im: Image.Image) -> bool:
+  # One zip tile over the whole image is PIL's plain PNG layout; Adam7
+  # interlacing spreads every row over the whole stream.
+  tile = im.tile
+  return (im.format == "PNG" and not im.info.get("interlace") and len(tile) == 1
+          and tile[0][0] == "zip" and tuple(tile[0][1]) == (0, 0, im.width, im.height)
+          and hasattr(tile[0], "_replace"))
 
 
 UNKNOWN = "unknown"  # the modality (and source) of a record that names none

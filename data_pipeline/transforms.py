@@ -67,19 +67,29 @@ def sample_crop_box(height: int, width: int, scale: Sequence[float],
   return (height - h) // 2, (width - w) // 2, h, w
 
 
-def resized_crop(pixels: np.ndarray, box: tuple[int, int, int, int],
+def resized_crop(pixels: np.ndarray | Image.Image, box: tuple[int, int, int, int],
                  size: int | tuple[int, int]) -> np.ndarray:
-  """Crop `box` (top, left, h, w) and resize to `size` with bicubic filtering.
+  """Crop `box` (top, left, h, w) of uint8 pixels (or a PIL image) and resize
+  to `size` with bicubic filtering.
 
   PIL resizes from the box directly (one pass, antialiased like torchvision's
   PIL path), which is both faster and sharper than crop-then-resize.
   """
   out_h, out_w = (size, size) if isinstance(size, int) else size
   top, left, h, w = box
-  im = Image.fromarray(pixels)
+  im = pixels if isinstance(pixels, Image.Image) else Image.fromarray(pixels)
   im = im.resize((out_w, out_h), Image.Resampling.BICUBIC,
                  box=(left, top, left + w, top + h))
   return np.asarray(im)
+
+
+def rows_read(box: tuple[int, int, int, int], out_h: int, height: int) -> int:
+  """How many rows from the top of a `height`-row image the bicubic
+  resized_crop of `box` to `out_h` rows reads: the box and the filter's reach
+  below it (PIL's support, 2 px, times the downscale factor)."""
+  top, _, h, _ = box
+  support = 2.0 * max(h / out_h, 1.0)
+  return min(height, math.ceil(top + h + support) + 1)
 
 
 def random_resized_crop(pixels: np.ndarray, size: int | tuple[int, int],

@@ -149,7 +149,7 @@ def test_batch_specs_match_the_loaders_examples():
     assert specs[k].shape == (config.batch_size, *v.shape) and specs[k].dtype == v.dtype, k
   assert specs["skipped"].shape == (config.batch_size,) and specs["skipped"].dtype == np.int32
   single = aot.batch_specs(quickstart.get_config(), None)
-  assert single["image"].shape == (64, 64, 64, 3) and single["image"].dtype == np.float32
+  assert single["image"].shape == (64, 64, 64, 3) and single["image"].dtype == np.uint8
 
 
 def test_batch_spec_is_what_the_loader_yields():

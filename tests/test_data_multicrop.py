@@ -44,14 +44,13 @@ def has_2x2(mask_2d):
 def test_shapes_and_dtypes(shard_dir):
   b, = take(cfg(shard_dir), 1, global_batch_size=4, seed=0)
   assert set(b) == {"global_crops", "local_crops", "masks", "skipped"}
-  assert b["global_crops"].shape == (4, 2, 32, 32, 3) and b["global_crops"].dtype == np.float32
-  assert b["local_crops"].shape == (4, 3, 16, 16, 3) and b["local_crops"].dtype == np.float32
+  # uint8 crops: the train step normalises them on the device.
+  assert b["global_crops"].shape == (4, 2, 32, 32, 3) and b["global_crops"].dtype == np.uint8
+  assert b["local_crops"].shape == (4, 3, 16, 16, 3) and b["local_crops"].dtype == np.uint8
   assert b["masks"].shape == (4, 2, 64) and b["masks"].dtype == bool
   assert b["skipped"].shape == (4,) and b["skipped"].dtype == np.int32 and not b["skipped"].any()
-  mean, std = np.array(transforms.IMAGENET_MEAN), np.array(transforms.IMAGENET_STD)
-  for k in ("global_crops", "local_crops"):
-    flat = b[k].reshape(-1, 3)
-    assert ((flat >= (0 - mean) / std - 1e-5) & (flat <= (1 - mean) / std + 1e-5)).all()
+  for k in ("global_crops", "local_crops"):  # noise records, not normalised
+    assert 60 < b[k].mean() < 195 and b[k].std() > 10, k
 
 
 @pytest.mark.parametrize("patch,local,grid", [(16, 96, 14), (14, 98, 16)])
@@ -102,8 +101,7 @@ def test_more_local_crops_leave_global_crops_and_masks_alone(shard_dir):
 
 
 def test_grey_records_stay_grey(shard_dir):
-  c = cfg(shard_dir, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
-  b, = take(c, 1, global_batch_size=8, seed=0)
+  b, = take(cfg(shard_dir), 1, global_batch_size=8, seed=0)
   kinds = set()
   for j in range(8):
     # Per crop: the largest channel spread over its pixels.
@@ -183,16 +181,16 @@ def test_only_global_crop_2_is_solarised():
   # A white image stays >= 153 through brightness jitter (factor >= 0.6); the
   # other ops keep a constant image constant. Only solarising takes it < 128.
   mc = multicrop.MultiCrop(global_crop_size=8, local_crop_size=8, num_local_crops=2,
-                           patch_size=4, mean=(0, 0, 0), std=(1, 1, 1))
+                           patch_size=4)
   white = np.full((24, 24), 255, np.uint8)
   solarised = {"g1": 0, "g2": 0, "local": 0}
   n = 400
   for e in range(n):
     out = mc(white, np.random.default_rng([0, e]))
-    g = out["global_crops"].reshape(2, -1).max(-1) < 0.5
+    g = out["global_crops"].reshape(2, -1).max(-1) < 128
     solarised["g1"] += int(g[0])
     solarised["g2"] += int(g[1])
-    solarised["local"] += int((out["local_crops"].reshape(2, -1).max(-1) < 0.5).any())
+    solarised["local"] += int((out["local_crops"].reshape(2, -1).max(-1) < 128).any())
   assert solarised["g1"] == 0 and solarised["local"] == 0
   assert 0.14 < solarised["g2"] / n < 0.26
 

@@ -24,6 +24,7 @@ from biovfm_jax import sharding as shd
 from biovfm_jax.evaluate import during_training
 from biovfm_jax.objectives import get_objective
 from biovfm_jax.train import checkpoint as ckpt_lib
+from biovfm_jax.train import device_input
 from biovfm_jax.train import metrics as metrics_lib
 from biovfm_jax.train import optim
 from biovfm_jax.train import state as state_lib
@@ -59,6 +60,7 @@ def build_train_step(config, spec: state_lib.ModelSpec, objective, tx, schedule,
   skip_nonfinite = bool(config.optim.skip_nonfinite)
   base_key = jax.random.key(config.seed)
   constants = spec.constants()
+  mean, std = tuple(config.data.mean), tuple(config.data.std)
 
   def loss_fn(params, batch, rng, step, extra):
     model = spec.merge(params, constants)
@@ -70,6 +72,7 @@ def build_train_step(config, spec: state_lib.ModelSpec, objective, tx, schedule,
   def step_fn(state: state_lib.TrainState, batch):
     # All randomness comes from (seed, step): a resumed run draws the same.
     rng = jax.random.fold_in(base_key, state.step)
+    batch = device_input.normalize(batch, mean, std)  # uint8 pixels arrive
     with shd.use_mesh(mesh, rules):
       if accum == 1:
         (loss, (aux, extra)), grads = grad_fn(state.params, batch, rng, state.step, state.extra)
@@ -412,17 +415,15 @@ def _train(config, workdir: str, preemption: _Preemption) -> dict:
 
   # --- The loop. Metrics of step s are fetched after step s+1 is dispatched, so
   # the host never stalls the device; before a save they are checked at once.
-  batches = loader_lib.make_pretrain_loader(
+  batches = device_input.Prefetch(loader_lib.make_pretrain_loader(
       config.data, global_batch_size=config.batch_size, seed=config.seed,
-      start_step=start_step, data=s.data)
+      start_step=start_step, data=s.data), batch_sharding, config.data.device_prefetch)
   pending = None
   step = start_step
   t0 = time.perf_counter()
   try:
     while step < total_steps:
-      local = next(batches)
-      batch = {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v))
-               for k, v in local.items()}
+      batch = next(batches)  # on the device already: its transfer went ahead
       state, metrics = train_step(state, batch)
       step += 1
       if step == start_step + 1:
@@ -442,7 +443,8 @@ def _train(config, workdir: str, preemption: _Preemption) -> dict:
           jsonl.sync()
       if config.image_every_steps and step % config.image_every_steps == 0:
         chrono.pause()  # every process computes (the model spans them all); the chief writes
-        grid = objective.visualize(spec.merge(state.params), batch,
+        grid = objective.visualize(spec.merge(state.params),
+                                   device_input.normalize(batch, config.data.mean, config.data.std),
                                    jax.random.fold_in(jax.random.key(config.seed), step),
                                    state.extra)
         if is_chief:
@@ -477,7 +479,7 @@ def _train(config, workdir: str, preemption: _Preemption) -> dict:
       ckpt.close()
     finally:
       for close in (writer.flush, writer.close, jsonl and jsonl.close,
-                    getattr(batches, "close", None)):
+                    batches.close):
         try:
           if close:
             close()

@@ -51,7 +51,7 @@ def validate_config(config, mesh) -> None:
                    ("optim.base_lr", 0), ("optim.min_lr", 0), ("optim.grad_clip_norm", 0),
                    ("optim.lr_batch_base", 1), ("optim.weight_decay", 0),
                    ("data.num_workers", 0), ("data.prefetch_buffer", 0),
-                   ("data.read_threads", 1)):
+                   ("data.device_prefetch", 0), ("data.read_threads", 1)):
     value = _get(config, key)
     if value is not None and value < low:
       raise ConfigError(f"config.{key}={value} must be "
