@@ -502,22 +502,13 @@ def _initial_params(config, spec: state_lib.ModelSpec):
   if not config.init_from:
     return None
   step_dir = ckpt_lib.find_step_dir(config.init_from)
-  saved = _shapes(ckpt_lib.state_metadata(step_dir).get("params", {}))
-  wanted = _shapes(spec.abstract_params)
-  if saved != wanted:
-    diff = sorted(set(saved.items()) ^ set(wanted.items()))[:4]
+  try:  # a looped save (e.g. an import) also starts a scanned model, and back
+    params = ckpt_lib.restore_params(step_dir, spec.abstract_params, spec.param_shardings)
+  except ckpt_lib.ParamsMismatch as e:
     raise ConfigError(f"config.init_from={config.init_from!r}: its params do not fit this "
-                     f"config's model (first differences, path and shape: {diff})")
-  target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        spec.abstract_params, spec.param_shardings)
-  params = ckpt_lib.restore_subtree(step_dir, ("params",), target)
+                     f"config's model (first differences, path and shape: {e})") from None
   logging.info("Initialised from %s.", step_dir)
   return params
-
-
-def _shapes(tree) -> dict[str, tuple]:
-  return {"/".join(str(getattr(k, "key", k)) for k in path): tuple(x.shape)
-          for path, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
