@@ -108,6 +108,11 @@ def get_config(size: str | None) -> config_dict.ConfigDict:
   c.checkpoint.every_steps = 1000
   c.checkpoint.keep = 3
   c.checkpoint.async_save = True
+  # JAX's persistent compilation cache, so a restart skips the compile:
+  # "" -> <workdir>/compile_cache, "none" -> off, or a directory (local or gs://;
+  # shared by the hosts of a multi-host run). JAX_COMPILATION_CACHE_DIR, when
+  # set, wins (biovfm_jax/train/compile_cache.py).
+  c.compile_cache_dir = ""
 
   c.log_every_steps = 50
   c.image_every_steps = 2000        # TensorBoard sample grid; 0 disables

@@ -24,6 +24,7 @@ from biovfm_jax import sharding as shd
 from biovfm_jax.evaluate import during_training
 from biovfm_jax.objectives import get_objective
 from biovfm_jax.train import checkpoint as ckpt_lib
+from biovfm_jax.train import compile_cache
 from biovfm_jax.train import metrics as metrics_lib
 from biovfm_jax.train import optim
 from biovfm_jax.train import state as state_lib
@@ -334,6 +335,7 @@ def train(config, workdir: str) -> dict:
   or no checkpoint restores, checkpoint.ModelMismatch when the workdir was
   trained with another model or objective.
   """
+  compile_cache.enable(config, workdir)  # before the first compile
   # Process 0 locks for all: the others may share an NFS workdir.
   with workdir_lock.held(workdir, enabled=jax.process_index() == 0), \
       _Preemption() as preemption:
@@ -427,7 +429,8 @@ def _train(config, workdir: str, preemption: _Preemption) -> dict:
       step += 1
       if step == start_step + 1:
         jax.block_until_ready(metrics)
-        logging.info("First step (compile + run) took %.1f s.", time.perf_counter() - t0)
+        logging.info("First step (compile + run) took %.1f s%s.", time.perf_counter() - t0,
+                     compile_cache.hits_note())
         chrono.restart(step)
       if pending is not None:
         check_and_log(*pending)
