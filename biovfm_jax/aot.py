@@ -2,8 +2,8 @@
 machine (no TPU needed), or estimates GPU memory, before the hardware is booked.
 
   python -m biovfm_jax.aot --config=configs/vit_g_dinov2.py --topology=v5p-256 \
-      --config.mesh.data=1 --config.mesh.fsdp=-1 --config.model.scan_layers=True \
-      --config.model.remat_policy=full [--mfu=0.4,0.5] [--num_records=N] [--json]
+      --config.mesh.data=1 --config.mesh.fsdp=-1 --config.model.remat_policy=full \
+      [--mfu=0.4,0.5] [--num_records=N] [--json]
   python -m biovfm_jax.aot --config=configs/vit_l_mae.py --topology=h100-64
 
 TPU (needs the `tpu` extra: jax[tpu], i.e. libtpu): the topology's devices come
@@ -11,6 +11,9 @@ from `jax.experimental.topologies.get_topology_desc`, `loop.build` makes the
 mesh, shardings and jitted step on them, and the step is lowered with abstract
 state and batch and compiled by the TPU compiler, as MaxText's train_compile
 does. Nothing runs; the process itself stays on CPU (JAX_PLATFORMS=cpu).
+While it works it prints progress lines on stderr (building, lowering,
+compiling, a heartbeat every 20 s while XLA compiles, the fit); the report
+goes to stdout.
 
 Topologies, as users book them (verified with libtpu 0.0.42 here):
   v4-N, v5p-N           N TensorCores = N/2 chips (one megacore device per chip),
@@ -40,7 +43,7 @@ memory_analysis():
   FLOPs per step: the objective's analytic flops_per_example x batch (used for
     step times), and XLA's cost analysis of the per-device program x devices
     (it counts a scanned layer's loop body once, so it is low with
-    scan_layers=True).
+    scan_layers=True, the default for L, H and g).
   step time at MFU m = analytic FLOPs / (devices x peak bf16 TFLOP/s x m);
     run time = the run's step count (loop.build's, from --num_records) x that.
 
@@ -86,6 +89,7 @@ import math
 import os
 import re
 import sys
+import threading
 import time
 
 from absl import app, flags
@@ -353,6 +357,33 @@ def _mesh_shape(mesh) -> dict:
   return {k: int(v) for k, v in mesh.shape.items()}
 
 
+class _Progress:
+  """Timestamped progress lines on stderr (stdout keeps the report, or its
+  JSON), and a heartbeat while a long call (XLA's compile) says nothing."""
+
+  def __init__(self, every_s: float = 20.0):
+    self.t0, self.every_s = time.perf_counter(), every_s
+
+  def __call__(self, message: str) -> None:
+    print(f"[aot {time.perf_counter() - self.t0:5.0f} s] {message}", file=sys.stderr,
+          flush=True)
+
+  @contextlib.contextmanager
+  def heartbeat(self, what: str):
+    done, start = threading.Event(), time.perf_counter()
+
+    def beat():
+      while not done.wait(self.every_s):
+        self(f"  still {what}: {time.perf_counter() - start:.0f} s")
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+      yield
+    finally:
+      done.set()
+      thread.join()
+
+
 def check_tpu(config, target: Target, *, num_records: int | None = None,
               mfus=(0.4,)) -> dict:
   """Compiles the train step for `target`; returns the report (see the module
@@ -364,6 +395,9 @@ def check_tpu(config, target: Target, *, num_records: int | None = None,
   from biovfm_jax.train import state as state_lib  # pylint: disable=import-outside-toplevel
 
   _check_slices(config, target)
+  say = _Progress()
+  say(f"building the run for {target.name} ({target.topology_name}, "
+      f"{target.num_devices} devices)...")
   devices = tpu_devices(target)
   s = loop.build(config, num_records=_records(num_records), devices=devices,
                  evaluators=False)
@@ -372,13 +406,22 @@ def check_tpu(config, target: Target, *, num_records: int | None = None,
   peak = metrics_lib.peak_tflops(config, device=devices[0])
   report = _common(config, target, s, mfus, peak)
   report["state_bytes_per_device"] = _state_bytes(state)
+  vit = s.objective.encoder_config
+  say(f"lowering the train step ({s.spec.num_params() / 1e6:,.1f}M params, depth "
+      f"{vit.depth}, layers {'scanned' if vit.scan_layers else 'unrolled'})...")
   t0 = time.perf_counter()
   try:
-    compiled = s.train_step.lower(state, batch).compile()
+    lowered = s.train_step.lower(state, batch)
+    report["lower_s"] = time.perf_counter() - t0
+    say(f"compiling the train step for {target.num_devices} x {target.device_kind} "
+        "(XLA's TPU compiler; minutes for a large model)...")
+    with say.heartbeat("compiling"):
+      compiled = lowered.compile()
   except jax.errors.JaxRuntimeError as e:
     if "RESOURCE_EXHAUSTED" not in str(e):
       raise
     report.update(fits=False, compile_s=time.perf_counter() - t0, error=str(e).strip())
+    say("the compiler ran out of memory: does not fit")
     raise DoesNotFit(str(e).strip(), report) from e
   report["compile_s"] = time.perf_counter() - t0  # lowering and compiling
   mem = compiled.memory_analysis()
@@ -397,6 +440,9 @@ def check_tpu(config, target: Target, *, num_records: int | None = None,
       memory_bytes=parts, peak_hbm_bytes=int(peak_hbm), allocated_bytes=int(allocated),
       fits=peak_hbm <= target.usable_bytes,
       xla_flops_per_device=xla_flops, xla_flops_per_step=xla_flops * target.num_devices)
+  say(f"compiled in {report['compile_s']:.0f} s; peak {peak_hbm / GIB:.2f} GiB per device "
+      f"of {target.usable_bytes / GIB:.2f} usable: "
+      f"{'fits' if report['fits'] else 'does not fit'}")
   if not report["fits"]:
     raise DoesNotFit(f"peak HBM {peak_hbm / GIB:.2f} GiB per device exceeds the "
                      f"{target.usable_bytes / GIB:.2f} GiB usable on a {target.device_kind}",

@@ -8,6 +8,9 @@ from configs.eval import common as eval_common
 from data_pipeline.errors import ConfigError
 from data_pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD
 
+# Sizes whose blocks are scanned by default (config.model.scan_layers).
+_SCANNED_SIZES = ("L", "H", "g")
+
 
 def get_config(size: str | None) -> config_dict.ConfigDict:
   c = config_dict.ConfigDict()
@@ -38,7 +41,12 @@ def get_config(size: str | None) -> config_dict.ConfigDict:
   c.model.param_dtype = "float32"
   c.model.attention_impl = "xla"    # or "cudnn" on GPU
   c.model.remat_policy = "none"     # none | full | dots_saveable | ...
-  c.model.scan_layers = False
+  # One lax.scan over the blocks instead of a Python loop for the large sizes: XLA
+  # compiles one block, not depth copies (ViT-L MAE train step on 2 CPU cores, the
+  # AOT fit check on v5p-128: see benchmarks/RESULTS.md "Compile and restart").
+  # Same maths and params (stacked on a leading layer axis). Its step time on GPU
+  # is not measured yet (no GPU was lent): benchmarks/gpu_suite.py's *_scan cases.
+  c.model.scan_layers = size in _SCANNED_SIZES
   c.model.in_channels = 3
   c.model.mask_token = False        # a learned token for masked patches (iBOT)
   c.model.init = "mae"              # "mae" (xavier) or "dinov2" (truncated normal)
@@ -108,6 +116,11 @@ def get_config(size: str | None) -> config_dict.ConfigDict:
   c.checkpoint.every_steps = 1000
   c.checkpoint.keep = 3
   c.checkpoint.async_save = True
+  # JAX's persistent compilation cache, so a restart skips the compile:
+  # "" -> <workdir>/compile_cache, "none" -> off, or a directory (local or gs://;
+  # shared by the hosts of a multi-host run). JAX_COMPILATION_CACHE_DIR, when
+  # set, wins (biovfm_jax/train/compile_cache.py).
+  c.compile_cache_dir = ""
 
   c.log_every_steps = 50
   c.image_every_steps = 2000        # TensorBoard sample grid; 0 disables

@@ -98,9 +98,13 @@ def test_cli_reports_a_non_fitting_config_with_the_compilers_message():
   teacher alone (19.5 GB per chip) exceed a v5e's 16 GiB. (A big batch of a
   small model is no sure failure: XLA rematerialises to fit when it can.)"""
   out = _cli("--config=configs/vit_g_dinov2.py", "--topology=v5e-4",
-             "--config.model.scan_layers=True", "--config.batch_size=8", "--json")
+             "--config.batch_size=8", "--json")
   assert out.returncode == 3, out.stderr[-2000:]
   assert "Does not fit: RESOURCE_EXHAUSTED" in out.stderr
+  # What it was doing, as it did it (g scans its layers by default).
+  for line in ("lowering the train step", "layers scanned",
+               "compiling the train step for 4 x TPU v5 lite", "does not fit"):
+    assert line in out.stderr, line
   report = json.loads(out.stdout.strip().splitlines()[-1])
   assert report["fits"] is False and "RESOURCE_EXHAUSTED" in report["error"]
   assert report["topology"] == "v5e-4" and report["batch_per_device"] == 2
@@ -284,3 +288,16 @@ def test_gpu_estimate_refuses_a_multi_slice_mesh():
   config.mesh.update(data=4, slices=2)
   with pytest.raises(ValueError, match=r"config\.mesh\.slices=2 but the target has 1"):
     aot.estimate_gpu(config, aot.parse_topology("h100-8"))
+
+
+def test_progress_heartbeat_speaks_while_a_call_is_silent(capsys):
+  import time
+  say = aot._Progress(every_s=0.01)
+  seen = ""
+  with say.heartbeat("compiling"):
+    for _ in range(3000):  # until the heartbeat thread has spoken (not a timing check)
+      time.sleep(0.01)
+      seen += capsys.readouterr().err
+      if "still compiling" in seen:
+        break
+  assert "] " in seen and "still compiling:" in seen

@@ -572,6 +572,44 @@ def test_cli_import_mae(mae_checkpoint, tmp_path):
   assert max_err(np.asarray(load_encoder(out)(x)["patch_tokens"]), ref[:, 1:]) < TOL
 
 
+def test_an_imported_mae_starts_a_scanned_model(mae_checkpoint, tmp_path):
+  """Imports keep one entry per layer; a model with scanned layers (the default
+  for L, H, g) gets them stacked, decoder included, and the reverse split:
+  the same features as the reference."""
+  import dataclasses
+
+  import jax
+
+  from biovfm_jax.train.checkpoint import (ParamsMismatch, find_step_dir, read_run,
+                                           restore_params, save_params)
+  path, encoder, _ = mae_checkpoint
+  out = str(tmp_path / "mae")
+  assert cli_main(["import", "--format=mae", f"--src={path}", f"--out={out}",
+                   "--model=T", "--decoder-heads=4"]) == 0
+  run = read_run(find_step_dir(out))
+  looped = vit_config(None, **run["encoder"])
+  dec = run["decoder"]
+  cpu = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+  def restore(step_dir, cfg):
+    abstract = nnx.to_pure_dict(nnx.split(nnx.eval_shape(lambda: MaskedAutoencoder(
+        cfg, **dec, rngs=nnx.Rngs(0))), nnx.Param, ...)[1])
+    return restore_params(step_dir, abstract, jax.tree.map(lambda _: cpu, abstract))
+
+  scanned_cfg = dataclasses.replace(looped, scan_layers=True)
+  scanned = restore(find_step_dir(out), scanned_cfg)
+  assert {x.shape[0] for x in jax.tree.leaves(scanned["encoder"]["blocks"]["layers"])} == {2}
+  x = images(32)
+  ref = torch_features(encoder, x)
+  assert max_err(our_features(scanned_cfg, scanned["encoder"], x), ref) < TOL
+  # A scanned save back into a looped model.
+  save_params(str(tmp_path / "scanned"), scanned, run)
+  again = restore(find_step_dir(str(tmp_path / "scanned")), looped)
+  assert max_err(our_features(looped, again["encoder"], x), ref) < TOL
+  with pytest.raises(ParamsMismatch, match="blocks/layers"):
+    restore(find_step_dir(out), dataclasses.replace(scanned_cfg, depth=3))
+
+
 @pytest.mark.slow
 def test_pretraining_continues_from_an_imported_mae(mae_checkpoint, tmp_path):
   """main.py --config.init_from takes the imported encoder and decoder; a

@@ -353,3 +353,87 @@ def restore_subtree(step_dir: str, path: tuple[str, ...], target):
   for key in path:
     restored = restored[key]
   return restored
+
+
+class ParamsMismatch(ValueError):
+  """Saved params that do not fit the model; the message lists the first
+  differences (path, shape)."""
+
+
+def restore_params(step_dir: str, abstract, shardings):
+  """The saved state's "params", restored into the tree, dtypes and shardings of
+  `abstract` (the model's). A block stack saved per layer ('layers/<i>/...': a
+  looped model, or an import) is stacked on a leading axis for a scanned model
+  (scan_layers, the default for L, H, g), and a stacked one split for a looped
+  model. Raises ParamsMismatch when the shapes differ otherwise."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  saved = state_metadata(step_dir).get("params", {})
+  relaid = _restack(saved, abstract, stack=lambda xs: jax.ShapeDtypeStruct(
+      (len(xs), *xs[0].shape), xs[0].dtype), take=lambda x, i: jax.ShapeDtypeStruct(
+          tuple(x.shape[1:]), x.dtype))
+  got, want = _shapes(relaid), _shapes(abstract)
+  if got != want:
+    raise ParamsMismatch(str(sorted(set(got.items()) ^ set(want.items()))[:4]))
+  target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        abstract, shardings)
+  if _shapes(saved) == want:  # same layout: straight into the shardings
+    return restore_subtree(step_dir, ("params",), target)
+  # Another layout: read on the host, restack, then place (every process holds
+  # the whole value; each device takes its shard).
+  host_item = {"params": jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype),
+                                      dict(saved))}
+  host_args = {"params": jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+                                      dict(saved))}
+  host = ocp.PyTreeCheckpointer().restore(
+      os.path.join(step_dir, "state"), args=ocp.args.PyTreeRestore(
+          item=host_item, restore_args=host_args, partial_restore=True))["params"]
+  relaid = _restack(host, abstract, stack=np.stack, take=lambda x, i: x[i])
+  return jax.tree.map(
+      lambda x, t: jax.make_array_from_callback(
+          t.shape, t.sharding, lambda idx: np.asarray(x[idx], t.dtype)), relaid, target)
+
+
+def _looped(tree) -> bool:
+  return bool(tree) and all(str(k).isdigit() for k in tree)
+
+
+def _restack(tree, like, *, stack, take):
+  """`tree` (saved params; string or int keys) in the keys and block layout of
+  `like`; sub-trees `like` lacks are dropped, those `tree` lacks left out."""
+  if not (hasattr(like, "items") and hasattr(tree, "items")):
+    return tree
+  src = {str(k): v for k, v in tree.items()}
+  if _looped(src) and not _looped(like):  # per layer -> one stacked stack
+    layers = [src[str(i)] for i in range(len(src)) if str(i) in src]
+    return _restack(_stack_trees(layers, stack), like, stack=stack, take=take)
+  if (_looped(like) and src and not _looped(src)
+      and {_lead(x) for x in _leaves(tree)} == {len(like)}):  # stacked -> per layer
+    return {k: _restack(_take_tree(tree, int(k), take), v, stack=stack, take=take)
+            for k, v in like.items()}
+  return {k: _restack(src[str(k)], v, stack=stack, take=take)
+          for k, v in like.items() if str(k) in src}
+
+
+def _leaves(tree) -> list:
+  if not hasattr(tree, "items"):
+    return [tree]
+  return [x for v in tree.values() for x in _leaves(v)]
+
+
+def _lead(x):
+  shape = getattr(x, "shape", ())
+  return shape[0] if shape else None
+
+
+def _stack_trees(trees: list, stack):
+  first = trees[0]
+  if not hasattr(first, "items"):
+    return stack(trees)
+  return {str(k): _stack_trees([t[k] for t in trees if k in t], stack) for k in first}
+
+
+def _take_tree(tree, i: int, take):
+  if not hasattr(tree, "items"):
+    return take(tree, i)
+  return {str(k): _take_tree(v, i, take) for k, v in tree.items()}

@@ -24,6 +24,7 @@ from biovfm_jax import sharding as shd
 from biovfm_jax.evaluate import during_training
 from biovfm_jax.objectives import get_objective
 from biovfm_jax.train import checkpoint as ckpt_lib
+from biovfm_jax.train import compile_cache
 from biovfm_jax.train import device_input
 from biovfm_jax.train import metrics as metrics_lib
 from biovfm_jax.train import optim
@@ -337,6 +338,7 @@ def train(config, workdir: str) -> dict:
   or no checkpoint restores, checkpoint.ModelMismatch when the workdir was
   trained with another model or objective.
   """
+  compile_cache.enable(config, workdir)  # before the first compile
   # Process 0 locks for all: the others may share an NFS workdir.
   with workdir_lock.held(workdir, enabled=jax.process_index() == 0), \
       _Preemption() as preemption:
@@ -428,7 +430,8 @@ def _train(config, workdir: str, preemption: _Preemption) -> dict:
       step += 1
       if step == start_step + 1:
         jax.block_until_ready(metrics)
-        logging.info("First step (compile + run) took %.1f s.", time.perf_counter() - t0)
+        logging.info("First step (compile + run) took %.1f s%s.", time.perf_counter() - t0,
+                     compile_cache.hits_note())
         chrono.restart(step)
       if pending is not None:
         check_and_log(*pending)
@@ -504,22 +507,13 @@ def _initial_params(config, spec: state_lib.ModelSpec):
   if not config.init_from:
     return None
   step_dir = ckpt_lib.find_step_dir(config.init_from)
-  saved = _shapes(ckpt_lib.state_metadata(step_dir).get("params", {}))
-  wanted = _shapes(spec.abstract_params)
-  if saved != wanted:
-    diff = sorted(set(saved.items()) ^ set(wanted.items()))[:4]
+  try:  # a looped save (e.g. an import) also starts a scanned model, and back
+    params = ckpt_lib.restore_params(step_dir, spec.abstract_params, spec.param_shardings)
+  except ckpt_lib.ParamsMismatch as e:
     raise ConfigError(f"config.init_from={config.init_from!r}: its params do not fit this "
-                     f"config's model (first differences, path and shape: {diff})")
-  target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        spec.abstract_params, spec.param_shardings)
-  params = ckpt_lib.restore_subtree(step_dir, ("params",), target)
+                     f"config's model (first differences, path and shape: {e})") from None
   logging.info("Initialised from %s.", step_dir)
   return params
-
-
-def _shapes(tree) -> dict[str, tuple]:
-  return {"/".join(str(getattr(k, "key", k)) for k in path): tuple(x.shape)
-          for path, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

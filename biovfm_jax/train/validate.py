@@ -10,6 +10,7 @@ import jax
 import numpy as np
 from absl import flags
 
+from biovfm_jax.train import compile_cache
 from data_pipeline import storage
 from data_pipeline.errors import ConfigError
 
@@ -80,6 +81,8 @@ def expand_paths(c) -> None:
   kept as given)."""
   c.init_from = storage.expand(c.init_from)
   c.data.cache_dir = storage.expand(c.data.cache_dir)
+  if str(c.compile_cache_dir).lower() != compile_cache.OFF:
+    c.compile_cache_dir = storage.expand(c.compile_cache_dir)
   if isinstance(c.data.shards, str):
     c.data.shards = storage.expand_list(c.data.shards)
 
