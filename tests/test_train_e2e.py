@@ -151,10 +151,9 @@ def test_vit_l_config_runs_a_step_on_cpu(tmp_path, config, params, low, high):
              JAX_PLATFORMS="cpu")
   res = subprocess.run(
       [sys.executable, "main.py", f"--config=configs/{config}.py", f"--workdir={tmp_path}",
-       "--config.data.shards=mini", "--config.batch_size=2", "--config.num_train_steps=1",
-       # Layers scanned: the same maths (test_models_vit's scan == loop check), compiled
-       # in a fraction of the unrolled 24 + 8 blocks' time.
-       "--config.model.scan_layers=True"],
+       # The config as it is: L scans its layers by default (the same maths as the
+       # loop, test_models_vit), compiled in a fraction of the unrolled blocks' time.
+       "--config.data.shards=mini", "--config.batch_size=2", "--config.num_train_steps=1"],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
   assert res.returncode == 0, res.stderr[-3000:]
   if params:
