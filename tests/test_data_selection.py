@@ -71,8 +71,8 @@ def test_loader_reads_only_the_subset(corpus):
   cfg = {"shards": path, "image_size": 16, "crop_scale": (1.0, 1.0), "hflip": False}
   assert loader.resolve(_Cfg(cfg)).num_records == 10
   example = loader.make_example(_Cfg(cfg), seed=1)
-  pixel_values = {int(round(float(example(e)["image"][..., 0].mean() * 0.229 * 255 + 0.485 * 255)))
-                  for e in range(10)}
+  # The loader yields uint8 pixels (normalised later, on the device).
+  pixel_values = {int(round(float(example(e)["image"][..., 0].mean()))) for e in range(10)}
   # Records hold constant images of their original number; subset A is numbers 0..9.
   assert pixel_values <= set(range(10)), pixel_values
 
