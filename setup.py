@@ -23,6 +23,7 @@ INSTALL_REQUIRES = [
     "nibabel>=5",
     "nilearn>=0.11",
     "scikit-image>=0.25",
+    "h5py>=3.10",             # FastMRI and PatchCamelyon ship HDF5 (catalog ingestion)
     # The scaling study (the results store, biovfm_jax/analysis, the notebooks): tables in
     # pandas, fits with scipy, Davies-Bouldin with scikit-learn, figures with
     # matplotlib (also the quickstart's reconstructions and PCA maps).
@@ -41,7 +42,7 @@ setup(
     py_modules=["main"],
     install_requires=INSTALL_REQUIRES,
     # The paper's published results, the analysis' default table.
-    package_data={"biovfm_jax.analysis": ["published.csv"]},
+    package_data={"biovfm_jax.analysis": ["published.csv"], "data_pipeline.catalog": ["*.toml"]},
     extras_require={
         "cuda": ["jax[cuda12]>=0.10.2,<0.11"],
         "tpu": ["jax[tpu]>=0.10.2,<0.11"],

@@ -30,6 +30,7 @@ import io
 import json
 import os
 import re
+import zlib
 from typing import Any
 
 import grain
@@ -81,13 +82,35 @@ def _mask(index: dict, key: str, names, where: str) -> np.ndarray:
   return np.isin(index[key], ids)
 
 
+def stratified_draw(ids: np.ndarray, groups: np.ndarray, names: list[str], k: int,
+                    seed: int) -> np.ndarray:
+  """`k` of `ids` (in shard order), each group (source) getting a share
+  proportional to its size (largest remainder, ties by name), drawn within the
+  group by np.random.default_rng([seed, crc32(name)]): a group's draw depends on
+  its own records alone, so the same sources give the same subset."""
+  order = sorted(set(groups.tolist()), key=lambda g: names[g])
+  sizes = np.array([np.sum(groups == g) for g in order])
+  exact = k * sizes / sizes.sum()
+  share = np.floor(exact).astype(int)
+  for i in sorted(range(len(order)), key=lambda i: (share[i] - exact[i], names[order[i]]))[
+      :k - share.sum()]:
+    share[i] += 1
+  picked = []
+  for g, n in zip(order, share):
+    members = ids[groups == g]
+    rng = np.random.default_rng([seed, zlib.crc32(names[g].encode())])
+    picked.append(members[rng.permutation(len(members))[:n]])
+  return np.sort(np.concatenate(picked))
+
+
 def make_subset(shard_dir: str, name: str, *, count=None, modalities=None, sources=None,
-                seed: int = 0) -> str:
+                seed: int = 0, stratify: str | None = None, description: str = "") -> str:
   """Writes subset `name` of the records in `shard_dir` and returns its path.
 
   Records are filtered by modality and/or source, then `count` of them (an
-  integer, '0.2M', a fraction or 'all') are drawn with np.random.default_rng(seed)
-  and kept in shard order. The same arguments always give the same subset.
+  integer, '0.2M', a fraction or 'all') are drawn with np.random.default_rng(seed),
+  or per source with `stratify="source"` (see `stratified_draw`), and kept in
+  shard order. The same arguments always give the same subset.
   """
   if not re.fullmatch(r"[\w.\-]+", name):
     raise ValueError(f"subset name {name!r}: use letters, digits, '.', '-' or '_'")
@@ -105,7 +128,13 @@ def make_subset(shard_dir: str, name: str, *, count=None, modalities=None, sourc
   if k is not None:
     if k > len(ids):
       raise ValueError(f"subset {name!r}: asks for {k} records, the selection holds {len(ids)}")
-    ids = np.sort(ids[np.random.default_rng(seed).permutation(len(ids))[:k]])
+    if stratify == "source":
+      ids = stratified_draw(ids, index["source"][ids],
+                            [str(x) for x in index["source_names"]], k, seed)
+    elif stratify is not None:
+      raise ValueError(f"subset {name!r}: stratify={stratify!r}; only 'source'")
+    else:
+      ids = np.sort(ids[np.random.default_rng(seed).permutation(len(ids))[:k]])
   if len(ids) == 0:
     raise ValueError(f"subset {name!r} selects no records")
   out = storage.join(shard_dir, "subsets")
@@ -119,7 +148,9 @@ def make_subset(shard_dir: str, name: str, *, count=None, modalities=None, sourc
          "shards": [s["file"] for s in manifest["shards"]], "num_records": int(len(ids)),
          "of_records": int(len(index["shard"])),
          "selection": {"count": count, "modalities": modalities, "sources": sources,
-                       "seed": seed}, **shards_lib.manifest_counts(src, mod)}
+                       "seed": seed, "stratify": stratify},
+         **({"description": description} if description else {}),
+         **shards_lib.manifest_counts(src, mod)}
   path = storage.join(out, name + SUBSET_SUFFIX)
   shards_lib.write_json_atomic(path, doc)
   return path
@@ -258,25 +289,69 @@ def resolve(spec, cache_dir: str | None, mixture: Any = None) -> Resolved:
   return Resolved(str(spec), paths, data, Selection(total, ids, groups, weights))
 
 
+def make_named_subsets(shard_dir: str, names: list[str], catalog_name: str) -> list[str]:
+  """Writes the catalog's named subsets (`[subsets.NAME]`; ["all"]: every one
+  the shards can give, skipping those whose sources or modalities they lack)."""
+  from data_pipeline.catalog import catalog as catalog_lib  # pylint: disable=import-outside-toplevel
+  cat = catalog_lib.load(catalog_name)
+  every = names == ["all"]
+  unknown = [n for n in names if n not in cat.subsets and not every]
+  if unknown:
+    raise ValueError(f"--named: no subset {unknown} in catalog {cat.name}; it has "
+                     f"{', '.join(cat.subsets)}")
+  have = {str(x) for x in shards_lib.read_index(shard_dir)["source_names"]}
+  paths = []
+  for name in cat.subsets if every else names:
+    s = cat.subsets[name]
+    sources = s["sources"]
+    if sources:  # the subset's sources this copy of the corpus has
+      lacking = [x for x in sources if x not in have]
+      sources = [x for x in sources if x in have]
+      if lacking:
+        print(f"subset {name}: the shards lack {', '.join(lacking)}")
+      if not sources:
+        if not every:
+          raise ValueError(f"subset {name!r}: the shards hold none of its sources {s['sources']}")
+        print(f"skipped subset {name}: the shards hold none of its sources")
+        continue
+    try:
+      paths.append(make_subset(shard_dir, name, count=s.get("count"), modalities=s["modality"],
+                               sources=sources, seed=int(s.get("seed", 0)),
+                               stratify=s.get("stratify"), description=s["description"]))
+    except ValueError as e:
+      if not every:
+        raise
+      print(f"skipped subset {name}: {e}")
+  return paths
+
+
 def main(argv=None) -> None:
   p = argparse.ArgumentParser(prog="python -m data_pipeline.selection",
                               description="Write a subset (an index over existing shards).")
   p.add_argument("--shards", required=True,
                  help="folder written by data_pipeline.ingest (local or gs://)")
-  p.add_argument("--name", required=True)
+  p.add_argument("--name", help="the subset's name (with --count, --modality, --source)")
+  p.add_argument("--named", help="a subset the catalog defines, e.g. 0.2M or us_only "
+                 "(comma-separated; 'all': every one)")
+  p.add_argument("--catalog", default="biovfm21m", help="catalog of --named")
+  p.add_argument("--stratify", choices=["source"], help="draw --count per source")
   p.add_argument("--count", default=None, help="records: 200000, 200k, 0.2M, 0.25 or all")
   p.add_argument("--modality", action="append", help="keep this modality (repeatable)")
   p.add_argument("--source", action="append", help="keep this source (repeatable)")
   p.add_argument("--seed", type=int, default=0)
   a = p.parse_args(argv)
+  if bool(a.name) == bool(a.named):
+    p.error("give --name (with its filters) or --named, not both")
   try:
-    path = make_subset(a.shards, a.name, count=a.count, modalities=a.modality,
-                       sources=a.source, seed=a.seed)
+    paths = (make_named_subsets(a.shards, a.named.split(","), a.catalog) if a.named else
+             [make_subset(a.shards, a.name, count=a.count, modalities=a.modality,
+                          sources=a.source, seed=a.seed, stratify=a.stratify)])
   except (ValueError, FileNotFoundError) as e:
     p.error(str(e))
-  doc = json.loads(storage.as_path(path).read_text())
-  print(f"{path}: {doc['num_records']} of {doc['of_records']} records; "
-        f"modalities {doc['modalities']}")
+  for path in paths:
+    doc = json.loads(storage.as_path(path).read_text())
+    print(f"{path}: {doc['num_records']} of {doc['of_records']} records; "
+          f"modalities {doc['modalities']}")
 
 
 if __name__ == "__main__":

@@ -86,7 +86,8 @@ def write_video(path, frames, codec, pix_fmt, in_fmt, **codec_options):
 # --- registry and options ---------------------------------------------------------
 
 def test_registry_and_option_defaults():
-  assert set(readers.READERS) == {"image", "dicom", "nifti", "medmnist", "video", "auto"}
+  assert set(readers.READERS) == {"image", "dicom", "nifti", "medmnist", "video", "hdf5",
+                                  "npy", "auto"}
   assert readers.validate_options("nifti", None, "x") == {
       "axes": [0, 1, 2], "stride": 1, "skip_empty": True, "empty_fraction": 0.02,
       "low_pct": 0.5, "high_pct": 99.5, "volumes": "first", "square_pixels": True,
@@ -557,7 +558,8 @@ def test_video_rejects(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("reader,name", [
     ("image", "x.png"), ("dicom", "x.dcm"), ("nifti", "x.nii"), ("medmnist", "x.npz"),
-    ("video", "x.mp4"), ("auto", "x.png"), ("auto", "x.unknown")])
+    ("video", "x.mp4"), ("hdf5", "x.h5"), ("npy", "x.npy"), ("auto", "x.png"),
+    ("auto", "x.unknown")])
 def test_empty_file_has_its_own_reason(tmp_path, reader, name):
   (tmp_path / name).write_bytes(b"")
   with pytest.raises(ReaderError, match=rf"{name}: empty file \(0 bytes\)"):
@@ -612,3 +614,74 @@ def test_auto_picks_the_reader_and_rejects_unknown_types(tmp_path):
   with pytest.raises(ReaderError, match=r"labels\.csv: unrecognised file type \(suffix '\.csv', "
                                         r"content text\)"):
     read("auto", tmp_path / "labels.csv")
+
+
+# --- array stacks: HDF5 and .npy ----------------------------------------------------
+
+def test_hdf5_stacks_parts_encoded_images_and_rejects(tmp_path, monkeypatch):
+  import io
+  import h5py
+  from data_pipeline.readers import arrays
+  rng = np.random.default_rng(0)
+  recon = (rng.random((6, 20, 24)) * np.linspace(1, 3, 6)[:, None, None]).astype(np.float32)
+  with h5py.File(tmp_path / "knee.h5", "w") as f:
+    f["kspace"] = np.ones((6, 20, 24), np.complex64)
+    f["reconstruction_esc"] = recon
+  items = list(readers.READERS["hdf5"](str(tmp_path / "knee.h5"), {
+      "datasets": ["reconstruction_rss", "reconstruction_esc"], "stride": 2}))
+  assert [m["index"] for _, m in items] == [["reconstruction_esc", k] for k in (0, 2, 4)]
+  # One window for the file: the brighter later slices come out brighter.
+  assert items[0][0].mean() < items[2][0].mean()
+  # Without `datasets`: the one real-valued stack (k-space is complex).
+  assert len(list(readers.READERS["hdf5"](str(tmp_path / "knee.h5"), {}))) == 6
+  with pytest.raises(ReaderError, match=r"holds none of the datasets \['x'\] \(it has: "
+                     r"kspace, reconstruction_esc\)"):
+    list(readers.READERS["hdf5"](str(tmp_path / "knee.h5"), {"datasets": "x"}))
+  with pytest.raises(ReaderError, match="complex64 data is not an image"):
+    list(readers.READERS["hdf5"](str(tmp_path / "knee.h5"), {"datasets": "kspace"}))
+  (tmp_path / "fake.h5").write_bytes(b"not hdf5 at all" * 10)
+  with pytest.raises(ReaderError, match="fake.h5: not a readable HDF5 file"):
+    list(readers.READERS["auto"](str(tmp_path / "fake.h5")))
+  # Parts: a stack of 10 with parts of 4 -> 3 inputs that together read each image once.
+  with h5py.File(tmp_path / "patches_x.h5", "w") as f:
+    f["x"] = rng.integers(0, 256, (10, 8, 8, 3), dtype=np.uint8)
+  monkeypatch.setattr(arrays, "PART_IMAGES", 4)
+  parts = readers.inputs_for(str(tmp_path / "patches_x.h5"), "hdf5")
+  assert parts == [str(tmp_path / f"patches_x.h5::{a}-{b}") for a, b in ((0, 4), (4, 8), (8, 10))]
+  got = [m["index"][1] for p in parts for _, m in readers.READERS["hdf5"](p, {"stride": 3})]
+  assert got == [0, 3, 6, 9]  # the stride runs over the whole stack, not per part
+  # Encoded images, one scalar dataset each (ISIC-2024's train-image.hdf5).
+  with h5py.File(tmp_path / "train-image.hdf5", "w") as f:
+    for k in range(3):
+      buf = io.BytesIO()
+      Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)).save(buf, "PNG")
+      f[f"ISIC_{k:07d}"] = np.void(buf.getvalue())
+  items = list(readers.READERS["hdf5"](str(tmp_path / "train-image.hdf5"), {}))
+  assert [m["index"][0] for _, m in items] == ["ISIC_0000000", "ISIC_0000001", "ISIC_0000002"]
+  assert items[0][0].shape == (12, 16, 3)
+  with h5py.File(tmp_path / "train-image.hdf5", "a") as f:
+    f["ISIC_9999999"] = np.void(b"garbage")
+  with pytest.raises(ReaderError, match=r"dataset /ISIC_9999999: its bytes are not an image"):
+    list(readers.READERS["hdf5"](str(tmp_path / "train-image.hdf5"), {}))
+
+
+def test_npy_stacks_volumes_and_single_images(tmp_path):
+  vol = np.zeros((5, 6, 7), np.int16)
+  vol[:, 1:5, 2:6] = np.arange(5)[:, None, None] * 100 + 50
+  np.save(tmp_path / "vol.npy", vol)
+  first = list(readers.READERS["npy"](str(tmp_path / "vol.npy"), {"skip_empty": False}))
+  assert len(first) == 5 and first[0][0].shape == (6, 7)
+  along = list(readers.READERS["npy"](str(tmp_path / "vol.npy"), {"axis": 2,
+                                                                 "skip_empty": False}))
+  assert len(along) == 7 and along[0][0].shape == (5, 6)
+  kept = list(readers.READERS["npy"](str(tmp_path / "vol.npy"), {"axis": 2}))
+  assert [m["index"] for _, m in kept] == [2, 3, 4, 5]  # empty columns skipped
+  np.save(tmp_path / "rgb.npy", np.full((9, 8, 3), 7, np.uint8))
+  (one, meta), = readers.READERS["npy"](str(tmp_path / "rgb.npy"), {"skip_empty": False})
+  assert one.shape == (9, 8, 3) and meta["transform"] == "none"
+  np.save(tmp_path / "five.npy", np.zeros((2, 3, 4, 5, 6)))
+  with pytest.raises(ReaderError, match=r"five.npy: array of shape \(2, 3, 4, 5, 6\) is not"):
+    list(readers.READERS["npy"](str(tmp_path / "five.npy")))
+  (tmp_path / "bad.npy").write_bytes(b"\x93NUMPY garbage")
+  with pytest.raises(ReaderError, match="bad.npy: not a readable .npy array"):
+    list(readers.READERS["auto"](str(tmp_path / "bad.npy")))

@@ -4,10 +4,12 @@ with its stock recipe (configs/vit_<size>_<objective>.py) and scored on the
 12 MedMNIST benchmarks at 224 px with the fast linear probe.
 
 The data subsets live in the corpus folder you pass (a folder written by
-python -m data_pipeline.ingest, local or gs://); make them once:
+python -m data_pipeline.ingest --catalog=biovfm21m, local or gs://); make
+them once, as the catalog defines them (data_pipeline/catalog/biovfm21m.toml,
+[subsets]: us_only is the three single-modality ultrasound sources, 0.2M a
+seeded draw stratified by source):
 
-  python -m data_pipeline.selection --shards=/data/biovfm21m --name=us_only --modality=ultrasound
-  python -m data_pipeline.selection --shards=/data/biovfm21m --name=0.2M --count=0.2M --seed=0
+  python -m data_pipeline.selection --shards=/data/biovfm21m --named=us_only,0.2M
 
 then plan, and run (locally one run after another, or one job per run):
 

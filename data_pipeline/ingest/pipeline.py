@@ -4,7 +4,9 @@ Worker processes read, transform, encode and hash one file each; the parent
 takes their results strictly in input order, drops exact and near duplicates,
 and appends records to shards that close at `output.shard_mb`. The output is
 therefore a pure function of the spec and the files, whatever the number of
-workers.
+workers. An input is a file, or a part of a big HDF5 or .npy stack (1,024
+images, `readers.inputs_for`), so that a worker never holds a whole
+PatchCamelyon file's records.
 
 Nothing is silently lost. Per source, inputs (images read, plus files that
 could not be read at all) = written + rejected + exact + near duplicates,
@@ -43,7 +45,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 from PIL import Image
@@ -52,6 +54,7 @@ from data_pipeline import records, shards, storage
 from data_pipeline.ingest import dedup as dedup_lib
 from data_pipeline.readers import registry as readers
 from data_pipeline.ingest.spec import Spec, as_dict
+from data_pipeline.readers import arrays
 from data_pipeline.readers.common import ReaderError
 
 PREFIX = "corpus"
@@ -86,11 +89,12 @@ def process_file(task: tuple) -> dict[str, Any]:
   """(source fields, path, output options) -> {"images": [...]} or {"reject": reason}.
   Each image: record bytes, exact hash, perceptual hash, its meta."""
   source, path, output = task
+  modality = source["modality"](path) if callable(source["modality"]) else source["modality"]
   images = []
   try:
     for pixels, meta in readers.READERS[source["reader"]](path, source["options"]):
       pixels, note = resize_shorter(pixels, int(output["resize_shorter"]))
-      header = records.header(source["name"], meta, pixels, modality=source["modality"],
+      header = records.header(source["name"], meta, pixels, modality=modality,
                               anatomy=source["anatomy"], note=note)
       raw = records.make_record(pixels, header, output["format"], int(output["jpeg_quality"]))
       images.append({"raw": raw, "exact": dedup_lib.pixel_hash(pixels),
@@ -132,7 +136,8 @@ def list_inputs(spec: Spec) -> list[tuple[int, str]]:
   """(source number, file) for every input, in spec order then file order."""
   items = []
   for i, s in enumerate(spec.sources):
-    items.extend((i, f) for f in readers.files_for(s.path, s.reader, s.options))
+    items.extend((i, f) for f in readers.inputs_for(s.path, s.reader, s.options)
+                 if not s.excluded(f))
   return items
 
 
@@ -164,7 +169,8 @@ class _Progress:
 def _results(items, spec: Spec, start: int, workers: int) -> Iterator[tuple[int, dict]]:
   """(item number, process_file result) from `start` on, in order; at most
   2 x workers files in flight, so memory stays bounded."""
-  sources = [{"name": s.name, "reader": s.reader, "modality": s.modality,
+  sources = [{"name": s.name, "reader": s.reader,
+              "modality": s.modality_of if s.modality_by_path else s.modality,
               "anatomy": s.anatomy, "options": s.options} for s in spec.sources]
   task = lambda k: (sources[items[k][0]], items[k][1], spec.output)  # noqa: E731
   if workers <= 0:
@@ -210,9 +216,17 @@ class _Logs:
       f.close()
 
 
+ReportExtra = Callable[[dict], dict]
+
+
 def ingest(spec: Spec, out_dir: str, *, workers: int = 0, progress: bool = True,
-           overwrite: bool = False, stop_after_shards: int | None = None) -> dict[str, Any]:
-  """Runs (or resumes) the ingestion of `spec` into `out_dir`; returns the manifest."""
+           overwrite: bool = False, stop_after_shards: int | None = None,
+           report_extra: ReportExtra | None = None) -> dict[str, Any]:
+  """Runs (or resumes) the ingestion of `spec` into `out_dir`; returns the manifest.
+
+  `report_extra(manifest)`, when given, returns {"tables": [...], "files": {name:
+  bytes}}: tables for the report (see report.write_report) and files to write
+  beside it, owned by the ingestion like every other file it writes."""
   out_dir = os.path.abspath(os.path.expanduser(out_dir))
   state_dir = os.path.join(out_dir, STATE_DIR)
   ours = "files" in _load_manifest(out_dir).get("ingest", {})
@@ -331,7 +345,10 @@ def ingest(spec: Spec, out_dir: str, *, workers: int = 0, progress: bool = True,
   bar.update(done, sum(v["written"] for v in counts.values()), final=True)
   logs.offsets()
   logs.close()
-  return _finish(spec, out_dir, state, counts, _dedup_used(spec, items, modes))
+  files = collections.Counter(spec.sources[src].name for src, path in items
+                               if arrays.split_part(path)[1] in (None, 0))
+  return _finish(spec, out_dir, state, counts, _dedup_used(spec, items, modes),
+                 {s.name: files[s.name] for s in spec.sources}, report_extra)
 
 
 def _dedup_used(spec: Spec, items, modes) -> dict[str, str]:
@@ -349,8 +366,8 @@ def _dedup_used(spec: Spec, items, modes) -> dict[str, str]:
           for name, c in per.items()}
 
 
-def _finish(spec: Spec, out_dir: str, state: dict, counts: dict,
-            dedup_used: dict[str, str]) -> dict[str, Any]:
+def _finish(spec: Spec, out_dir: str, state: dict, counts: dict, dedup_used: dict[str, str],
+            files: dict[str, int], report_extra: ReportExtra | None) -> dict[str, Any]:
   """Checks the counts reconcile, writes index.npz, manifest.json and the report."""
   state_dir = os.path.join(out_dir, STATE_DIR)
   for name, c in counts.items():
@@ -365,19 +382,24 @@ def _finish(spec: Spec, out_dir: str, state: dict, counts: dict,
   if not state["shards"]:
     raise ValueError(f"{spec.path}: no image was written (see {out_dir}/rejects.jsonl)")
   from data_pipeline.ingest import report  # pylint: disable=import-outside-toplevel
-  last = [shards.INDEX, *report.file_names([s.name for s in spec.sources]).values(),
-          shards.MANIFEST]
-  state["files"] += [f for f in last if f not in state["files"]]
-  shards.write_json_atomic(os.path.join(out_dir, STATE), state)
-  shards.write_index(out_dir, shard_of, sources, modalities)
   manifest = {
       "prefix": PREFIX, "num_records": len(sources), "num_shards": len(state["shards"]),
       "shards": state["shards"], **shards.manifest_counts(sources, modalities),
       "ingest": {"spec": as_dict(spec), "spec_fingerprint": spec.fingerprint(),
                  "inputs_digest": state["inputs_digest"], "per_source": counts,
-                 "reconciled": True, "dedup_used": dedup_used, "files": state["files"],
+                 "files_per_source": files, "reconciled": True, "dedup_used": dedup_used,
+                 "files": state["files"],
                  "totals": {k: sum(c[k] for c in counts.values()) for k in COUNTERS}}}
-  report.write_report(_summary(manifest, out_dir), _samples(out_dir, manifest), out_dir)
+  extra = report_extra(manifest) if report_extra else {}
+  last = [shards.INDEX, *report.file_names([s.name for s in spec.sources]).values(),
+          *extra.get("files", {}), shards.MANIFEST]
+  state["files"] += [f for f in last if f not in state["files"]]
+  shards.write_json_atomic(os.path.join(out_dir, STATE), state)  # listed, then written
+  shards.write_index(out_dir, shard_of, sources, modalities)
+  for name, data in extra.get("files", {}).items():
+    storage.write_bytes_atomic(os.path.join(out_dir, name), data)
+  summary = {**_summary(manifest, out_dir), "tables": extra.get("tables", [])}
+  report.write_report(summary, _samples(out_dir, manifest), out_dir)
   shards.write_json_atomic(os.path.join(out_dir, shards.MANIFEST), manifest)
   return manifest
 
@@ -493,7 +515,7 @@ def _check_out(spec: Spec, items, out_dir: str) -> list[str] | None:
           f"--out {out_dir} holds input {path} of source {spec.sources[src].name!r}: outputs "
           "would mix with the inputs; choose an --out outside every source (nothing deleted)")
   for s in spec.sources:
-    if _reads_into(s.path, out_dir):
+    if any(_reads_into(p, out_dir) for p in s.paths):
       raise OutputFolderError(
           f"--out {out_dir} lies inside source {s.name!r} ({s.path}): a later run would read "
           "the outputs as inputs; choose an --out outside it (nothing deleted)")

@@ -279,6 +279,12 @@ def _blocks(summary: Mapping[str, Any], sheets: Mapping[str, str], top: int) -> 
     align += "l"
   out.append(("table", header, rows, align))
 
+  for t in summary.get("tables") or []:  # e.g. the catalog's per-source comparison
+    out.append(("h2", t["title"]))
+    if t.get("note"):
+      out.append(("p", t["note"]))
+    out.append(("table", t["header"], t["rows"], t["align"]))
+
   out.append(("h2", "Modalities"))
   written = sum(modalities.values())
   rows = [[m, f"{v:,}", f"{100 * v / written:.1f}%" if written else "-"]
@@ -390,7 +396,9 @@ def write_report(summary: Mapping[str, Any], samples: Mapping[str, Sequence[np.n
      "modalities": {modality: images written},
      "rejects": [{"path": str, "reason": str, "source": str}, ...],
      "shards": {"count": int, "bytes": int, "sizes": [bytes of each shard]},
-     "near_threshold": int | None, "elapsed_s": float}
+     "near_threshold": int | None, "elapsed_s": float,
+     "tables": [{"title": str, "note": str, "header": [str], "rows": [[str]],
+                 "align": "lr..."}]}          # more tables, after the sources
   A source whose inputs differ from written + rejected + duplicates is named
   in the report. Reasons are grouped after blanking the file's own path.
   `samples`: {source: uint8 images} (e.g. `SampleKeeper.samples()`); the first

@@ -20,8 +20,12 @@ A TOML (or JSON) file; see README "Bring your own data" for a full example:
     anatomy = "chest"
     options = { window = "tags" }
     dedup = "all"                  # all | exact (no near check) | none; default: exact for
-                                   # dicom, nifti and video (neighbouring slices and frames
-                                   # are near copies by nature), all for the others
+                                   # dicom, nifti, video, hdf5 and npy (neighbouring slices
+                                   # and frames are near copies by nature), all for the others
+    exclude = ["*/masks/*"]        # files whose path matches one of these are not read
+    modality_by_path = { "*/US/*" = "ultrasound" }   # first match wins over `modality`
+
+`path` may also be a list of folders, files and globs (their union).
 
 Every mistake is reported with its key (`sources[2].reader`) before any file
 is read.
@@ -29,6 +33,7 @@ is read.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import hashlib
 import json
 import os
@@ -40,22 +45,39 @@ from data_pipeline.readers import registry as readers
 
 _OUTPUT = {"shard_mb": 256.0, "format": "png", "jpeg_quality": 95, "resize_shorter": 0}
 _DEDUP = {"exact": True, "near_threshold": None}
-_SOURCE_KEYS = ("name", "path", "reader", "modality", "anatomy", "options", "dedup")
+_SOURCE_KEYS = ("name", "path", "reader", "modality", "anatomy", "options", "dedup", "exclude",
+                "modality_by_path")
 _SOURCE_DEDUP = ("all", "exact", "none")
 # Volumes and videos: near-duplicate dedup would drop most of their slices and
 # frames (25 of 48 MNI brain slices at near_threshold = 6), so it is opt-in.
-EXACT_ONLY_READERS = ("dicom", "nifti", "video")
+EXACT_ONLY_READERS = ("dicom", "nifti", "video", "hdf5", "npy")
 
 
 @dataclasses.dataclass(frozen=True)
 class Source:
   name: str
-  path: str
+  path: str | tuple[str, ...]   # a folder, file or glob, or several (their union)
   reader: str
   modality: str | None
   anatomy: str | None
   options: dict
   dedup: str | None = None   # all | exact | none; None: by reader, see `dedup_mode`
+  exclude: tuple[str, ...] = ()                     # fnmatch patterns on the file path
+  modality_by_path: tuple[tuple[str, str], ...] = ()  # (pattern, modality), first match
+
+  @property
+  def paths(self) -> tuple[str, ...]:
+    return (self.path,) if isinstance(self.path, str) else self.path
+
+  def excluded(self, path: str) -> bool:
+    return any(fnmatch.fnmatchcase(path, p) for p in self.exclude)
+
+  def modality_of(self, path: str) -> str | None:
+    """The modality a file's records get: its path's rule, else the source's."""
+    for pattern, modality in self.modality_by_path:
+      if fnmatch.fnmatchcase(path, pattern):
+        return modality
+    return self.modality
 
   def dedup_mode(self, path: str) -> tuple[str, str]:
     """(mode, why) for one input file: the spec's setting, or the reader's default."""
@@ -76,9 +98,7 @@ class Spec:
 
   def fingerprint(self) -> str:
     """Changes whenever anything that shapes the output changes (checked on resume)."""
-    doc = {"sources": [dataclasses.asdict(s) for s in self.sources],
-           "output": self.output, "dedup": self.dedup}
-    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(as_dict(self), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _section(doc: dict, name: str, defaults: dict, where: str) -> dict:
@@ -135,9 +155,35 @@ def parse_spec(doc: dict, where: str = "spec") -> Spec:
     mode = s.get("dedup")
     if mode is not None and mode not in _SOURCE_DEDUP:
       raise ValueError(f"{key}.dedup={mode!r} must be one of {_SOURCE_DEDUP}")
-    out.append(Source(name, os.path.expanduser(str(s["path"])), reader,
-                      s.get("modality"), s.get("anatomy"), options, mode))
+    out.append(Source(name, _paths(s["path"], f"{key}.path"), reader, s.get("modality"),
+                      s.get("anatomy"), options, mode,
+                      tuple(_strings(s.get("exclude", []), f"{key}.exclude")),
+                      _rules(s.get("modality_by_path", {}), f"{key}.modality_by_path")))
   return Spec(tuple(out), output, dedup, where)
+
+
+def _strings(v: Any, key: str) -> list[str]:
+  if isinstance(v, str):
+    v = [v]
+  if not isinstance(v, (list, tuple)) or not all(isinstance(x, str) and x for x in v):
+    raise ValueError(f"{key} must be a string or a list of strings, got {v!r}")
+  return list(v)
+
+
+def _paths(v: Any, key: str) -> str | tuple[str, ...]:
+  """One path (a string, as written) or several (a tuple), with ~ expanded."""
+  if isinstance(v, str):
+    return os.path.expanduser(v)
+  paths = _strings(v, key)
+  if not paths:
+    raise ValueError(f"{key} is an empty list")
+  return tuple(os.path.expanduser(p) for p in paths)
+
+
+def _rules(v: Any, key: str) -> tuple[tuple[str, str], ...]:
+  if not isinstance(v, dict) or not all(isinstance(m, str) and m for m in v.values()):
+    raise ValueError(f"{key} must be a table of path pattern = modality, got {v!r}")
+  return tuple((str(p), m) for p, m in v.items())
 
 
 def load_spec(path: str) -> Spec:
@@ -155,5 +201,12 @@ def load_spec(path: str) -> Spec:
 
 
 def as_dict(spec: Spec) -> dict[str, Any]:
-  return {"sources": [dataclasses.asdict(s) for s in spec.sources], "output": spec.output,
-          "dedup": spec.dedup}
+  """The spec as the manifest stores it (JSON types: lists, not tuples)."""
+  def source(s: Source) -> dict:
+    d = dataclasses.asdict(s)
+    for key in ("exclude", "modality_by_path"):  # unset: as specs without them always were
+      if not d[key]:
+        del d[key]
+    return d
+  return json.loads(json.dumps({"sources": [source(s) for s in spec.sources],
+                                "output": spec.output, "dedup": spec.dedup}))

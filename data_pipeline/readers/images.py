@@ -4,6 +4,7 @@ Pixels are uint8, (H, W) for grayscale or (H, W, 3) for colour.
 """
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -175,7 +176,7 @@ def _tifffile_pages(path: str, low_pct: float,
   return out
 
 
-def load_image(path: str | os.PathLike, low_pct: float = 0.5,
+def load_image(path: str | os.PathLike | io.BytesIO, low_pct: float = 0.5,
                high_pct: float = 99.5) -> list[tuple[np.ndarray, str]]:
   """Every frame (page) of an image file as `(uint8 pixels, transform text)`.
 
@@ -183,7 +184,7 @@ def load_image(path: str | os.PathLike, low_pct: float = 0.5,
   `low_pct`..`high_pct` percentiles (0, 100 gives min-max). EXIF orientation is
   applied. Colour images whose channels are equal come back as (H, W).
   """
-  path = os.fspath(path)
+  path = path if hasattr(path, "read") else os.fspath(path)  # a file, or bytes in memory
   try:
     with Image.open(path) as im:
       frames = []
@@ -194,7 +195,7 @@ def load_image(path: str | os.PathLike, low_pct: float = 0.5,
         frames.append(_pil_to_uint8(frame, low_pct, high_pct))
       return frames
   except (OSError, ValueError, SyntaxError) as e:
-    if path.lower().endswith((".tif", ".tiff")):
+    if isinstance(path, str) and path.lower().endswith((".tif", ".tiff")):
       try:
         return _tifffile_pages(path, low_pct, high_pct)
       except ImportError:

@@ -16,17 +16,17 @@ from __future__ import annotations
 
 import glob
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
-from data_pipeline.readers import common, dicom, images, medmnist, nifti, video
+from data_pipeline.readers import arrays, common, dicom, hdf5, images, medmnist, nifti, video
 from data_pipeline.readers.common import MAX_PIXELS, Item, ReaderError, ReadFn
 
 __all__ = ["MAX_PIXELS", "OPTIONS", "READERS", "ReaderError", "detect_reader", "files_for",
-           "validate_options"]
+           "inputs_for", "validate_options"]
 
 _FORMATS = {"image": images, "dicom": dicom, "nifti": nifti, "medmnist": medmnist,
-            "video": video}
+            "video": video, "hdf5": hdf5, "npy": arrays}
 OPTIONS: dict[str, dict[str, common.Option]] = {n: m.OPTIONS for n, m in _FORMATS.items()}
 
 
@@ -59,7 +59,7 @@ def validate_options(reader: str, options: dict[str, Any] | None,
 def detect_reader(path: str) -> str | None:
   """The reader "auto" uses for `path`: by suffix, else DICOM by its "DICM"
   magic or an image by its signature; None when nothing fits."""
-  suffix = common.suffix(path)
+  suffix = common.suffix(arrays.split_part(path)[0])
   for name, module in _FORMATS.items():
     if suffix in module.EXTENSIONS:
       return name
@@ -80,21 +80,34 @@ _KINDS = {
     "image": "image (" + " ".join(images.EXTENSIONS) + ")",
     "dicom": "DICOM (" + " ".join(dicom.EXTENSIONS) + ", or the DICM magic)",
     "nifti": "NIfTI (.nii .nii.gz)", "medmnist": "MedMNIST (.npz)",
-    "video": "video (" + " ".join(video.EXTENSIONS) + ")", "auto": "readable",
+    "video": "video (" + " ".join(video.EXTENSIONS) + ")",
+    "hdf5": "HDF5 (" + " ".join(hdf5.EXTENSIONS) + ")", "npy": "NumPy (.npy)",
+    "auto": "readable",
 }
 
 
-def files_for(path_or_glob: str, reader: str,
+def files_for(path_or_glob: str | Sequence[str], reader: str,
               options: dict[str, Any] | None = None) -> list[str]:
   """The sorted input files of one source.
 
   A file is taken as it is; a folder is walked recursively (hidden files and
-  folders skipped) and a glob expanded, keeping the files `reader` takes.
-  Raises FileNotFoundError naming the path or pattern when nothing is found.
+  folders skipped) and a glob expanded, keeping the files `reader` takes; a
+  list of them gives the union. Raises FileNotFoundError naming the path or
+  pattern when nothing is found (for a list: when none of them finds a file).
   `options` is accepted for symmetry with the readers; no option filters files.
   """
   del options
   _check_reader(reader)
+  if not isinstance(path_or_glob, (str, os.PathLike)):
+    found, errors = set(), []
+    for p in path_or_glob:
+      try:
+        found.update(files_for(p, reader))
+      except FileNotFoundError as e:
+        errors.append(str(e))
+    if not found:
+      raise FileNotFoundError("; ".join(errors) or "no path given")
+    return sorted(found)
   pattern = os.path.expanduser(os.fspath(path_or_glob))
   if any(c in pattern for c in "*?[") and not os.path.exists(pattern):
     roots = glob.glob(pattern, recursive=True)
@@ -115,11 +128,32 @@ def files_for(path_or_glob: str, reader: str,
   return sorted(found)
 
 
+def inputs_for(path_or_glob: str | Sequence[str], reader: str,
+               options: dict[str, Any] | None = None) -> list[str]:
+  """`files_for`, with each big array stack (HDF5, .npy) split into parts of
+  `arrays.PART_IMAGES` images (`<file>::<start>-<stop>`), each one input, so
+  that one ingestion worker never holds a whole PatchCamelyon file's records."""
+  out = []
+  for path in files_for(path_or_glob, reader):
+    name = detect_reader(path) if reader == "auto" else reader
+    module = _FORMATS.get(name or "")
+    if not hasattr(module, "count"):
+      out.append(path)
+      continue
+    opts = {k: v for k, v in validate_options(reader, options).items()
+            if k in module.OPTIONS}
+    try:
+      out.extend(arrays.part_names(path, module.count(path, opts)))
+    except (ReaderError, OSError):  # reading it will reject it, with the reason
+      out.append(path)
+  return out
+
+
 def read_auto(path: str, options: dict[str, Any] | None = None) -> Iterator[Item]:
   """The reader `detect_reader` picks, given the options it knows."""
   path = os.fspath(path)
   opts = validate_options("auto", options, path)
-  common.check_file(path)
+  common.check_file(arrays.split_part(path)[0])
   name = detect_reader(path)
   if name is None:
     kind = common.sniff(path) or "unknown"

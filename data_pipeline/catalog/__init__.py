@@ -1,0 +1,1 @@
+"""Catalogues of public sources and the rebuild of a corpus from them."""
