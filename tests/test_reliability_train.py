@@ -241,3 +241,40 @@ def test_full_disk_stops_at_the_failed_save_and_keeps_the_earlier_ones(ref, tmp_
     step_dir = str(out / "w" / "checkpoints" / str(step))
     tree = ckpt_lib.ocp.PyTreeCheckpointer().restore(os.path.join(step_dir, "state"))
     assert int(tree["step"]) == step
+
+
+def test_saves_write_bounded_data_files_and_older_checkpoints_still_restore(
+    tmp_path, monkeypatch):
+  """A save holds at most one OCDBT data file in host memory (DATA_FILE_BYTES, not
+  orbax's 2 GiB), and the checkpoints written before that change (StandardSave)
+  still restore, in the same Checkpointer that then saves in the new way."""
+  import jax
+  import jax.numpy as jnp
+  ocp = ckpt_lib.ocp
+  state = {"w": jax.random.normal(jax.random.key(0), (6, 1 << 20)),  # 24 MB
+           "step": jnp.int32(3)}
+  old = ocp.CheckpointManager(str(tmp_path / "ck"), item_names=("state", "run"),
+                              options=ocp.CheckpointManagerOptions(create=True))
+  old.save(3, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                      run=ocp.args.JsonSave({"objective": "mae"})))
+  old.wait_until_finished()
+  old.close()
+
+  monkeypatch.setattr(ckpt_lib, "DATA_FILE_BYTES", 2 << 20)
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path / "ck"), keep=3, async_save=True)
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+  restored, saved = ckpt.restore(abstract, {"objective": "mae"})
+  assert saved == {"objective": "mae"} and int(restored["step"]) == 3
+  np.testing.assert_array_equal(restored["w"], state["w"])
+  ckpt.save(4, {**restored, "step": jnp.int32(4)}, {"objective": "mae"})
+  ckpt.close()
+
+  def sizes(step):
+    return sorted(f.stat().st_size for f in (tmp_path / "ck" / str(step) / "state").rglob("d/*"))
+  assert sizes(3)[-1] > 16e6, sizes(3)  # orbax's default: the whole array in one file
+  assert sum(s > 1e6 for s in sizes(4)) >= 8 and sizes(4)[-1] <= 3 << 20, sizes(4)
+  again = ckpt_lib.Checkpointer(str(tmp_path / "ck"), keep=3, async_save=False)
+  restored, _ = again.restore(abstract, {"objective": "mae"})
+  again.close()
+  assert int(restored["step"]) == 4
+  np.testing.assert_array_equal(restored["w"], state["w"])
