@@ -18,14 +18,15 @@ import tempfile
 import threading
 import time
 
+from eval_memory import rss_mb  # this folder is the script's sys.path[0]
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIDES = {"ours": None, "orbax_default": 2 << 30}
 LEAF = 3_276_800  # fp32 values per array: 13.1 MB
 
 
 def rss_bytes() -> int:
-  with open("/proc/self/status") as f:
-    return int(f.read().split("VmRSS:")[1].split()[0]) * 1024
+  return int(rss_mb() * 2**20)
 
 
 def one_save(gb: float, data_file_bytes: int | None, directory: str) -> dict:

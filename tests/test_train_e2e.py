@@ -154,8 +154,9 @@ def test_vit_l_config_runs_a_step_on_cpu(tmp_path, config, params, low, high):
        # The config as it is (L scans its layers by default: the same maths as the
        # loop, test_models_vit), but with full remat: XLA's buffers for the step at
        # batch 2 are 7.2 GB as configured (fp32 state 3.95 GB, temporaries 3.25 GB:
-       # the gradients and the scan's saved bf16 weights) and 5.6 GB rematerialised,
-       # which keeps the process under the tests' 8 GB (benchmarks/RESULTS.md).
+       # the gradients and what the scan keeps for the backward) and 5.6 GB
+       # rematerialised, which keeps the process under the tests' 8 GB
+       # (benchmarks/RESULTS.md; the checkpoint save no longer adds to it).
        "--config.data.shards=mini", "--config.batch_size=2", "--config.num_train_steps=1",
        "--config.model.remat_policy=full"],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)

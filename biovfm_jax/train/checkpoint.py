@@ -116,8 +116,8 @@ sys.unraisablehook = _closed_loop_one_line(sys.unraisablehook)
 
 # Tensorstore holds each OCDBT data file in host memory until it is full, and
 # orbax's default for local paths is 2 GiB: a save then needs up to 3 GB of
-# host memory beyond the state (a 3.9 GB fp32 ViT-L MAE state: +3.1 GB at the
-# default, +0.4-0.6 GB at 64 MiB, and no slower; benchmarks/RESULTS.md).
+# host memory beyond the state (a 3.9 GB fp32 ViT-L MAE state: +2.9-3.4 GB at
+# the default, +0.5-0.7 GB at 64 MiB, and faster; benchmarks/RESULTS.md).
 DATA_FILE_BYTES = 64 << 20
 
 
