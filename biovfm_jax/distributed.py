@@ -14,6 +14,7 @@ CPU runs need --cpu_collectives=gloo for collectives across processes.
 """
 from __future__ import annotations
 
+import dataclasses
 import glob
 import logging
 import os
@@ -71,18 +72,31 @@ def skip_absent_tpu(env=None, sysfs: str = "/sys/bus/pci/devices") -> bool:
 
   With libtpu installed (jax[tpu], the test extra) jax tries TPU first on every
   machine: libtpu prints initialisation errors ("unexpected worker hostname",
-  "sudo rm /tmp/libtpu_lockfile") and takes a lock file in /tmp. Call before
-  any device is touched; a JAX_PLATFORMS the user set is left alone. Returns
-  whether the TPU backend was dropped. AOT compiles for TPU topologies still
-  work: they load libtpu themselves."""
+  "sudo rm /tmp/libtpu_lockfile") and takes a lock file in /tmp. `import
+  biovfm_jax` calls this, so every entry point and the library itself get it
+  before any device is touched; a JAX_PLATFORMS the user set is left alone.
+  Returns whether the TPU backend was turned off. AOT compiles for TPU
+  topologies still work: they load libtpu themselves."""
   env = os.environ if env is None else env
-  if env.get("JAX_PLATFORMS") is not None or jax.config.jax_platforms \
-      or _has_tpu_chips(sysfs):
+  if env.get("JAX_PLATFORMS") is not None or _has_tpu_chips(sysfs):
     return False
   from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel
+  if jax.config.jax_platforms or xla_bridge.backends_are_initialized():
+    return False
+  tpu = xla_bridge._backend_factories.get("tpu")  # pylint: disable=protected-access
+  if tpu is None or tpu.factory is _no_tpu_chip:
+    return False
   # No public way to exclude one platform (jax_platforms lists those to
-  # require, and a GPU run must keep its CUDA plugin): drop TPU's factory.
-  return xla_bridge._backend_factories.pop("tpu", None) is not None  # pylint: disable=protected-access
+  # require, and a GPU run must keep its CUDA plugin). The registration stays,
+  # so "tpu" remains a known platform (orbax's checkify registers TPU lowering
+  # rules): only its factory fails, quietly, as it would with no libtpu.
+  xla_bridge._backend_factories["tpu"] = dataclasses.replace(tpu, factory=_no_tpu_chip)  # pylint: disable=protected-access
+  return True
+
+
+def _no_tpu_chip():
+  raise RuntimeError("no TPU chip on this machine's PCI bus (biovfm_jax.distributed."
+                     "skip_absent_tpu); set JAX_PLATFORMS to choose platforms yourself")
 
 
 def initialize(*, coordinator_address: str | None = None, num_processes: int | None = None,

@@ -27,7 +27,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
+import time
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -243,7 +245,13 @@ def prepare(benchmark: str, *, size: int, data_dir: str | os.PathLike,
           raise FileNotFoundError(f"{benchmark}: no {medmnist.npz_name(benchmark, size)} "
                                   f"in {manual_dir} and download=False")
         medmnist.download(benchmark, size, manual_dir)
+    # One line of ours instead of tfds's progress bars (a few seconds at most).
+    logging.info("Building %s/%s once into %s ...", b.name, b.builder_config.name, data_dir)
+    t0 = time.time()
+    tfds.disable_progress_bar()
     b.download_and_prepare(
         download_dir=os.path.join(data_dir, "downloads"),
         download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+    logging.info("Built %s/%s: %s examples in %.0f s", b.name, b.builder_config.name,
+                 f"{sum(s.num_examples for s in b.info.splits.values()):,}", time.time() - t0)
   return builder(benchmark, size=size, data_dir=data_dir, cache_dir=cache_dir)

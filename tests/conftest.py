@@ -104,9 +104,10 @@ def tiny_sweep_root(tmp_path_factory):
   root = str(base / "root")
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   # One device and XLA's quickest compiles: the runs are tiny, compiling is their cost.
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=repo,
-             XLA_FLAGS="--xla_force_host_platform_device_count=1 "
-                       "--xla_backend_optimization_level=0")
+  # As the README runs it, JAX_PLATFORMS unset (test_entry_points.py reads its logs).
+  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+  env.update(PYTHONPATH=repo, XLA_FLAGS="--xla_force_host_platform_device_count=1 "
+                                        "--xla_backend_optimization_level=0")
   cmd = [sys.executable, "-m", "biovfm_jax.sweep", "--sweep=configs/sweeps/tiny.py",
          f"--root={root}"]
   logs = []

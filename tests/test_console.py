@@ -32,3 +32,29 @@ def test_setup_notebook_shows_progress_and_hides_library_chatter():
     assert sum(bool(re.fullmatch(rf"\d\d:\d\d:\d\d {re.escape(text)}", l))
                for l in lines) == 1, (text, lines)
   assert "chatter" not in out.stderr
+
+
+def test_library_start_up_lines_and_chatter_stay_off_the_console():
+  """`import biovfm_jax` first: TensorFlow then loads without its C++ start-up
+  lines (oneDNN ..., written to fd 2), and the console drops jax's and tfds's
+  housekeeping but keeps our lines and real warnings."""
+  script = """
+import logging
+import biovfm_jax
+from biovfm_jax import console
+import tensorflow
+console.setup_notebook()
+def emit(name, level, path, text):
+  logging.getLogger(name).handle(logging.LogRecord(name, level, path, 1, text, None, None))
+emit("jax._src.compilation_cache", logging.INFO, "/x/site-packages/jax/_src/c.py", "Resetting")
+emit("absl", logging.WARNING, "/x/site-packages/tensorflow_datasets/core/f.py", "Variant")
+emit("absl", logging.ERROR, "/x/site-packages/tensorflow_datasets/core/f.py", "tfds error")
+emit("jax._src.xla_bridge", logging.WARNING, "/x/site-packages/jax/_src/x.py", "jax warning")
+emit("absl", logging.INFO, "/home/me/jax/biovfm_jax/train/loop.py", "our line")
+"""
+  out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=ROOT), check=True, timeout=120)
+  assert "oneDNN" not in out.stderr and "InitializeLog" not in out.stderr, out.stderr
+  for kept in ("tfds error", "jax warning", "our line"):
+    assert kept in out.stderr, (kept, out.stderr)
+  assert "Resetting" not in out.stderr and "Variant" not in out.stderr

@@ -18,6 +18,7 @@ from ml_collections import config_flags
 
 from biovfm_jax import results as results_lib
 from biovfm_jax.sweep import jobs, plan
+from test_entry_points import assert_no_library_noise, user_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -277,13 +278,15 @@ def test_state_progress_line_counts_and_eta(tmp_path):
                   "ETA 3m00s (1m30s per run)")
 
 
-def test_a_failed_run_is_reported_and_retried_only_on_request(tmp_path, monkeypatch):
+def test_a_failed_run_is_reported_and_retried_only_on_request(tmp_path, caplog):
   """In-process launcher on a plan whose runs fail at once (a missing shards
-  folder): state, error line and log path; a rerun skips it, --retry_failed not."""
+  folder): state, error line and log path; a rerun skips them, --retry_failed
+  not, and counts the runs that wait their turn as pending, not failed."""
   from biovfm_jax.sweep import local
   sweep = _sweep("tiny")
   sweep.axes = (sweep.axes[1][:1] + ({"mae": sweep.axes[1][1]["mae"]},),
-                ("data_subset", {"gone": {"data.shards": str(tmp_path / "gone")}}))
+                ("data_subset", {"gone": {"data.shards": str(tmp_path / "gone")},
+                                 "gone2": {"data.shards": str(tmp_path / "gone2")}}))
   runs = plan.expand(sweep, root=str(tmp_path))
   launcher = lambda **kw: local.Launcher("tiny", copy.deepcopy(runs), str(tmp_path / "r"),
                                          results=str(tmp_path / "r" / "results.csv"), **kw)
@@ -294,8 +297,13 @@ def test_a_failed_run_is_reported_and_retried_only_on_request(tmp_path, monkeypa
   assert "Traceback" in open(st["log"]).read()
   assert launcher().run_all() == local.EXIT_FAILED
   assert json.load(open(tmp_path / "r" / "state" / "mae-gone.json"))["attempts"] == 1
+  caplog.set_level("INFO", logger="biovfm_jax.sweep")
   assert launcher(retry_failed=True).run_all() == local.EXIT_FAILED
   assert json.load(open(tmp_path / "r" / "state" / "mae-gone.json"))["attempts"] == 2
+  progress = [r.getMessage() for r in caplog.records if r.getMessage().startswith("sweep ")]
+  assert progress[:2] == ["sweep tiny: 0/2 done, 0 running, 0 failed, 2 pending",
+                          "sweep tiny: 0/2 done, 1 running, 0 failed, 1 pending"]
+  assert progress[-1] == "sweep tiny: 0/2 done, 0 running, 2 failed, 0 pending"
   assert not (tmp_path / "r" / "results.csv").exists()
 
 
@@ -312,15 +320,15 @@ def test_one_launcher_per_root(tmp_path):
 def test_isolated_runs_give_the_in_process_results(tiny_sweep_root, tmp_path):
   """--isolate runs main.py and evaluate.py with the emitted flags: the same
   run scores exactly what the in-process sweep scored."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
-             XLA_FLAGS="--xla_force_host_platform_device_count=1 "
-                       "--xla_backend_optimization_level=0")  # as tiny_sweep_root's
+  env = user_env(XLA_FLAGS="--xla_force_host_platform_device_count=1 "
+                          "--xla_backend_optimization_level=0")  # as tiny_sweep_root's
   name = "w16-mae-mini-all"
   r = subprocess.run([sys.executable, "-m", "biovfm_jax.sweep", "--isolate", f"--only={name}",
                       "--sweep=configs/sweeps/tiny.py", f"--root={tmp_path}"], cwd=ROOT,
                      env=env, capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
   log = open(tmp_path / "logs" / f"{name}.log").read()
+  assert_no_library_noise(r.stdout + r.stderr + log, "sweep --isolate")
   assert f"+ {sys.executable} main.py --config=configs/quickstart.py" in log
   assert f"+ {sys.executable} evaluate.py --config=configs/eval/mini.py" in log
   mine = results_lib.read(tmp_path / "results.csv", strict=True)

@@ -205,3 +205,17 @@ def test_the_recorded_encoder_config_describes_the_backbone_in_the_state(module)
                                   if isinstance(t, nnx.State) else t)
   assert shapes(encoder) == shapes(tree)
   assert objective.encoder_config.mask_token == (module == "quickstart_dinov2")
+
+
+def test_lr_schedule_without_warmup_is_optax_cosine_and_silent(caplog):
+  """warmup_epochs=0: the same values as optax's warmup-cosine schedule with a
+  0-step warmup, without its 'non-positive transition_steps' warning."""
+  config = tiny_config()
+  config.optim.warmup_epochs = 0
+  config.optim.min_lr = 1e-6
+  with caplog.at_level("INFO"):
+    schedule = optim.lr_schedule(config, total_steps=10, steps_per_epoch=5)
+    assert not caplog.records, [r.getMessage() for r in caplog.records]
+  reference = optax.warmup_cosine_decay_schedule(0.0, optim.peak_lr(config), 0, 10, 1e-6)
+  np.testing.assert_allclose([schedule(i) for i in range(13)],
+                             [reference(i) for i in range(13)], rtol=1e-6)

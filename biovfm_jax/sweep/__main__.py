@@ -26,7 +26,6 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   from biovfm_jax import console
   console.start_binary()  # before jax and TensorFlow load
-  from biovfm_jax import distributed
   from biovfm_jax.sweep import jobs, local, plan
   from data_pipeline import storage
   sweep = _SWEEP.value
@@ -48,7 +47,6 @@ def main(argv):
       print(jobs.describe(runs, root, results) if _DRY_RUN.value and not _EMIT.value
             else "\n".join(jobs.emit(sweep, runs, root, _EMIT.value, results)))
       return
-    distributed.skip_absent_tpu()
     cache = storage.expand(_CACHE.value.replace("<root>", root))
     code = local.Launcher(sweep.name or "sweep", runs, root, results=results,
                           retry_failed=_RETRY.value, isolate=_ISOLATE.value,

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import traceback
 
+from biovfm_jax import console
 from biovfm_jax import results as results_lib
 from biovfm_jax.sweep import plan as plan_lib
 from biovfm_jax.sweep import state as state_lib
@@ -78,6 +79,7 @@ class _RunLog:
     self.handler = logging.StreamHandler(self.file)
     self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname).1s %(message)s",
                                                 "%H:%M:%S"))
+    self.handler.addFilter(console.quiet_libraries)  # orbax's thread joins and the like
     self.level = root.level
     root.setLevel(min(root.level or logging.INFO, logging.INFO))
     root.addHandler(self.handler)
@@ -140,8 +142,11 @@ class Launcher:
     for st in self.states.values():
       if not os.path.exists(st.path):
         st.save()  # pending
-    skipped = [n for n, st in self.states.items() if st.status == "failed"
-               and not self.retry_failed]
+    failed_before = [n for n, st in self.states.items() if st.status == "failed"]
+    if self.retry_failed:  # queued again: pending until their turn, not failed
+      for name in failed_before:
+        self.states[name].save(status="pending")
+    skipped = [] if self.retry_failed else failed_before
     for name in skipped:
       st = self.states[name]
       log.info("%s failed before (%s; log %s): skipped, --retry_failed reruns it", name,

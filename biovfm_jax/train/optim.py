@@ -32,9 +32,12 @@ def peak_lr(config) -> float:
 def lr_schedule(config, total_steps: int, steps_per_epoch: int) -> optax.Schedule:
   """Linear warmup from 0, then half-cycle cosine to min_lr, per step."""
   warmup = min(int(config.optim.warmup_epochs * steps_per_epoch), total_steps)
+  peak, end = peak_lr(config), config.optim.min_lr
+  if warmup == 0:  # the same cosine, without optax's warning on a 0-step warmup
+    return optax.cosine_decay_schedule(peak, max(total_steps, 1), alpha=end / peak if peak else 0.0)
   return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=peak_lr(config), warmup_steps=warmup,
-      decay_steps=max(total_steps, warmup + 1), end_value=config.optim.min_lr)
+      init_value=0.0, peak_value=peak, warmup_steps=warmup,
+      decay_steps=max(total_steps, warmup + 1), end_value=end)
 
 
 def wd_schedule(config, total_steps: int) -> optax.Schedule:
