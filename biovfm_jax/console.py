@@ -3,6 +3,7 @@ notebooks: one short time-stamped line per message, library INFO chatter
 filtered out."""
 import contextlib
 import importlib.abc
+import importlib.machinery
 import importlib.util
 import logging as pylogging
 import os
@@ -61,17 +62,20 @@ class _QuietTensorFlowImport(importlib.abc.MetaPathFinder):
   def find_spec(self, name, path, target=None):  # pylint: disable=unused-argument
     if name != "tensorflow":
       return None
-    sys.meta_path.remove(self)
-    spec = importlib.util.find_spec(name)
+    # tfds asks find_spec whether TensorFlow is installed long before it imports
+    # it: this finder stays until the import itself has run.
+    spec = importlib.machinery.PathFinder.find_spec(name, path)
     if spec is None or spec.loader is None:
       return spec
-    real = spec.loader
+    real, finder = spec.loader, self
 
     class Loader(importlib.abc.Loader):
       def create_module(self, spec):
         return real.create_module(spec)
 
       def exec_module(self, module):
+        if finder in sys.meta_path:
+          sys.meta_path.remove(finder)
         with _stderr_fd_silenced():
           real.exec_module(module)
 

@@ -62,13 +62,23 @@ def _features(size: int, channels: int, label_width: int,
   })
 
 
+class _QuietBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """prepare() says what it builds in one log line: no tfds prints to stdout."""
+
+  def _log_download_bytes(self) -> None:
+    pass
+
+  def _log_download_done(self) -> None:
+    pass
+
+
 @dataclasses.dataclass(eq=False)
 class MedMNISTConfig(tfds.core.BuilderConfig):
   flag: str = ""
   size: int = 28
 
 
-class MedMNIST(tfds.core.GeneratorBasedBuilder):
+class MedMNIST(_QuietBuilder):
   """MedMNIST v2/+ 2D benchmarks from their npz files (config `<flag>_<size>`)."""
 
   name = "medmnist"
@@ -150,7 +160,7 @@ def mini_split_of(headers: list[dict]) -> list[str]:
   return out
 
 
-class MiniModality(tfds.core.GeneratorBasedBuilder):
+class MiniModality(_QuietBuilder):
   """Modality classification on the built-in mini corpus (config `<size>px`)."""
 
   name = MINI_BENCHMARK

@@ -17,7 +17,8 @@ LIBRARY_NOISE = (
     "libtpu", "TPU_WORKER", "host bounds", "TPU accelerator", "Unable to initialize backend",
     "oneDNN", "absl::InitializeLog", "InitGoogle", "Resetting cache",
     "_SignalingThread", "Save Finalize thread", "polynomial schedule", "_CHECKPOINT_METADATA",
-    "Variant folder", "Load dataset info", "Generating splits",
+    "Variant folder", "Load dataset info", "Generating splits", "Downloading and preparing",
+    "Subsequent calls will reuse",
 )
 _OUR_LINE = re.compile(r"\d\d:\d\d:\d\d \S")  # the console's format (biovfm_jax/console.py)
 
@@ -66,8 +67,9 @@ def test_main_first_lines_are_ours(quickstart):
 def test_evaluate(quickstart, tmp_path):
   workdir, _ = quickstart
   r = run([sys.executable, "evaluate.py", "--config=configs/eval/mini.py",
-           f"--checkpoint={workdir}", f"--out_dir={tmp_path / 'eval'}",
-           "--config.protocol=knn"])
+           f"--checkpoint={workdir}", f"--out_dir={tmp_path / 'eval'}"],
+          env={"BIOVFM_DATA": str(tmp_path / "data")})  # the benchmark built afresh
+  assert "Building mini_modality/64px once" in r.stderr
   assert (tmp_path / "eval" / "report.json").exists(), r.stderr[-2000:]
 
 
