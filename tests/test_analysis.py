@@ -442,3 +442,127 @@ def test_cli_end_to_end(tmp_path, monkeypatch, capsys):
   with pytest.raises(SystemExit) as e:
     cli.main(["fit", f"--results={bad}", f"--out={tmp_path / 'x'}"])
   assert e.value.code == 2 and "missing column 'benchmark'" in capsys.readouterr().err
+
+
+# --- what `fit` prints and draws (issue 24) ---------------------------------------
+
+def _store(path, benchmarks, sizes=(("w16", 6_000, 9_000), ("w32", 21_000, 30_000)),
+           subsets=("mini",)):
+  """A results store as a sweep leaves it (biovfm_jax/results.py's rows): each
+  objective x data subset x size a run scored on `benchmarks`, AUC rising with size."""
+  from biovfm_jax import results
+  for objective, base in (("mae", 0.62), ("dinov2", 0.70)):
+    for s, subset in enumerate(subsets):
+      for i, (size, encoder, total) in enumerate(sizes):
+        scores = {b: {"auc": base + 0.04 * i + 0.01 * s + 0.02 * j + 0.003 * (i * j % 2),
+                      "acc": 0.5} for j, b in enumerate(benchmarks)}
+        results.append(path, results.evaluation_rows(
+            scores, run=f"{objective}_{subset}_{size}", checkpoint="/ckpt", step=3,
+            protocol="fast", params_encoder=encoder, model_size=size, data_subset=subset,
+            modality_subset="all", run_facts={"objective": objective, "batch_size": 16,
+                                              "params_total": total,
+                                              "flops_per_example": 1e6}))
+  return str(path)
+
+
+def _texts(fig) -> list[str]:
+  from matplotlib.text import Text
+  return [t.get_text() for t in fig.findobj(Text) if t.get_text()]
+
+
+def test_fit_prints_the_slope_table_beside_the_paper(tmp_path, capsys):
+  cli.main(["fit", f"--out={tmp_path}"])
+  out = capsys.readouterr().out
+  assert "Empty DataFrame" not in out
+  slopes = pd.read_csv(tmp_path / "slopes.csv").set_index(["objective", "benchmark"])
+  for (objective, flag), s in slopes.iterrows():
+    paper = PAPER_SLOPES[flag][published.PAPER_OBJECTIVES.index(objective)]
+    name = analysis.fit.report.display_name(flag)
+    row = (rf"^{re.escape(name)} +{objective} +{s.b:.4f} +\[{s.ci_low:.4f}, {s.ci_high:.4f}\] "
+           rf"+{s.r2:.2f} +4 +{paper:.4f}$")
+    assert re.search(row, out, re.M), row
+  # The correlations beside the paper's: num_classes 0.05 (0.05) and -0.24 (-0.24).
+  assert re.search(r"^num_classes +0\.05 +0\.05 +-0\.24 +-0\.24$", out, re.M), out
+  assert "mae: mean-auc slope b = 0.0191" in out
+
+
+def test_fit_on_a_tiny_sweep_says_why_there_are_no_factors(tmp_path, capsys):
+  """The tiny sweep's shape: 2 sizes x 2 objectives (x 2 data subsets) on the
+  mini benchmark, which is not MedMNIST."""
+  csv = _store(tmp_path / "results.csv", ["mini_modality"], subsets=("mini", "mini_mr_ct"))
+  cli.main(["fit", f"--results={csv}", f"--out={tmp_path / 'fit'}"])
+  out = capsys.readouterr().out
+  assert "Empty DataFrame" not in out
+  slopes = analysis.fit_slopes(analysis.load_results(csv))
+  assert len(slopes) == 4
+  for s in slopes.itertuples():  # two points: b, no interval, no R²
+    assert re.search(rf"^mini_modality +{s.objective} {s.data_subset} +{s.b:.4f} +- +- +2$",
+                     out, re.M), out
+  assert "a line through two points has no interval" in out
+  assert ("Pearson r of the slopes with each benchmark factor: no MedMNIST benchmark in these "
+          "results: no factors") in out
+  # Two MedMNIST benchmarks: correlations need three.
+  csv = _store(tmp_path / "two.csv", ["dermamnist", "octmnist"])
+  cli.main(["fit", f"--results={csv}", f"--out={tmp_path / 'fit2'}"])
+  out = capsys.readouterr().out
+  assert "slopes on 2 MedMNIST benchmark(s): an r needs 3 or more" in out
+  assert re.search(r"^Derma +mae +[\d.]+ +- +- +2 +0\.0269$", out, re.M), out
+
+
+def test_curves_are_readable(tmp_path):
+  csv = _store(tmp_path / "results.csv", ["mini_modality"], subsets=("mini", "mini_mr_ct"))
+  df = analysis.load_results(csv)
+  slopes = analysis.fit_slopes(df)
+  fig = analysis.plot_curves(df, slopes, tmp_path / "curves.png")
+  fig.draw_without_rendering()
+  ax = fig.axes[0]
+  assert ax.get_xlabel() == "parameters, encoder + decoder (K)"
+  assert ax.get_ylabel() == "100 × AUC"
+  assert [t.get_text() for t in ax.get_xticklabels()] == ["9", "30"]  # the sizes, in K
+  assert sum(bool(t.get_text()) for t in ax.get_yticklabels()) >= 4
+  assert "ln(100·AUC) = a + b ln N" in fig._suptitle.get_text()
+  legend = [t.get_text() for t in ax.get_legend().get_texts()]
+  assert legend == [f"{o} {d}: b = {b:.4f} (2 points)" for o, d, b in zip(
+      ["DINOv2", "DINOv2", "MAE", "MAE"], ["mini", "mini_mr_ct"] * 2, slopes["b"])]
+  # Each group its own marker and line style, so overlapping lines stay apart.
+  styles = {(h.get_marker(), h.get_linestyle()) for h in ax.get_legend().legend_handles}
+  assert len(styles) == 4
+  with open(tmp_path / "curves.png", "rb") as f:
+    from PIL import Image
+    assert Image.open(f).size[0] >= 1000
+  # The paper's: legends give the interval and R², panels their benchmark.
+  table = analysis.load_results()
+  paper = analysis.fit_slopes(table)
+  fig = analysis.plot_curves(table, paper)
+  derma = next(a for a in fig.axes if a.get_title() == "Derma")
+  mae = paper.set_index(["objective", "benchmark"]).loc[("mae", "dermamnist")]
+  assert (f"MAE: b = 0.0269 [{mae.ci_low:.4f}, {mae.ci_high:.4f}], R² {mae.r2:.2f}"
+          in [t.get_text() for t in derma.get_legend().get_texts()])
+  assert derma.get_xlabel() == "parameters, encoder + decoder (M)"
+  fig.draw_without_rendering()
+  assert [t.get_text() for t in derma.get_xticklabels()] == ["31.2", "47.4", "112", "329"]
+
+
+def test_slopes_and_factors_figures(tmp_path):
+  table = analysis.load_results()
+  paper = analysis.fit_slopes(table)
+  fig = analysis.plot_slopes(paper, tmp_path / "slopes.png")
+  assert fig._suptitle.get_text().startswith("Scaling slope b of ln(100·AUC) = a + b ln N")
+  labels = fig.axes[0].get_legend_handles_labels()[1]
+  assert labels == ["paper's b", "DINOv2", "MAE"]
+  factors = analysis.factor_table(list(medmnist.FLAGS))
+  corr = analysis.correlations(paper, factors)
+  fig = analysis.plot_factors(paper, factors, corr)
+  classes = next(a for a in fig.axes if a.get_xlabel().startswith("classes"))
+  assert [t.get_text() for t in classes.get_legend().get_texts()] == [
+      "DINOv2: r = 0.05 (paper 0.05)", "MAE: r = -0.24 (paper -0.24)"]
+  assert "no data" not in _texts(fig)
+  # No MedMNIST benchmark: one panel that says so, not empty axes.
+  tiny = analysis.load_results(_store(tmp_path / "r.csv", ["mini_modality"]))
+  slopes = analysis.fit_slopes(tiny)
+  empty = analysis.factor_table(["mini_modality"], ["mae", "dinov2"])
+  fig = analysis.plot_factors(slopes, empty, analysis.correlations(slopes, empty))
+  assert "no data" in _texts(fig)
+  assert "no MedMNIST benchmark in these results: no factors" in _texts(fig)
+  assert all(not a.axison for a in fig.axes)
+  assert "no data" in _texts(analysis.plot_curves(tiny, slopes.iloc[:0]))

@@ -304,12 +304,18 @@ def test_write_report(tmp_path):
   assert "<td class=\"r\">68</td>" in page and 'src="contact_broken.png"' in page
 
   with Image.open(paths["modalities"]) as chart:
-    assert chart.size[0] >= 720 and 100 <= chart.size[1] <= 200
+    assert chart.size[0] >= 1000 and 200 <= chart.size[1] <= 300  # readable, 3 rows
     px = np.asarray(chart.convert("RGB"))
   # Bar lengths follow the counts: CT's (30) is 30/25 fundus's.
-  lengths = [int(np.all(px[44 + i * 26 + 13] == c, axis=-1).sum()) for i, c in
+  row = lambda i: report.BAR_TOP + i * report.BAR_ROW + report.BAR_ROW // 2
+  lengths = [int(np.all(px[row(i)] == c, axis=-1).sum()) for i, c in
              enumerate(report._PALETTE[:2])]
-  assert lengths[0] > 300 and abs(lengths[1] / lengths[0] - 25 / 30) < 0.01
+  assert lengths[0] > 600 and abs(lengths[1] / lengths[0] - 25 / 30) < 0.01
+  # A count axis under the bars: a black line as long as the longest bar, with ticks.
+  axis = np.all(px[report.BAR_TOP + 3 * report.BAR_ROW] == 0, axis=-1)
+  assert axis.sum() >= lengths[0]
+  ticks = np.all(px[report.BAR_TOP + 3 * report.BAR_ROW + 4] == 0, axis=-1)
+  assert 3 <= ticks.sum() <= 10  # 0, 10, 20, 30
   with Image.open(paths["contact:skimage camera"]) as sheet:
     assert sheet.size == (4 + 5 * 100, 30 + 3 * 100 + 4)  # 12 thumbnails, 5 columns
     tile = np.asarray(sheet.convert("L"))[34:34 + 96, 4:4 + 96]

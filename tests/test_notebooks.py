@@ -18,6 +18,8 @@ from typing import Callable
 import nbformat
 import pytest
 
+from test_entry_points import assert_no_library_noise, user_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = os.path.join(ROOT, "notebooks")
 CELL_TIMEOUT_S = 240  # the slowest tiny cell (DINOv2 training) takes ~35 s on 2 busy cores
@@ -248,7 +250,7 @@ def run_notebook(name: str, tmp: str, extra_env: dict):
   as <tmp>/executed.ipynb for a look at a failure."""
   from nbclient import NotebookClient
   workdir = os.path.join(tmp, "work")
-  env = dict(os.environ, BIOVFM_NOTEBOOK_TINY="1", BIOVFM_NOTEBOOK_WORKDIR=workdir,
+  env = dict(user_env(), BIOVFM_NOTEBOOK_TINY="1", BIOVFM_NOTEBOOK_WORKDIR=workdir,
              BIOVFM_DATA=os.path.join(tmp, "data"),  # benchmark files built in tmp
              PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])),
              **extra_env)
@@ -263,11 +265,15 @@ def run_notebook(name: str, tmp: str, extra_env: dict):
 
   client.on_notebook_start = started
   marker = f"BIOVFM_NOTEBOOK_WORKDIR={workdir}"
+  kernel_log = os.path.join(tmp, "kernel.log")  # the kernel's own stderr (C++ libraries')
   try:
-    client.execute(env=env)
+    with open(kernel_log, "w") as log:
+      client.execute(env=env, stderr=log)
   finally:
     nbformat.write(nb, os.path.join(tmp, "executed.ipynb"))
     assert _marked_processes(marker) == [], "the kernel (or a child) is still running"
+  printed = "".join(getattr(o, "text", "") for _, o in _outputs(nb, "stream"))
+  assert_no_library_noise(printed + open(kernel_log).read(), name)
   return nb, kernel["cmd"]
 
 
@@ -325,3 +331,31 @@ def test_scaling_notebook_on_the_tiny_sweep(tiny_sweep_root, tmp_path):
   assert sorted(zip(slopes["objective"], slopes["data_subset"], slopes["benchmark"])) == [
       (o, d, "mini_modality") for o in ("dinov2", "mae") for d in ("mini", "mini_mr_ct")]
   # (no "mean" row: the mean is over MedMNIST benchmarks, and mini's is not one)
+
+
+def test_scaling_notebook_writes_into_the_cache(tmp_path, monkeypatch):
+  """Its parameter and setup cells: by default the tables and figures go to
+  <cache>/scaling (the project's cache, $BIOVFM_CACHE), not into $HOME;
+  BIOVFM_NOTEBOOK_WORKDIR still overrides."""
+  from biovfm_jax import console
+  monkeypatch.setattr(console, "setup_notebook", lambda: None)  # leave logging alone
+  nb = nbformat.read(os.path.join(NOTEBOOKS, "scaling_curves.ipynb"), as_version=4)
+  code = [c.source for c in nb.cells if c.cell_type == "code"]
+  params = next(s for s in code if "BIOVFM_NOTEBOOK_WORKDIR" in s)
+  setup = next(s for s in code if "os.makedirs(WORKDIR" in s)
+  program = params + "\n" + "\n".join(l for l in setup.splitlines() if not l.startswith("%"))
+  monkeypatch.setenv("HOME", str(tmp_path / "home"))
+  monkeypatch.setenv("BIOVFM_CACHE", str(tmp_path / "cache"))
+  for name in ("BIOVFM_NOTEBOOK_WORKDIR", "BIOVFM_NOTEBOOK_TINY"):
+    monkeypatch.delenv(name, raising=False)
+
+  def workdir() -> str:
+    namespace = {}
+    exec(compile(program, "scaling_curves.ipynb", "exec"), namespace)  # noqa: S102
+    assert os.path.isdir(namespace["WORKDIR"])
+    return namespace["WORKDIR"]
+
+  assert workdir() == str(tmp_path / "cache" / "scaling")
+  assert not (tmp_path / "home" / "biovfm_scaling").exists()  # the old default
+  monkeypatch.setenv("BIOVFM_NOTEBOOK_WORKDIR", str(tmp_path / "mine"))
+  assert workdir() == str(tmp_path / "mine")

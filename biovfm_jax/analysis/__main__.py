@@ -4,11 +4,14 @@
       [--metric=auc] [--bootstrap=0] [--features_dir=OBJECTIVE=DIR ...]
       [--npz_dir=DIR] [--image_size=224] [--db_split=test] [--gzip_max_images=N]
 
-writes slopes.csv, factors.csv, correlations.csv, curves.png, slopes.png and
-factors.png into --out. Without --results it reads the paper's published
-table (its slopes: --x=params_total). gzip_ratio needs --npz_dir; db_index
-needs --features_dir (an eval's <out_dir>/features, one per objective) and
---npz_dir for the labels.
+prints the slope table (per benchmark and group: b, its 95% interval, R²
+and the paper's b) and the factor correlations beside the paper's (or one
+line saying why there are none), and writes slopes.csv, factors.csv,
+correlations.csv, curves.png, slopes.png and factors.png into --out.
+Without --results it reads the paper's published table (its slopes:
+--x=params_total). gzip_ratio needs --npz_dir; db_index needs --features_dir
+(an eval's <out_dir>/features, one per objective) and --npz_dir for the
+labels.
 
   python -m biovfm_jax.analysis published --paper=PAPER.md [--out=CSV] [--overwrite]
 
@@ -21,9 +24,13 @@ import logging
 import os
 import sys
 
+import pandas as pd
+
 from biovfm_jax import analysis
+from biovfm_jax.analysis import compare
 from biovfm_jax.analysis import fit as fit_lib
 from biovfm_jax.analysis import published
+from biovfm_jax.evaluate import report
 from data_pipeline import storage
 from data_pipeline.readers import medmnist
 
@@ -86,23 +93,91 @@ def run_fit(args) -> dict[str, str]:
   factors.to_csv(paths["factors.csv"], index=False)
   corr.to_csv(paths["correlations.csv"], index=False)
   analysis.plot_curves(df, slopes, paths["curves.png"], metric=args.metric)
-  analysis.plot_slopes(slopes, paths["slopes.png"])
+  analysis.plot_slopes(slopes, paths["slopes.png"], metric=args.metric)
   analysis.plot_factors(slopes, factors, corr, paths["factors.png"])
   notes = slopes.attrs["notes"] + factors.attrs["notes"]
   if args.results is None and args.x != "params_total":
     notes.append("the paper's slopes are fitted over its size axis: use --x=params_total")
   for note in notes:
     print(f"note: {note}")
-  mean = slopes[slopes["benchmark"] == fit_lib.MEAN]
-  for row in mean.itertuples():
-    print(f"{row.objective}: mean-{args.metric} slope b = {row.b:.4f} (SE {row.se_b:.4f})")
-  keys = list(corr.columns[:corr.columns.get_loc("factor")])
-  columns = [k for k in keys if corr[k].nunique() > 1] or ["objective"]
-  print("Pearson r of the slopes with each factor:")
-  print(corr.pivot_table(index="factor", columns=columns, values="r", aggfunc="first",
-                         dropna=False).round(2).to_string())
+  print_slopes(slopes, args.x, args.metric)
+  print_correlations(slopes, factors, corr)
+  keys = fit_lib.group_keys(slopes)
+  labels = fit_lib.group_labels(slopes, keys)
+  for row in slopes[slopes["benchmark"] == fit_lib.MEAN].to_dict("records"):
+    se = "" if pd.isna(row["se_b"]) else f" (SE {row['se_b']:.4f})"
+    print(f"{labels[tuple(row[k] for k in keys)]}: mean-{args.metric} slope b = "
+          f"{row['b']:.4f}{se}")
   print(f"wrote {', '.join(paths)} to {out}")
   return paths
+
+
+def _number(v, digits: int = 4) -> str:
+  return "" if pd.isna(v) else f"{v:.{digits}f}"
+
+
+def _interval(low, high) -> str:
+  return "-" if pd.isna(low) else f"[{low:.4f}, {high:.4f}]"
+
+
+def _text(table: pd.DataFrame, left: int) -> str:
+  """The table as aligned text: its first `left` (name) columns flush left,
+  the numbers flush right."""
+  cells = [list(table.columns)] + [[str(v) for v in row] for row in table.itertuples(index=False)]
+  widths = [max(len(row[i]) for row in cells) for i in range(table.shape[1])]
+  return "\n".join("  ".join(c.ljust(w) if i < left else c.rjust(w)
+                             for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+                   for row in cells)
+
+
+def print_slopes(slopes: pd.DataFrame, x: str, metric: str) -> None:
+  """The slope table: per benchmark and group, b, its interval, R² and the
+  paper's b."""
+  rows = compare.slope_rows(slopes)
+  who = "objective" if set(rows["group"]) <= set(slopes["objective"]) else "group"
+  table = pd.DataFrame({
+      "benchmark": rows["benchmark"].map(report.display_name), who: rows["group"],
+      "b": rows["b"].map(_number),
+      "95% interval": [_interval(lo, hi) for lo, hi in zip(rows["ci_low"], rows["ci_high"])]})
+  if "boot_low" in rows:
+    table["bootstrap 95%"] = [_interval(lo, hi)
+                              for lo, hi in zip(rows["boot_low"], rows["boot_high"])]
+  # Through two points a line has no interval and R² = 1 whatever the data: say "-".
+  table["R²"] = ["-" if pd.isna(lo) else _number(r, 2)
+                 for lo, r in zip(rows["ci_low"], rows["r2"])]
+  table["points"] = rows["n_points"].to_numpy()
+  if rows["paper"].notna().any():
+    table["paper b"] = rows["paper"].map(_number)
+  print(f"Slopes b of ln(100 x {metric.upper()}) = a + b ln(N), N = {x}, "
+        f"per benchmark and {who}:")
+  print(_text(table, left=2))
+  if (table["95% interval"] == "-").any():
+    print("-: a line through two points has no interval, and its R² is 1 by construction")
+  if rows["paper"].notna().any() and (x != "params_total" or metric != "auc"):
+    print(f"note: the paper's b are of AUC over params_total, these of {metric} over {x}: "
+          "not on one scale")
+
+
+def print_correlations(slopes: pd.DataFrame, factors: pd.DataFrame,
+                       corr: pd.DataFrame) -> None:
+  """Pearson r of the slopes with each factor beside the paper's, or one line
+  saying why there is none."""
+  title = "Pearson r of the slopes with each benchmark factor"
+  flags = [b for b in slopes["benchmark"].unique() if b in medmnist.FLAGS]
+  if not flags:
+    print(f"{title}: no MedMNIST benchmark in these results: no factors")
+    return
+  if len(flags) < 3:
+    print(f"{title}: slopes on {len(flags)} MedMNIST benchmark(s): an r needs 3 or more")
+    return
+  table = compare.correlation_table(corr)
+  print(f"{title}, beside the paper's:")
+  print(_text(table.assign(**{c: table[c].map(lambda v: _number(v, 2))
+                              for c in table.columns[1:]}), left=1))
+  needs = {"gzip_ratio": "--npz_dir", "db_index": "--features_dir and --npz_dir"}
+  missing = [f"{f} (needs {n})" for f, n in needs.items() if f not in factors.columns]
+  if missing:
+    print(f"not computed: {'; '.join(missing)}")
 
 
 def main(argv=None) -> None:

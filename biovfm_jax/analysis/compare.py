@@ -65,6 +65,39 @@ def slope_table(slopes: pd.DataFrame) -> pd.DataFrame:
   return out
 
 
+def paper_slope(objective: str, benchmark: str) -> float:
+  """The paper's b for this objective and benchmark; NaN where it has none."""
+  if objective not in published.PAPER_OBJECTIVES or benchmark not in published.PAPER_SLOPES:
+    return math.nan
+  return published.PAPER_SLOPES[benchmark][published.PAPER_OBJECTIVES.index(objective)]
+
+
+def paper_correlation(objective: str, factor: str) -> float:
+  """The paper's Pearson r of this objective's slopes with `factor`; NaN
+  where it has none."""
+  if objective not in published.PAPER_OBJECTIVES or factor not in published.PAPER_CORRELATIONS:
+    return math.nan
+  return published.PAPER_CORRELATIONS[factor][published.PAPER_OBJECTIVES.index(objective)]
+
+
+def slope_rows(slopes: pd.DataFrame) -> pd.DataFrame:
+  """fit_slopes long, for reading: one row per benchmark (the paper's order,
+  mean last) and group: the group's label (fit.group_labels), b, its 95%
+  interval (and bootstrap one, if any), R², the number of points, and the
+  paper's b (NaN where the paper has none)."""
+  slopes = slopes.reset_index(drop=True)
+  keys = fit.group_keys(slopes)
+  labels = fit.group_labels(slopes, keys) if len(slopes) else {}
+  rank = {b: i for i, b in enumerate(report.ordered(set(slopes["benchmark"]) - {fit.MEAN}))}
+  rank[fit.MEAN] = len(rank)
+  columns = ["b", "ci_low", "ci_high", "boot_low", "boot_high", "r2", "n_points"]
+  out = slopes[["benchmark"] + [c for c in columns if c in slopes.columns]].copy()
+  out.insert(1, "group", [labels[tuple(g)] for g in slopes[keys].itertuples(index=False)])
+  out["paper"] = [paper_slope(o, b) for o, b in zip(slopes["objective"], slopes["benchmark"])]
+  order = out["benchmark"].map(rank).to_numpy()
+  return out.iloc[order.argsort(kind="stable")].reset_index(drop=True)
+
+
 def correlation_table(corr: pd.DataFrame) -> pd.DataFrame:
   """correlations' Pearson r beside the paper's. Rows: the factors computed
   here and the paper's, in factors.FACTORS order."""

@@ -14,6 +14,7 @@ import hashlib
 import heapq
 import html
 import io
+import math
 import os
 import re
 from collections import Counter
@@ -26,6 +27,7 @@ from PIL import Image, ImageDraw, ImageFont
 from data_pipeline import storage
 
 THUMB = 96  # thumbnail longer side, pixels
+BAR_ROW, BAR_TOP = 36, 56  # bar chart: row height and title band, pixels
 COUNT_KEYS = ("inputs", "written", "rejected", "exact_duplicates", "near_duplicates")
 _PALETTE = ((66, 133, 244), (219, 68, 55), (244, 180, 0), (15, 157, 88), (171, 71, 188),
             (0, 172, 193), (255, 112, 67), (158, 157, 36), (92, 107, 192), (240, 98, 146))
@@ -148,32 +150,54 @@ def _png(img: Image.Image) -> bytes:
   return buf.getvalue()
 
 
+def _nice_step(top: float, ticks: int = 5) -> int:
+  """A 1, 2 or 5 x 10^k step giving at most `ticks` intervals up to `top`."""
+  step = 10 ** max(0, math.floor(math.log10(max(top, 1) / ticks)))
+  for m in (1, 2, 5, 10):
+    if top / (m * step) <= ticks:
+      return m * step
+  return 10 * step
+
+
 def bar_chart(counts: Mapping[str, int], title: str = "Images written per modality",
-              width: int = 720) -> Image.Image:
-  """Horizontal bars, largest first, each labelled with its name and count."""
-  font, title_font = _font(14), _font(16)
+              width: int = 1100, axis_label: str = "images written") -> Image.Image:
+  """Horizontal bars, largest first, each labelled with its name, count and
+  share, over a count axis with gridlines, for reading at a glance."""
+  font, title_font = _font(18), _font(22)
   rows = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+  total = sum(v for _, v in rows)
+  texts = [f"{v:,} ({100 * v / total:.1f}%)" if total else f"{v:,}" for _, v in rows]
   probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-  label_w = max([probe.textlength(str(k), font=font) for k, _ in rows] + [40]) + 16
-  count_w = max([probe.textlength(f"{v:,}", font=font) for _, v in rows] + [20]) + 12
-  width = max(width, int(label_w + count_w + 120))
-  row_h, top = 26, 44
-  img = Image.new("RGB", (width, top + row_h * max(1, len(rows)) + 16), "white")
+  label_w = max([probe.textlength(str(k), font=font) for k, _ in rows] + [40]) + 36
+  count_w = max([probe.textlength(t, font=font) for t in texts] + [20]) + 16
+  width = max(width, int(label_w + count_w + 200))
+  row_h, top, axis_h = BAR_ROW, BAR_TOP, 70
+  img = Image.new("RGB", (width, top + row_h * max(1, len(rows)) + axis_h), "white")
   draw = ImageDraw.Draw(img)
-  draw.text((12, 12), title, fill="black", font=title_font)
+  draw.text((16, 14), title, fill="black", font=title_font)
   if not rows:
-    draw.text((12, top + 4), "no images written", fill=(120, 120, 120), font=font)
+    draw.text((16, top + 8), "no data: no images written", fill=(110, 110, 110), font=font)
     return img
-  span = width - label_w - count_w - 12
+  span = width - label_w - count_w - 16
   top_count = max(v for _, v in rows) or 1
-  for i, (name, value) in enumerate(rows):
+  bottom = top + row_h * len(rows)
+  step = _nice_step(top_count)
+  for tick in range(0, top_count + 1, step):  # gridlines and labelled ticks
+    x = label_w + round(span * tick / top_count)
+    draw.line([(x, top), (x, bottom)], fill=(225, 225, 225))
+    draw.line([(x, bottom), (x, bottom + 6)], fill="black")
+    draw.text((x, bottom + 8), f"{tick:,}", fill="black", font=_font(15), anchor="mt")
+  draw.line([(label_w, bottom), (label_w + span, bottom)], fill="black")
+  draw.text((label_w + span / 2, bottom + 32), axis_label, fill="black", font=font,
+            anchor="mt")
+  for i, ((name, value), text) in enumerate(zip(rows, texts)):
     y = top + i * row_h
-    draw.text((label_w - 8, y + row_h / 2), str(name), fill="black", font=font, anchor="rm")
+    draw.text((label_w - 10, y + row_h / 2), str(name), fill="black", font=font, anchor="rm")
     length = round(span * value / top_count)
     if length:
-      draw.rectangle([label_w, y + 4, label_w + length, y + row_h - 4],
+      draw.rectangle([label_w, y + 5, label_w + length, y + row_h - 5],
                      fill=_PALETTE[i % len(_PALETTE)])
-    draw.text((label_w + length + 6, y + row_h / 2), f"{value:,}", fill="black", font=font,
+    draw.text((label_w + length + 8, y + row_h / 2), text, fill="black", font=font,
               anchor="lm")
   return img
 
