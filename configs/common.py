@@ -24,17 +24,17 @@ def get_config(size: str | None) -> config_dict.ConfigDict:
 
   # Encoder: a ViT of PAPER.md's sizes; explicit fields override the size.
   c.model = config_dict.ConfigDict()
-  c.model.size = size
+  c.model.size = config_dict.FieldReference(size, field_type=str | None)  # None: custom
   c.model.image_size = image_size
-  c.model.patch_size = config_dict.placeholder(int)  # default: the size's (16; 14 for H, g)
-  c.model.width = config_dict.placeholder(int)
-  c.model.depth = config_dict.placeholder(int)
-  c.model.num_heads = config_dict.placeholder(int)
-  c.model.mlp_dim = config_dict.placeholder(int)
+  c.model.patch_size = config_dict.placeholder(int | None)  # default: the size's (16; 14 for H, g)
+  c.model.width = config_dict.placeholder(int | None)
+  c.model.depth = config_dict.placeholder(int | None)
+  c.model.num_heads = config_dict.placeholder(int | None)
+  c.model.mlp_dim = config_dict.placeholder(int | None)
   c.model.pos_embed = "sincos"
   c.model.class_token = True
   c.model.num_registers = 0
-  c.model.layerscale_init = config_dict.placeholder(float)
+  c.model.layerscale_init = config_dict.placeholder(float | None)
   c.model.drop_path_rate = 0.0
   c.model.ffn = "mlp"
   c.model.dtype = "bfloat16"        # compute dtype
@@ -57,7 +57,7 @@ def get_config(size: str | None) -> config_dict.ConfigDict:
   # Sampling weights per modality or source, e.g. weights="ultrasound:0.5,CT:0.3,MR:0.2"
   # (or a dict); empty: every record alike. See data_pipeline/selection.py.
   c.data.mixture = config_dict.ConfigDict({"by": "modality", "weights": ""})
-  c.data.cache_dir = config_dict.placeholder(str)
+  c.data.cache_dir = config_dict.placeholder(str | None)
   c.data.crops = "single"           # "single" (MAE) or "multicrop" (DINOv2)
   c.data.image_size = image_size
   c.data.crop_ratio = (3 / 4, 4 / 3)  # aspect range of the random resized crops
@@ -67,9 +67,9 @@ def get_config(size: str | None) -> config_dict.ConfigDict:
   # logged once: workers = cores - 1 (at most 32, the train loop keeps a core)
   # on hosts of more than 2 cores, else 0; read threads = 2 per worker, or one
   # per core (at most 16) in-process. Batches never depend on either.
-  c.data.num_workers = config_dict.placeholder(int)  # grain worker processes (0: in-process)
+  c.data.num_workers = config_dict.placeholder(int | None)  # grain worker processes (0: in-process)
   c.data.prefetch_buffer = 4
-  c.data.read_threads = config_dict.placeholder(int)  # batches made at once, per process
+  c.data.read_threads = config_dict.placeholder(int | None)  # batches made at once, per process
   # Batches whose host-to-device transfer is issued ahead of the step taking
   # them (0: each is sent when its step starts). Each costs one batch of
   # uint8 pixels in device memory.
@@ -82,8 +82,8 @@ def get_config(size: str | None) -> config_dict.ConfigDict:
 
   c.batch_size = 1024               # global, over all devices and hosts
   c.total_epochs = 100
-  c.num_train_steps = config_dict.placeholder(int)   # overrides total_epochs
-  c.steps_per_epoch = config_dict.placeholder(int)   # default: records // batch
+  c.num_train_steps = config_dict.placeholder(int | None)   # overrides total_epochs
+  c.steps_per_epoch = config_dict.placeholder(int | None)   # default: records // batch
 
   c.optim = config_dict.ConfigDict()
   c.optim.base_lr = 1e-3
@@ -92,7 +92,7 @@ def get_config(size: str | None) -> config_dict.ConfigDict:
   c.optim.min_lr = 0.0
   c.optim.warmup_epochs = 10
   c.optim.weight_decay = 0.05       # none on biases, norm scales, LayerScale gammas (tokens decay, as in both references)
-  c.optim.weight_decay_end = config_dict.placeholder(float)  # cosine to it, if set
+  c.optim.weight_decay_end = config_dict.placeholder(float | None)  # cosine to it, if set
   c.optim.b1 = 0.9
   c.optim.b2 = 0.999
   c.optim.eps = 1e-8                # Adam's epsilon
@@ -124,7 +124,7 @@ def get_config(size: str | None) -> config_dict.ConfigDict:
 
   c.log_every_steps = 50
   c.image_every_steps = 2000        # TensorBoard sample grid; 0 disables
-  c.peak_tflops_per_device = config_dict.placeholder(float)  # for MFU; auto if unset
+  c.peak_tflops_per_device = config_dict.placeholder(float | None)  # for MFU; auto if unset
   # Benchmarks scored while pretraining (biovfm_jax/evaluate/during_training.py):
   # name -> eval_entry(protocol, every_steps=N, <eval config keys>).
   c.evals = config_dict.ConfigDict()

@@ -36,7 +36,7 @@ def get_config(size: str | None = "B") -> config_dict.ConfigDict:
   c.dinov2.separate_ibot_head = large
   # The separate iBOT head's prototypes; None: num_prototypes. (Not a reference to
   # it: setting one would then set both.)
-  c.dinov2.ibot_num_prototypes = config_dict.placeholder(int)
+  c.dinov2.ibot_num_prototypes = config_dict.placeholder(int | None)
   c.dinov2.student_temp = 0.1
   c.dinov2.teacher_temp = 0.07
   c.dinov2.warmup_teacher_temp = 0.04
@@ -57,9 +57,9 @@ def get_config(size: str | None = "B") -> config_dict.ConfigDict:
   c.dinov2.n_local_crops = n_local
   # iBOT slots per image as a fraction of the patches; None: the upper end of
   # data.mask_ratio (the most any mask covers).
-  c.dinov2.ibot_max_masked_fraction = config_dict.placeholder(float)
+  c.dinov2.ibot_max_masked_fraction = config_dict.placeholder(float | None)
   # Rows per KoLeo group; None: the whole global batch (the reference: each GPU's batch).
-  c.dinov2.koleo_group_size = config_dict.placeholder(int)
+  c.dinov2.koleo_group_size = config_dict.placeholder(int | None)
 
   c.data.crops = "multicrop"
   c.data.global_crop_size = c.get_ref("image_size")

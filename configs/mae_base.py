@@ -16,7 +16,7 @@ def get_config(size: str | None = "B") -> config_dict.ConfigDict:
   c.mae.decoder_width = 512
   c.mae.decoder_depth = 8
   c.mae.decoder_heads = 16
-  c.mae.decoder_mlp_dim = config_dict.placeholder(int)  # None: 4 x decoder_width
+  c.mae.decoder_mlp_dim = config_dict.placeholder(int | None)  # None: 4 x decoder_width
   c.mae.norm_pix_loss = True
 
   c.data.crops = "single"

@@ -188,3 +188,62 @@ def _objective_of(path):
     return None
   return "dinov2" if "dinov2" in name else "mae"
 
+
+# --- Optional fields: `--config.<key>=None` sets them back to None (issue 24, item 8).
+
+_SAMPLES = {int: ("7", 7), float: ("2", 2.0), str: ("x", "x")}  # what a value parses to
+
+
+def _parse(path, *overrides):
+  argv = ["binary", f"--config={path}", *overrides]
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, flag_values=fv, lock_config=True,
+                                  sys_argv=argv)
+  fv(argv)
+  return fv.config
+
+
+def _may_be_none(config, prefix=""):
+  """dotted key -> declared type, of every field that is None or may be."""
+  out = {}
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      out.update(_may_be_none(value, f"{prefix}{key}."))
+    elif value is None or isinstance(None, config.get_type(key)):
+      out[prefix + key] = config.get_type(key)
+  return out
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIGS if _objective_of(p)] + EVAL_CONFIGS,
+                         ids=lambda p: os.path.relpath(p, os.path.join(ROOT, "configs")))
+def test_every_optional_field_takes_none_and_a_value_on_the_command_line(path):
+  optional = _may_be_none(_load(path))
+  assert optional  # every config has some (model.width, input_size ...)
+  plain = {k: t for k, t in optional.items() if t not in {t | None for t in _SAMPLES}}
+  assert not plain, f"declare these as config_dict.placeholder(T | None): {plain}"
+  c = _parse(path, *[f"--config.{k}=None" for k in optional])
+  assert {k: _lookup(c, k) for k in optional} == dict.fromkeys(optional)
+  samples = {k: _SAMPLES[next(t for t in _SAMPLES if t | None == optional[k])]
+             for k in optional}
+  c = _parse(path, *[f"--config.{k}={text}" for k, (text, _) in samples.items()])
+  for key, (_, value) in samples.items():
+    assert _lookup(c, key) == value and type(_lookup(c, key)) is type(value), key
+
+
+def test_a_field_of_plain_type_refuses_none():
+  with pytest.raises(flags.IllegalFlagValueError, match="config.image_size=None"):
+    _parse(os.path.join(ROOT, "configs", "quickstart.py"), "--config.image_size=None")
+
+
+def test_layerscale_none_passes_the_run_checks():
+  """`--config.model.layerscale_init=None` on a DINOv2 config (1e-5 there): the
+  run builds as main.py builds it (config checks, model, optimiser), without
+  LayerScale."""
+  import jax
+  path = os.path.join(ROOT, "configs", "vit_t_dinov2.py")
+  for value, has_ls in (("1e-5", True), ("None", False)):
+    c = _parse(path, f"--config.model.layerscale_init={value}")
+    s = loop.build(c, num_records=4096, evaluators=False)
+    names = {jax.tree_util.keystr(p) for p, _ in
+             jax.tree_util.tree_leaves_with_path(s.spec.abstract_params)}
+    assert any("'ls1'" in n for n in names) == has_ls, value

@@ -533,7 +533,15 @@ def test_cli_import_timm_then_export(tmp_path, capsys):
   printed = json.loads(out_err.out)
   # T width at patch 14 has no timm name: the key still says how to build it, and a hint.
   assert printed["timm_model"] == CUSTOM_TIMM_MODEL
-  assert "VisionTransformer(**json.loads(metadata['timm_kwargs']))" in out_err.err
+  note = out_err.err.splitlines()
+  at = next(i for i, line in enumerate(note) if line.startswith("note: "))
+  assert "biovfm_jax.interop.convert.create_timm_model(config)" in note[at]
+  # Its two indented lines, pasted as they are, build the model and load the file.
+  snippet = note[at + 1:at + 3]
+  assert len(snippet) == 2 and all(line.startswith("  ") for line in snippet), note
+  pasted = {}
+  exec("\n".join(line[2:] for line in snippet), pasted)  # pylint: disable=exec-used
+  assert max_err(torch_features(pasted["model"].eval(), x), ref) < TOL
   with safetensors.safe_open(dst, "np") as f:
     meta = f.metadata()
   assert meta["timm_model"] == CUSTOM_TIMM_MODEL

@@ -339,3 +339,26 @@ def test_sharded_forward_matches_unsharded():
   np.testing.assert_allclose(got_vit, want_vit, atol=1e-5)
   np.testing.assert_allclose(got_mae[0], want_mae[0], atol=1e-5)
   np.testing.assert_array_equal(got_mae[1], want_mae[1])
+
+
+@pytest.mark.parametrize("src,dst", [(37, 16), (16, 37), (5, 9), (8, 3)])
+def test_position_tables_resize_as_dinov2_does(src, dst):
+  """resize_pos_grid is torch's bicubic interpolate (no antialias) with
+  DINOv2's scale factor (dst + 0.1) / src, or with size=dst at offset 0;
+  numpy and jax (the model's run-time path) agree."""
+  torch = pytest.importorskip("torch")
+  from biovfm_jax.models.patches import resize_pos_grid
+  table = np.random.default_rng(0).normal(size=(src * src, 6)).astype(np.float32)
+  grid = torch.from_numpy(table).reshape(1, src, src, 6).permute(0, 3, 1, 2)
+
+  def ref(**kw):
+    out = torch.nn.functional.interpolate(grid, mode="bicubic", antialias=False, **kw)
+    return out.permute(0, 2, 3, 1).reshape(dst * dst, 6).numpy()
+  scale = (dst + 0.1) / src
+  np.testing.assert_allclose(resize_pos_grid(table, (src, src), (dst, dst)),
+                             ref(scale_factor=(scale, scale)), atol=2e-5)
+  np.testing.assert_allclose(resize_pos_grid(table, (src, src), (dst, dst), offset=0.0),
+                             ref(size=(dst, dst), align_corners=False), atol=2e-5)
+  np.testing.assert_allclose(np.asarray(resize_pos_grid(jnp.asarray(table), (src, src),
+                                                        (dst, dst))),
+                             ref(scale_factor=(scale, scale)), atol=2e-5)

@@ -15,6 +15,7 @@ import pytest
 
 from biovfm_jax.train import checkpoint as ckpt_lib
 from biovfm_jax.train import loop, workdir_lock
+from data_pipeline.shards import InputDataError
 from test_train_e2e import ROOT, TINY, checkpoint_steps, losses, run_main
 from test_train_units import tiny_config
 
@@ -102,6 +103,17 @@ def test_no_restorable_checkpoint_is_one_error_and_moves_nothing(ref, tmp_path):
   assert not (work / ckpt_lib.UNREADABLE_DIR).exists()
 
 
+def test_a_refused_resume_moves_no_damaged_checkpoint(ref, tmp_path):
+  """A resume on another input stream (here the seed) is refused before the
+  unreadable step 16 is set aside: the workdir stays as it was."""
+  work = copy_of(ref, tmp_path)
+  (work / "checkpoints" / "16" / "state" / "_METADATA").unlink()
+  with pytest.raises(InputDataError, match="checkpoint at step 12 was trained on another"):
+    loop.train(ref_config(seed=1), str(work))
+  assert checkpoint_steps(work) == [4, 8, 12, 16]
+  assert not (work / ckpt_lib.UNREADABLE_DIR).exists()
+
+
 # --- 13. Another model or objective on the same workdir; a finished run again.
 
 @pytest.mark.parametrize("changes,named", [
@@ -111,12 +123,50 @@ def test_no_restorable_checkpoint_is_one_error_and_moves_nothing(ref, tmp_path):
 ])
 def test_resume_with_another_model_names_the_keys(ref, tmp_path, changes, named):
   work = copy_of(ref, tmp_path)
+  before = files_of(work)
   with pytest.raises(ckpt_lib.ModelMismatch) as e:
     loop.train(ref_config(**changes), str(work))
   assert named in str(e.value) and str(work / "checkpoints" / "16") in str(e.value)
   assert "\n" not in str(e.value)
-  assert checkpoint_steps(work) == [4, 8, 12, 16]
-  assert not (work / ckpt_lib.UNREADABLE_DIR).exists()
+  assert files_of(work) == before  # untouched (but run.lock: it names the last holder)
+
+
+def files_of(work) -> dict[str, tuple[int, int]]:
+  """Relative path -> (size, mtime) of every file and folder under `work`, but run.lock."""
+  out = {}
+  for folder, dirs, files in os.walk(work):
+    for name in dirs + files:
+      path = os.path.join(folder, name)
+      if name != workdir_lock.LOCK_NAME:
+        out[os.path.relpath(path, work)] = (os.path.getsize(path), os.stat(path).st_mtime_ns)
+  return out
+
+
+# A run refused before its first step removes what it added (issue 24, item 6).
+@pytest.mark.parametrize("init_from", ["missing", "another_model"])
+def test_a_refused_run_leaves_the_workdir_as_it_found_it(request, tmp_path, init_from):
+  # ref: a checkpoint of width 32 (made only when needed).
+  source = tmp_path / "gone" if init_from == "missing" else request.getfixturevalue("ref")
+  new = tmp_path / "new" / "w"  # its parent folder is new too
+  mine = tmp_path / "mine"
+  mine.mkdir()
+  (mine / "notes.txt").write_text("the user's")
+  before = files_of(mine)
+  # Without the suite's shared compilation cache: the run's own goes in the workdir.
+  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
+  env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  for work in (new, mine):
+    res = subprocess.run([sys.executable, "main.py", f"--workdir={work}", *TINY["mae"],
+                          f"--config.init_from={source}", "--config.model.width=48"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert f"Compilation cache: {work}/compile_cache" in res.stderr
+    last = [line for line in res.stderr.splitlines() if line.strip()][-1]
+    assert f"config.init_from={source}" in last.replace("'", ""), res.stderr[-3000:]
+    # Not orbax's "Metadata file does not exist: .../_CHECKPOINT_METADATA" either.
+    assert "Traceback" not in res.stderr and "_CHECKPOINT_METADATA" not in res.stderr
+  assert not (tmp_path / "new").exists()
+  assert files_of(mine) == before and not (mine / workdir_lock.LOCK_NAME).exists()
 
 
 def test_finished_run_says_so_and_trains_nothing(ref, tmp_path, caplog):

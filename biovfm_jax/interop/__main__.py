@@ -111,9 +111,12 @@ def run_export(args) -> dict:
   except convert.ConversionError as e:
     # No named timm architecture: timm's VisionTransformer class from the kwargs.
     meta["timm_model"] = CUSTOM_TIMM_MODEL
-    print(f"note: {e}. The file's metadata has timm_model={CUSTOM_TIMM_MODEL!r}: "
-          "build timm.models.vision_transformer.VisionTransformer(**json.loads("
-          "metadata['timm_kwargs']))", file=sys.stderr)
+    step = "" if args.step is None else f", step={args.step}"
+    print(f"note: {e}. The file's metadata has timm_model={CUSTOM_TIMM_MODEL!r}. In Python:\n"
+          "  import biovfm_jax, safetensors.torch; "
+          "from biovfm_jax.interop.convert import create_timm_model\n"
+          f"  model = create_timm_model(biovfm_jax.load_encoder({args.src!r}{step}).config); "
+          f"model.load_state_dict(safetensors.torch.load_file({args.out!r}))", file=sys.stderr)
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   # save_file writes mode 0600; write_bytes_atomic follows the umask like every
   # other file written here, and never leaves half a file.
@@ -124,9 +127,7 @@ def run_export(args) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
   args = _parser().parse_args(argv)
-  from biovfm_jax import distributed
   from data_pipeline import storage
-  distributed.skip_absent_tpu()
   args.src, args.out = storage.expand(args.src), storage.expand(args.out)
   try:
     result = run_import(args) if args.command == "import" else run_export(args)

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from biovfm_jax.models.patches import sincos_2d
+from biovfm_jax.models.patches import resize_pos_grid, sincos_2d
 from biovfm_jax.models.vit import VIT_SIZES, ViTConfig
 
 Params = dict[str, Any]  # nested dict of arrays, as nnx.to_pure_dict gives
@@ -248,9 +248,8 @@ def _read_encoder(src: _Source, *, size, num_heads, image_size,
                           f"by the patch size {p}")
   if image_size != native:
     # The same bicubic resize the model would apply at run time.
-    from biovfm_jax.models.vit import _interp_pos
     g = image_size // p
-    patches = np.asarray(_interp_pos(patches, (grid, grid), (g, g)), np.float32)
+    patches = resize_pos_grid(patches, (grid, grid), (g, g))
   flat["pos_embed"] = np.concatenate([cls_row, patches], 0)
 
   cfg = ViTConfig(
@@ -611,8 +610,9 @@ def timm_model_name(config: ViTConfig) -> str:
   if name is None:
     raise ConversionError(
         f"no timm vit_* architecture has width={config.width}, num_heads="
-        f"{config.num_heads}, patch_size={config.patch_size}; build timm's "
-        "VisionTransformer(**timm_model_kwargs(config)) (create_timm_model does)")
+        f"{config.num_heads}, patch_size={config.patch_size}: "
+        "biovfm_jax.interop.convert.create_timm_model(config) builds timm's VisionTransformer "
+        "from biovfm_jax.interop.convert.timm_model_kwargs(config)")
   return name
 
 

@@ -68,6 +68,54 @@ def sincos_2d(width: int, grid_h: int, grid_w: int) -> np.ndarray:
   return table
 
 
+# DINOv2's interpolate_pos_encoding asks torch for a scale factor of
+# (out + 0.1) / in (a kludge kept for its released weights), so its source
+# coordinates are (i + 0.5) * in / (out + 0.1) - 0.5, not in / out.
+DINOV2_POS_OFFSET = 0.1
+
+
+@functools.lru_cache(maxsize=64)
+def bicubic_matrix(n_in: int, n_out: int, offset: float = DINOV2_POS_OFFSET) -> np.ndarray:
+  """(n_out, n_in) float32 matrix of torch's bicubic resize along one axis
+  (align_corners=False, no antialias, cubic a=-0.75, edges clamped), with the
+  scale in / (out + offset): offset 0 is F.interpolate(size=out). Resizing a
+  (h, w, D) grid is M_h @ grid @ M_w^T, on the host or inside jit."""
+  scale = n_in / (n_out + offset)
+  src = (np.arange(n_out, dtype=np.float64) + 0.5) * scale - 0.5
+  base = np.floor(src)
+  t = src - base
+  a = -0.75
+
+  def near(x):  # |x| <= 1
+    return ((a + 2) * x - (a + 3)) * x * x + 1
+
+  def far(x):  # 1 < |x| < 2
+    return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+
+  weights = np.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], axis=1)
+  m = np.zeros((n_out, n_in), np.float64)
+  for k in range(4):
+    idx = np.clip(base.astype(np.int64) - 1 + k, 0, n_in - 1)
+    np.add.at(m, (np.arange(n_out), idx), weights[:, k])
+  m = m.astype(np.float32)
+  m.setflags(write=False)  # cached: callers must not modify it
+  return m
+
+
+def resize_pos_grid(table, src: tuple[int, int], dst: tuple[int, int],
+                    offset: float = DINOV2_POS_OFFSET):
+  """A (src_h*src_w, D) position table resized to a (dst_h*dst_w, D) one, as
+  DINOv2's interpolate_pos_encoding does it (bicubic_matrix); numpy in, numpy
+  out, jax in (traced too), jax out."""
+  if tuple(src) == tuple(dst):
+    return table
+  xp = jnp if isinstance(table, jax.Array) else np
+  grid = table.reshape(src[0], src[1], -1).astype(xp.float32)
+  mh, mw = bicubic_matrix(src[0], dst[0], offset), bicubic_matrix(src[1], dst[1], offset)
+  out = xp.einsum("ih,hwd,jw->ijd", mh, grid, mw)
+  return out.reshape(dst[0] * dst[1], -1)
+
+
 def random_masking(noise: jax.Array, mask_ratio: float):
   """Per-sample random masking from a noise array (B, N), as the MAE reference.
 

@@ -10,7 +10,7 @@ import numpy as np
 from flax import nnx
 
 from biovfm_jax.models import layers
-from biovfm_jax.models.patches import patchify, sincos_2d
+from biovfm_jax.models.patches import patchify, resize_pos_grid, sincos_2d
 from biovfm_jax.sharding import constrain
 from data_pipeline.errors import ConfigError
 
@@ -162,15 +162,6 @@ def vit_config_from(cfg) -> ViTConfig:
   return vit_config(size, **d)
 
 
-def _interp_pos(table: jax.Array, src: tuple[int, int], dst: tuple[int, int]):
-  """Resizes a learned (h*w, D) position table to another grid (bicubic)."""
-  if src == dst:
-    return table
-  grid = table.reshape(src[0], src[1], -1).astype(jnp.float32)
-  grid = jax.image.resize(grid, (dst[0], dst[1], grid.shape[-1]), "bicubic")
-  return grid.reshape(dst[0] * dst[1], -1)
-
-
 class VisionTransformer(nnx.Module):
   """ViT encoder: patch embedding, [cls, registers, patches], pre-LN blocks,
   final LayerNorm. Token order is DINOv2's: cls, registers, then patches.
@@ -234,7 +225,8 @@ class VisionTransformer(nnx.Module):
     if self.pos_embed is None:
       return jnp.asarray(sincos_2d(cfg.width, *grid))
     table = self.pos_embed[...][int(cfg.class_token):]
-    return _interp_pos(table, (cfg.grid_size, cfg.grid_size), tuple(grid))
+    # Resized as DINOv2 resizes its table (bicubic, its 0.1 offset).
+    return resize_pos_grid(table, (cfg.grid_size, cfg.grid_size), tuple(grid))
 
   def embed_patches(self, images: jax.Array,
                     masks: jax.Array | None = None) -> jax.Array:

@@ -183,12 +183,14 @@ class Checkpointer:
       bad, err = unreadable[0]
       raise CheckpointError(f"no checkpoint in {self.directory} restores (steps "
                             f"{[s for s, _ in unreadable]}); step {bad}: {one_line(err)}")
+    # `saved`: the run facts read before the state. Checked before anything is
+    # moved: a refused resume leaves the workdir as it was.
+    check_input_facts(saved, run, step)
     for bad, err in unreadable:
       logging.warning("Checkpoint of step %d is unreadable (%s): moved to %s; resuming "
                       "from step %d.", bad, one_line(err), self._set_aside(bad), step)
     if unreadable:
       self.manager.reload()
-    check_input_facts(saved, run, step)  # `saved`: the run facts read before the state
     logging.info("Restored checkpoint at step %d", step)
     return state, saved
 
@@ -228,11 +230,11 @@ def check_same_model(saved: dict, run: dict, step_dir: str, abstract_state=None)
            for key, a, b in _differences(saved[k], run.get(k), f"{k}.")]
   if not diffs and abstract_state is not None:
     try:
-      shapes = _shapes(state_metadata(step_dir))
+      shapes = shapes(state_metadata(step_dir))
     except Exception:  # pylint: disable=broad-exception-caught
       shapes = None  # unreadable metadata: the restore says so
     if shapes is not None:
-      wanted = _shapes(abstract_state)
+      wanted = shapes(abstract_state)
       diffs = [f"{k}: checkpoint shape {shapes.get(k)}, config {wanted.get(k)}"
                for k in sorted(set(shapes) | set(wanted), key=_params_first)
                if shapes.get(k) != wanted.get(k)]
@@ -259,7 +261,7 @@ def _plain(x):
   return list(x) if isinstance(x, tuple) else x  # JSON turns tuples into lists
 
 
-def _shapes(tree) -> dict[str, tuple]:
+def shapes(tree) -> dict[str, tuple]:
   import jax  # pylint: disable=import-outside-toplevel
   return {"/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path):
           tuple(getattr(x, "shape", ()))
@@ -343,8 +345,10 @@ def progress(step_dir: str, run: dict | None = None) -> tuple[int, int | None]:
 
 
 def state_metadata(step_dir: str):
-  """The saved state's tree of array metadata (shape, dtype), read without loading."""
-  return ocp.PyTreeCheckpointer().metadata(os.path.join(step_dir, "state")).item_metadata.tree
+  """The saved state's tree of array metadata (shape, dtype), read without loading.
+  From the item's handler: a Checkpointer would look for step metadata in the
+  item folder `state/` (it lives in the step's) and log that it is missing."""
+  return ocp.PyTreeCheckpointHandler().metadata(storage.as_path(step_dir) / "state").tree
 
 
 def restore_subtree(step_dir: str, path: tuple[str, ...], target):
@@ -380,26 +384,45 @@ def restore_params(step_dir: str, abstract, shardings):
   relaid = _restack(saved, abstract, stack=lambda xs: jax.ShapeDtypeStruct(
       (len(xs), *xs[0].shape), xs[0].dtype), take=lambda x, i: jax.ShapeDtypeStruct(
           tuple(x.shape[1:]), x.dtype))
-  got, want = _shapes(relaid), _shapes(abstract)
+  got, want = shapes(relaid), shapes(abstract)
   if got != want:
     raise ParamsMismatch(str(sorted(set(got.items()) ^ set(want.items()))[:4]))
   target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                         abstract, shardings)
-  if _shapes(saved) == want:  # same layout: straight into the shardings
+  if shapes(saved) == want:  # same layout: straight into the shardings
     return restore_subtree(step_dir, ("params",), target)
   # Another layout: read on the host, restack, then place (every process holds
   # the whole value; each device takes its shard).
-  host_item = {"params": jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype),
-                                      dict(saved))}
-  host_args = {"params": jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
-                                      dict(saved))}
-  host = ocp.PyTreeCheckpointer().restore(
-      os.path.join(step_dir, "state"), args=ocp.args.PyTreeRestore(
-          item=host_item, restore_args=host_args, partial_restore=True))["params"]
-  relaid = _restack(host, abstract, stack=np.stack, take=lambda x, i: x[i])
+  relaid = relaid_like(restore_host(step_dir, ("params",)), abstract)
   return jax.tree.map(
       lambda x, t: jax.make_array_from_callback(
           t.shape, t.sharding, lambda idx: np.asarray(x[idx], t.dtype)), relaid, target)
+
+
+def restore_host(step_dir: str, path: tuple[str, ...]):
+  """The saved sub-tree at `path` as numpy arrays, in the saved layout."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  saved = state_metadata(step_dir)
+  for key in path:
+    saved = saved[key]
+  item = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), dict(saved))
+  args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), dict(saved))
+  for key in reversed(path):
+    item, args = {key: item}, {key: args}
+  restored = ocp.PyTreeCheckpointer().restore(
+      os.path.join(step_dir, "state"), args=ocp.args.PyTreeRestore(
+          item=item, restore_args=args, partial_restore=True))
+  for key in path:
+    restored = restored[key]
+  return restored
+
+
+def relaid_like(tree, like):
+  """Host params `tree` in the keys and block layout of `like` (per layer or
+  scanned); sub-trees `like` lacks are dropped, those `tree` lacks left out."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  return _restack(tree, like, stack=np.stack, take=lambda x, i: x[i])
 
 
 def _looped(tree) -> bool:

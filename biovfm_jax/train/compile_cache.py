@@ -45,10 +45,11 @@ def enable(config, workdir: str) -> str | None:
     _listen()
     return current
   path = cache_dir(config, workdir)
-  if path != current:
+  if path != current or (path and not storage.as_path(path).exists()):
     jax.config.update("jax_compilation_cache_dir", path)
-    # JAX opens its cache once per process: a second run in this process
-    # (a notebook, a test) must not keep writing into the first one's.
+    # JAX opens its cache (and makes its folder) once per process: a second run
+    # in this process (a notebook, a test) must not keep writing into the first
+    # one's, nor into a folder that a refused run removed (train.loop).
     jax_cache.reset_cache()
     _state["ours"] = path
   if path is None:

@@ -336,16 +336,25 @@ def train(config, workdir: str) -> dict:
   (workdir_lock.WorkdirBusy if another run has it); raises Interrupted after
   saving when stopped by Ctrl-C, checkpoint.CheckpointError when a save fails
   or no checkpoint restores, checkpoint.ModelMismatch when the workdir was
-  trained with another model or objective.
+  trained with another model or objective. A run refused before its first
+  step (any of these errors, a ConfigError ...) removes what it added to the
+  workdir, the lock file included: the workdir is left as it was found.
   """
   compile_cache.enable(config, workdir)  # before the first compile
+  chief = jax.process_index() == 0
+  added = workdir_lock.Added(workdir)  # before the lock creates anything
   # Process 0 locks for all: the others may share an NFS workdir.
-  with workdir_lock.held(workdir, enabled=jax.process_index() == 0), \
-      _Preemption() as preemption:
-    return _train(config, workdir, preemption)
+  with workdir_lock.held(workdir, enabled=chief), _Preemption() as preemption:
+    try:
+      return _train(config, workdir, preemption, started=added.keep)
+    except BaseException:
+      if chief:  # still holding the lock: no other run is in the workdir
+        added.undo()
+      raise
 
 
-def _train(config, workdir: str, preemption: _Preemption) -> dict:
+def _train(config, workdir: str, preemption: _Preemption, started) -> dict:
+  """The run; calls `started()` as the first step begins."""
   s = build(config)
   spec, tx, shardings, objective = s.spec, s.tx, s.shardings, s.objective
   total_steps, batch_sharding, train_step = s.total_steps, s.batch_sharding, s.train_step
@@ -370,60 +379,61 @@ def _train(config, workdir: str, preemption: _Preemption) -> dict:
               "flops_per_example": float(objective.flops_per_example()),
               "data_mixture": _mixture_text(config.data.mixture.weights),
               "total_steps": int(total_steps)}
-  if ckpt.latest_step() is not None:
-    state, restored_run = ckpt.restore(
-        state_lib.abstract_state(spec, tx, objective, shardings), run_info)
-  else:
-    restored_run = {}
-    state = state_lib.create_state(spec, tx, objective, shardings,
-                                   params=_initial_params(config, spec))
-  start_step = int(state.step)
-  if start_step >= total_steps:  # before any compile or input worker starts
-    logging.info("Already finished: step %d of %d in %s; nothing to do.", start_step,
-                 total_steps, workdir)
-    ckpt.close()
-    return {}
-  if start_step:
-    logging.info("Resuming from step %d.", start_step)
-
-  # --- Logging.
-  writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief,
-                                                asynchronous=True)
-  if start_step == 0:
-    writer.write_hparams({k: v for k, v in _flat(config.to_dict()).items()
-                          if isinstance(v, (int, float, str, bool))})
-  jsonl = metrics_lib.JsonlLog(storage.join(workdir, "metrics.jsonl")) if is_chief else None
-  chrono = metrics_lib.Throughput(
-      total_steps=total_steps, batch_size=config.batch_size,
-      flops_per_example=objective.flops_per_example(), num_devices=jax.device_count(),
-      peak=metrics_lib.peak_tflops(config), start_step=start_step)
-  last: dict = {}
-
-  guard = _StepGuard(config, ckpt, workdir, run_info, restored_run)
-
-  def check_and_log(step: int, metrics) -> None:
-    nonlocal last
-    host = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    guard(step, host)  # raises NonFiniteLossError
-    if step % config.log_every_steps and step != total_steps and step != start_step + 1:
-      return
-    host.update(chrono.measure(step))
-    last = host
-    writer.write_scalars(step, host)
-    if jsonl:
-      jsonl.write({"step": step, **host})
-    if is_chief:  # one progress line per run, not one per process
-      logging.info(metrics_lib.progress_line(step, total_steps, host))
-
-  # --- The loop. Metrics of step s are fetched after step s+1 is dispatched, so
-  # the host never stalls the device; before a save they are checked at once.
-  batches = device_input.Prefetch(loader_lib.make_pretrain_loader(
-      config.data, global_batch_size=config.batch_size, seed=config.seed,
-      start_step=start_step, data=s.data), batch_sharding, config.data.device_prefetch)
-  pending = None
-  step = start_step
-  t0 = time.perf_counter()
+  writer = jsonl = batches = None  # closed by the finally below, once open
   try:
+    if ckpt.latest_step() is not None:
+      state, restored_run = ckpt.restore(
+          state_lib.abstract_state(spec, tx, objective, shardings), run_info)
+    else:
+      restored_run = {}
+      state = state_lib.create_state(spec, tx, objective, shardings,
+                                     params=_initial_params(config, spec))
+    start_step = int(state.step)
+    if start_step >= total_steps:  # before any compile or input worker starts
+      logging.info("Already finished: step %d of %d in %s; nothing to do.", start_step,
+                   total_steps, workdir)
+      return {}
+    if start_step:
+      logging.info("Resuming from step %d.", start_step)
+
+    # --- Logging.
+    writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief,
+                                                  asynchronous=True)
+    if start_step == 0:
+      writer.write_hparams({k: v for k, v in _flat(config.to_dict()).items()
+                            if isinstance(v, (int, float, str, bool))})
+    jsonl = metrics_lib.JsonlLog(storage.join(workdir, "metrics.jsonl")) if is_chief else None
+    chrono = metrics_lib.Throughput(
+        total_steps=total_steps, batch_size=config.batch_size,
+        flops_per_example=objective.flops_per_example(), num_devices=jax.device_count(),
+        peak=metrics_lib.peak_tflops(config), start_step=start_step)
+    last: dict = {}
+
+    guard = _StepGuard(config, ckpt, workdir, run_info, restored_run)
+
+    def check_and_log(step: int, metrics) -> None:
+      nonlocal last
+      host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      guard(step, host)  # raises NonFiniteLossError
+      if step % config.log_every_steps and step != total_steps and step != start_step + 1:
+        return
+      host.update(chrono.measure(step))
+      last = host
+      writer.write_scalars(step, host)
+      if jsonl:
+        jsonl.write({"step": step, **host})
+      if is_chief:  # one progress line per run, not one per process
+        logging.info(metrics_lib.progress_line(step, total_steps, host))
+
+    # --- The loop. Metrics of step s are fetched after step s+1 is dispatched, so
+    # the host never stalls the device; before a save they are checked at once.
+    batches = device_input.Prefetch(loader_lib.make_pretrain_loader(
+        config.data, global_batch_size=config.batch_size, seed=config.seed,
+        start_step=start_step, data=s.data), batch_sharding, config.data.device_prefetch)
+    pending = None
+    step = start_step
+    t0 = time.perf_counter()
+    started()  # training begins: from here what the run wrote is kept, whatever happens
     while step < total_steps:
       batch = next(batches)  # on the device already: its transfer went ahead
       state, metrics = train_step(state, batch)
@@ -481,8 +491,8 @@ def _train(config, workdir: str, preemption: _Preemption) -> dict:
       # the error to report, even over one already on its way (often its effect).
       ckpt.close()
     finally:
-      for close in (writer.flush, writer.close, jsonl and jsonl.close,
-                    batches.close):
+      for close in (writer and writer.flush, writer and writer.close, jsonl and jsonl.close,
+                    batches and batches.close):
         try:
           if close:
             close()

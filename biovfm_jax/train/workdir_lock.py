@@ -4,6 +4,9 @@ The kernel drops an flock when its process dies, however it dies, so the lock
 left behind by a SIGKILLed run never blocks a restart; the file only tells
 who held it last. Object stores (gs://) have no locks: there none is held,
 and a log line says so.
+
+`Added` notes what a workdir holds before a run starts, so that a run refused
+before its first step leaves the workdir as it found it.
 """
 from __future__ import annotations
 
@@ -54,3 +57,45 @@ def held(workdir: str, enabled: bool = True):
   finally:
     if fd is not None:
       os.close(fd)  # releases the flock
+
+
+class Added:
+  """What a run adds to `workdir`: noted before it creates anything (the lock
+  does first), removed by `undo` unless `keep` was called (training began).
+
+  Only entries that were not there are removed, never one that was: a folder
+  the run created (and its parents) goes whole; in a workdir that existed, the
+  new top-level entries (run.lock, checkpoints/, compile_cache/, summaries).
+  """
+
+  def __init__(self, workdir: str):
+    self.workdir = storage.as_path(workdir)
+    self.made = []  # folders this run will create, innermost first
+    if not storage.is_remote(workdir):  # object stores have no folders to make
+      path = self.workdir
+      while not path.exists():
+        self.made.append(path)
+        path = path.parent
+    self.before = ({p.name for p in self.workdir.iterdir()} if self.workdir.exists()
+                   else set())
+    self.kept = False
+
+  def keep(self) -> None:
+    self.kept = True
+
+  def undo(self) -> None:
+    """Removes what the run added; a failure only logs (the refusal is the error)."""
+    if self.kept:
+      return
+    try:
+      for entry in (self.workdir.iterdir() if self.workdir.exists() else ()):
+        if entry.name in self.before:
+          continue
+        if entry.is_dir():
+          entry.rmtree()
+        else:
+          entry.unlink()
+      for folder in self.made:
+        folder.rmdir()  # fails, and stops, where something else was put in it
+    except OSError as e:
+      logging.warning("Could not remove what this run added to %s: %s", self.workdir, e)

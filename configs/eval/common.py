@@ -13,7 +13,7 @@ def get_config(protocol: str):
   c.benchmarks = "all"               # 'all', 'mini' or MedMNIST flags: 'derma,breast'
   c.image_size = 224                 # which MedMNIST+ files: 28, 64, 128 or 224
   # Size fed to the encoder; None: image_size if the patch divides it, else the encoder's.
-  c.input_size = ml_collections.FieldReference(None, field_type=int)
+  c.input_size = ml_collections.FieldReference(None, field_type=int | None)
   # The documented cache: $BIOVFM_DATA, else ~/.cache/biovfm_jax (made absolute
   # where the config enters: biovfm_jax/evaluate/runner.expand_paths).
   c.npz_dir = os.path.join(os.environ.get("BIOVFM_DATA", "~/.cache/biovfm_jax"), "medmnist")
@@ -33,7 +33,8 @@ def get_config(protocol: str):
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
   # Runtime overrides of the saved encoder (bf16 compute, attention kernel ...).
   c.encoder = ml_collections.ConfigDict({
-      "dtype": "float32", "attention_impl": ml_collections.FieldReference(None, field_type=str)})
+      "dtype": "float32",
+      "attention_impl": ml_collections.FieldReference(None, field_type=str | None)})
   # read_threads: image decoding ahead of the encoder (0: in the calling thread).
   c.features = ml_collections.ConfigDict({"batch_size": 256, "cache": True, "read_threads": 2})
   # The head, PAPER.md's reference settings.
@@ -49,7 +50,7 @@ def get_config(protocol: str):
       "grad_clip_norm": 0.0, "pool": "mean_patch", "seed": 0, "bootstrap": 0,
       # train/optim.py's other fields, as the fine-tuning recipe sets them
       "lr_scaling": "linear", "eps": 1e-8, "patch_embed_lr_mult": 1.0,
-      "weight_decay_end": ml_collections.FieldReference(None, field_type=float),
+      "weight_decay_end": ml_collections.FieldReference(None, field_type=float | None),
       "freeze_last_layer_epochs": 0, "freeze_pattern": ""})
   return c
 
