@@ -102,6 +102,11 @@ def get_config(size: str | None) -> config_dict.ConfigDict:
   c.optim.patch_embed_lr_mult = 1.0
   c.optim.freeze_last_layer_epochs = 0
   c.optim.freeze_pattern = "last_layer"  # regex over param paths frozen for those epochs
+  # Continued pretraining from a public backbone on small data: its first K blocks and its
+  # embeddings (patch embedding, cls/register/mask tokens, position table) stay fixed for
+  # the first N optimiser steps: no Adam step, no weight decay, out of the clip norm.
+  c.optim.freeze_blocks = 0         # K, the backbone's first blocks held (0: off)
+  c.optim.freeze_blocks_steps = config_dict.placeholder(int | None)  # N; None: the whole run
   # A step whose loss or gradients are not finite leaves params, optimiser state and
   # EMA unchanged (the step count advances) instead of stopping the run ...
   c.optim.skip_nonfinite = False

@@ -8,6 +8,7 @@ import argparse
 import functools
 import json
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -23,7 +24,9 @@ from biovfm_jax.interop import (ConversionError, create_timm_model, from_dinov2,
                                 from_mae, from_timm, load_state_dict,
                                 timm_model_kwargs, timm_model_name, to_timm)
 from biovfm_jax.interop.__main__ import CUSTOM_TIMM_MODEL, main as cli_main
+from biovfm_jax.interop.convert import from_dinov2_heads
 from biovfm_jax.models import MaskedAutoencoder, VisionTransformer, vit_config
+from biovfm_jax.models.dino_head import DINOHead, DINOv2Model
 
 TOL = 1e-4
 _T = dict(embed_dim=192, num_heads=3)  # shrink the S-named models to T width
@@ -383,6 +386,156 @@ def test_from_dinov2_errors():
                 size="T")
 
 
+class RefDinoHead(nn.Module):
+  """dinov2's DINOHead modules and names: mlp = Sequential(Linear, [BatchNorm1d],
+  GELU, ..., Linear) (a bare Linear for one layer), then a weight-normed
+  Linear without bias onto the prototypes, applied to the L2-normalised
+  bottleneck."""
+
+  def __init__(self, din, k, hidden=32, bottleneck=16, nlayers=3, use_bn=False,
+               parametrized=False, seed=0):
+    super().__init__()
+    dims = [din] + [hidden] * (nlayers - 1) + [bottleneck]
+    mods = []
+    for i in range(nlayers):
+      mods.append(nn.Linear(dims[i], dims[i + 1]))
+      if i < nlayers - 1:
+        mods += [nn.BatchNorm1d(hidden)] * use_bn + [nn.GELU()]
+    self.mlp = nn.Sequential(*mods) if nlayers > 1 else mods[0]
+    norm = (torch.nn.utils.parametrizations.weight_norm if parametrized
+            else torch.nn.utils.weight_norm)
+    with warnings.catch_warnings():  # the form dinov2 uses is deprecated
+      warnings.simplefilter("ignore", FutureWarning)
+      self.last_layer = norm(nn.Linear(bottleneck, k, bias=False))
+    randomize(self, seed)
+    with torch.no_grad():  # norm_last_layer: the gain is 1
+      gain = (self.last_layer.parametrizations.weight.original0 if parametrized
+              else self.last_layer.weight_g)
+      gain.fill_(1.0)
+
+  def forward(self, x):
+    return self.last_layer(nn.functional.normalize(self.mlp(x), dim=-1))
+
+
+def head_sd(head, prefix):
+  return {f"{prefix}{k}": v for k, v in numpy_sd(head).items()}
+
+
+def head_logits(head, kwargs, params, x):
+  """(ours, reference) logits of the torch head and of our DINOHead built
+  from the recorded kwargs and loaded with the imported params."""
+  ours = merged(lambda: DINOHead(192, **kwargs, rngs=nnx.Rngs(0)), params)
+  with torch.no_grad():
+    ref = head(torch.from_numpy(x)).numpy()
+  return np.asarray(ours(x)), ref
+
+
+HEAD_ARCH = dict(num_prototypes=24, hidden_dim=32, bottleneck_dim=16, nlayers=3)
+
+
+@pytest.mark.parametrize("separate_ibot", [False, True])
+def test_cli_import_dinov2_training_checkpoint_keeps_heads(separate_ibot, tmp_path):
+  """eval/<iter>/teacher_checkpoint.pth: {'teacher': backbone.*, dino_head.*
+  (, ibot_head.*)}. The heads come along beside the backbone, with the names
+  and shapes of our DINOHead, and give the reference's logits."""
+  from biovfm_jax.evaluate.encoder import load_encoder
+  from biovfm_jax.train import checkpoint as ckpt_lib
+  model = timm_model("vit_small_patch14_reg4_dinov2", img_size=28, **_T)
+  heads = {"dino_head": RefDinoHead(192, 24, seed=1)}
+  if separate_ibot:  # weight norm as parametrizations (newer torch)
+    heads["ibot_head"] = RefDinoHead(192, 20, parametrized=True, seed=2)
+  sd = to_dinov2_layout(numpy_sd(model), prefix="backbone.")
+  for name, head in heads.items():
+    sd.update(head_sd(head, f"{name}."))
+  src = save(sd, tmp_path / "teacher_checkpoint.pth", nest="teacher")
+  out = str(tmp_path / "imported")
+  assert cli_main(["import", "--format=dinov2", f"--src={src}", f"--out={out}",
+                   "--num-heads=3"]) == 0
+  step_dir = ckpt_lib.find_step_dir(out)
+  run = ckpt_lib.read_run(step_dir)
+  assert run["backbone"] == "params/backbone"
+  want = {"dino_head": HEAD_ARCH}
+  if separate_ibot:
+    want["ibot_head"] = {**HEAD_ARCH, "num_prototypes": 20}
+  assert run["heads"] == want
+  # The saved heads, as the continued-pretraining loader reads them: the
+  # names and shapes of a DINOv2Model's, and the reference's logits.
+  dinov2 = nnx.eval_shape(lambda: DINOv2Model(
+      vit_config(None, **run["encoder"]), num_prototypes=24, hidden_dim=32,
+      bottleneck_dim=16, nlayers=3, separate_ibot_head=separate_ibot,
+      ibot_num_prototypes=20, rngs=nnx.Rngs(0)))
+  like = nnx.to_pure_dict(nnx.split(dinov2, nnx.Param, ...)[1])
+  x = np.random.default_rng(5).normal(size=(6, 192)).astype(np.float32)
+  for name, head in heads.items():
+    saved = ckpt_lib.restore_host(step_dir, ("params", name))  # '0', '1' ... keys
+    tree = ckpt_lib.relaid_like(saved, like[name])
+    assert ckpt_lib.shapes(tree) == ckpt_lib.shapes(like[name])
+    assert ckpt_lib.shapes(saved) == ckpt_lib.shapes(like[name])  # nothing dropped
+    err = max_err(*head_logits(head, run["heads"][name], tree, x))
+    print(f"{name}: max |ours - torch| = {err:.2e}")
+    assert err < 1e-5
+  # The backbone is where the run JSON says: evaluation sees the same features.
+  x = images(28, n=8)
+  ref = torch_features(model, x)
+  feats = load_encoder(out)(x)
+  assert max_err(np.asarray(feats["cls"]), ref[:, 0]) < TOL
+  assert max_err(np.asarray(feats["patch_tokens"]), ref[:, 5:]) < TOL
+
+
+def test_cli_import_dinov2_without_heads_keeps_the_backbone_layout(tmp_path):
+  from biovfm_jax.train.checkpoint import find_step_dir, read_run
+  sd = to_dinov2_layout(numpy_sd(timm_model("vit_small_patch14_dinov2", img_size=28, **_T)))
+  out = str(tmp_path / "hub")
+  assert cli_main(["import", "--format=dinov2", f"--src={save(sd, tmp_path / 'hub.pth')}",
+                   f"--out={out}", "--model=T"]) == 0
+  run = read_run(find_step_dir(out))
+  assert run["backbone"] == "params" and "heads" not in run
+
+
+def test_from_dinov2_heads_reads_the_teachers():
+  """Student and teacher in one state dict: the teacher's heads (beside the
+  backbone from_dinov2 reads); a one-layer MLP is a bare Linear."""
+  backbone = to_dinov2_layout(numpy_sd(timm_model("vit_small_patch14_dinov2", img_size=28,
+                                                  **_T)))
+  teacher, student = RefDinoHead(192, 24, nlayers=1, seed=1), RefDinoHead(192, 24, seed=2)
+  sd = {**{f"{who}.backbone.{k}": v for k, v in backbone.items() for who in ("student",
+                                                                             "teacher")},
+        **head_sd(teacher, "teacher.dino_head."), **head_sd(student, "student.dino_head.")}
+  params, arch = from_dinov2_heads(sd, 192)
+  assert arch == {"dino_head": dict(num_prototypes=24, hidden_dim=None, bottleneck_dim=16,
+                                    nlayers=1)}
+  x = np.random.default_rng(5).normal(size=(6, 192)).astype(np.float32)
+  assert max_err(*head_logits(teacher, arch["dino_head"], params["dino_head"], x)) < 1e-5
+  assert from_dinov2_heads(backbone, 192) == ({}, {})
+
+
+def test_dinov2_heads_refused_or_warned(tmp_path, capsys):
+  backbone = to_dinov2_layout(numpy_sd(timm_model("vit_small_patch14_dinov2", img_size=28,
+                                                  **_T)))
+  bn = head_sd(RefDinoHead(192, 24, use_bn=True), "dino_head.")
+  src = save({**backbone, **bn}, tmp_path / "bn.pth", nest="teacher")
+  assert cli_main(["import", "--format=dinov2", f"--src={src}",
+                   f"--out={tmp_path / 'bn'}", "--model=T"]) == 2
+  err = capsys.readouterr().err
+  assert "dino_head.*: the MLP has BatchNorm layers (use_bn=True)" in err, err
+  with pytest.raises(ConversionError, match="mlp.0, mlp.2, mlp.4"):
+    from_dinov2_heads({**backbone, **{k: v for k, v in bn.items() if "running" not in k}},
+                      192)
+  # A trained gain (dinov2 trains weight_g): imported with a warning; our
+  # logits are the reference's divided by g.
+  head = RefDinoHead(192, 24)
+  g = np.linspace(0.5, 1.5, 24, dtype=np.float32)[:, None]
+  with torch.no_grad():
+    head.last_layer.weight_g.copy_(torch.from_numpy(g))
+  with pytest.warns(UserWarning, match=r"weight_g is not 1 \(from 0.5 to 1.5\)"):
+    params, arch = from_dinov2_heads({**backbone, **head_sd(head, "dino_head.")}, 192)
+  x = np.random.default_rng(5).normal(size=(6, 192)).astype(np.float32)
+  ours, ref = head_logits(head, arch["dino_head"], params["dino_head"], x)
+  assert max_err(ours, ref / g[:, 0]) < 1e-5
+  with pytest.raises(ConversionError, match=r"'mlp.0.weight' has shape \(32, 96\)"):
+    from_dinov2_heads({**backbone, **head_sd(RefDinoHead(96, 24), "dino_head.")}, 192)
+
+
 # --- export -----------------------------------------------------------------
 
 
@@ -588,8 +741,8 @@ def test_an_imported_mae_starts_a_scanned_model(mae_checkpoint, tmp_path):
 
   import jax
 
-  from biovfm_jax.train.checkpoint import (ParamsMismatch, find_step_dir, read_run,
-                                           restore_params, save_params)
+  from biovfm_jax.train.checkpoint import (find_step_dir, read_run, relaid_like,
+                                           restore_host, save_params, shapes)
   path, encoder, _ = mae_checkpoint
   out = str(tmp_path / "mae")
   assert cli_main(["import", "--format=mae", f"--src={path}", f"--out={out}",
@@ -597,25 +750,24 @@ def test_an_imported_mae_starts_a_scanned_model(mae_checkpoint, tmp_path):
   run = read_run(find_step_dir(out))
   looped = vit_config(None, **run["encoder"])
   dec = run["decoder"]
-  cpu = jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
   def restore(step_dir, cfg):
     abstract = nnx.to_pure_dict(nnx.split(nnx.eval_shape(lambda: MaskedAutoencoder(
         cfg, **dec, rngs=nnx.Rngs(0))), nnx.Param, ...)[1])
-    return restore_params(step_dir, abstract, jax.tree.map(lambda _: cpu, abstract))
+    return relaid_like(restore_host(step_dir, ("params",)), abstract), abstract
 
   scanned_cfg = dataclasses.replace(looped, scan_layers=True)
-  scanned = restore(find_step_dir(out), scanned_cfg)
+  scanned, _ = restore(find_step_dir(out), scanned_cfg)
   assert {x.shape[0] for x in jax.tree.leaves(scanned["encoder"]["blocks"]["layers"])} == {2}
   x = images(32)
   ref = torch_features(encoder, x)
   assert max_err(our_features(scanned_cfg, scanned["encoder"], x), ref) < TOL
   # A scanned save back into a looped model.
   save_params(str(tmp_path / "scanned"), scanned, run)
-  again = restore(find_step_dir(str(tmp_path / "scanned")), looped)
+  again, _ = restore(find_step_dir(str(tmp_path / "scanned")), looped)
   assert max_err(our_features(looped, again["encoder"], x), ref) < TOL
-  with pytest.raises(ParamsMismatch, match="blocks/layers"):
-    restore(find_step_dir(out), dataclasses.replace(scanned_cfg, depth=3))
+  deeper, abstract = restore(find_step_dir(out), dataclasses.replace(scanned_cfg, depth=3))
+  assert shapes(deeper) != shapes(abstract)  # what init_from refuses
 
 
 @pytest.mark.slow

@@ -42,7 +42,7 @@ def _loss(logits, labels, task: str, smoothing: float):
 # config.finetune's fields that train/optim.py reads under config.optim.
 _OPTIM_KEYS = ("base_lr", "lr_batch_base", "lr_scaling", "min_lr", "warmup_epochs", "weight_decay", "weight_decay_end",
                "b1", "b2", "eps", "grad_clip_norm", "layer_decay", "patch_embed_lr_mult",
-               "freeze_last_layer_epochs", "freeze_pattern")
+               "freeze_last_layer_epochs", "freeze_pattern", "freeze_blocks", "freeze_blocks_steps")
 
 
 def _optimizer_config(cfg) -> ml_collections.ConfigDict:

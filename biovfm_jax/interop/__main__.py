@@ -4,7 +4,8 @@
   python -m biovfm_jax.interop export --format=timm --src=/tmp/run --out=/tmp/vit.safetensors
 
 `import` writes a checkpoint (workdir/checkpoints/0/) that evaluation
-(load_encoder) reads like any other and pretraining can start from; `export`
+(load_encoder) reads like any other and pretraining can start from (with
+MAE's decoder, and the DINO/iBOT heads of a DINOv2 training checkpoint); `export`
 writes the encoder of any checkpoint in timm's layout.
 """
 from __future__ import annotations
@@ -75,6 +76,13 @@ def run_import(args) -> dict:
   else:
     fn = convert.from_timm if args.format == "timm" else convert.from_dinov2
     config, params = fn(sd, **heads, image_size=args.image_size)
+    if args.format == "dinov2":
+      # A training checkpoint's DINO/iBOT heads sit beside the backbone, so
+      # continued pretraining can start from them too (when their shapes fit).
+      dino_heads, arch = convert.from_dinov2_heads(sd, config.width)
+      if dino_heads:
+        params = {"backbone": params, **dino_heads}
+        run.update(backbone="params/backbone", heads=arch)
   run["encoder"] = dataclasses.asdict(config)
   step_dir = save_params(args.out, params, run, step=0)
   return {"checkpoint": step_dir, **run}

@@ -6,7 +6,8 @@ Pure numpy (no torch). Torch stores a Linear weight as (out, in) and the
 patch conv as (D, C, p, p); ours are (in, out), a (p*p*C, D) matrix over
 (row, col, channel)-flattened patches, and attention split per head. Every
 key read is shape-checked; keys nobody reads are an error, except known
-heads (classifier, DINO/iBOT heads), which are skipped and logged.
+heads (classifier, DINO/iBOT heads), which are skipped and logged. DINOv2's
+DINO/iBOT heads import on their own (from_dinov2_heads).
 """
 from __future__ import annotations
 
@@ -307,6 +308,13 @@ def check_params(config: ViTConfig, params: Mapping,
     build = lambda: VisionTransformer(config, rngs=nnx.Rngs(0))
   else:
     build = lambda: MaskedAutoencoder(config, **decoder, rngs=nnx.Rngs(0))
+  _check_tree(build, params)
+
+
+def _check_tree(build, params: Mapping) -> None:
+  """Raises ConversionError unless `params` has exactly the Param keys and
+  shapes of the module `build()` makes (built abstractly, no init)."""
+  from flax import nnx
   _, want, _ = nnx.split(nnx.eval_shape(build), nnx.Param, ...)
   want = flatten_params(nnx.to_pure_dict(want))
   got = flatten_params(params)
@@ -429,16 +437,20 @@ _DINOV2_PREFIXES = ("teacher.backbone.", "backbone.", "")
 _DINOV2_HEADS = ("head.", "dino_head.", "ibot_head.")
 
 
+def _dinov2_prefix(sd: Mapping[str, Any]) -> str:
+  """The backbone's key prefix (the teacher's when both networks are there)."""
+  for prefix in _DINOV2_PREFIXES:
+    if f"{prefix}patch_embed.proj.weight" in sd:
+      return prefix
+  raise ConversionError(
+      "DINOv2 state dict: no patch_embed.proj.weight under any of "
+      f"{[p + '*' for p in _DINOV2_PREFIXES]}")
+
+
 def _dinov2_backbone(sd: Mapping[str, Any]) -> tuple[dict, list[str]]:
   """The backbone keys (prefix stripped, block chunks flattened) and the
   skipped keys (student, DINO/iBOT heads)."""
-  for prefix in _DINOV2_PREFIXES:
-    if f"{prefix}patch_embed.proj.weight" in sd:
-      break
-  else:
-    raise ConversionError(
-        "DINOv2 state dict: no patch_embed.proj.weight under any of "
-        f"{[p + '*' for p in _DINOV2_PREFIXES]}")
+  prefix = _dinov2_prefix(sd)
   backbone = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
   skipped = [k for k in sd if not k.startswith(prefix)]
   # Block chunks (FSDP training): blocks.<chunk>.<i>.*, with i the global index.
@@ -470,9 +482,9 @@ def from_dinov2(sd: Mapping[str, Any], *, size: str | None = None,
   Takes a hub state dict (cls_token, pos_embed with a cls row,
   register_tokens, mask_token, blocks.<i>.*, norm) or a training checkpoint's
   teacher ('backbone.' or 'teacher.backbone.' prefixed, blocks possibly in
-  chunks 'blocks.<chunk>.<i>.*'); DINO/iBOT heads and the student are
-  skipped. image_size defaults to the table's (518 for hub models); another
-  value resizes the table (bicubic).
+  chunks 'blocks.<chunk>.<i>.*'); DINO/iBOT heads (see from_dinov2_heads)
+  and the student are skipped. image_size defaults to the table's (518 for
+  hub models); another value resizes the table (bicubic).
   """
   backbone, skipped = _dinov2_backbone(sd)
   src = _Source(backbone, "DINOv2 state dict")
@@ -487,6 +499,80 @@ def from_dinov2(sd: Mapping[str, Any], *, size: str | None = None,
   params = _nest(flat)
   check_params(cfg, params)
   return cfg, params
+
+
+DINOV2_HEAD_NAMES = ("dino_head", "ibot_head")
+
+
+def from_dinov2_heads(sd: Mapping[str, Any], in_dim: int
+                      ) -> tuple[dict[str, Params], dict[str, dict[str, Any]]]:
+  """The DINO/iBOT heads beside the backbone from_dinov2 reads (the
+  teacher's in a full training checkpoint) -> ({name: DINOHead params},
+  {name: DINOHead kwargs}), both empty when the state dict has no heads.
+
+  The kwargs (num_prototypes, hidden_dim, bottleneck_dim, nlayers) are read
+  from the shapes: DINOHead(in_dim, **kwargs) takes the params. Heads with
+  BatchNorm (use_bn) are refused. The reference's last layer is weight-normed,
+  W = g * v / ||v|| per prototype; ours is v / ||v|| per column with no gain,
+  so we keep v (its direction and the scale its optimiser saw): the logits
+  are equal where g == 1, and divided by |g| elsewhere (a warning says so).
+  """
+  root = _dinov2_prefix(sd).removesuffix("backbone.")
+  params, arch = {}, {}
+  for name in DINOV2_HEAD_NAMES:
+    at = f"{root}{name}."
+    head = {k[len(at):]: v for k, v in sd.items() if k.startswith(at)}
+    if head:
+      params[name], arch[name] = _read_dino_head(_Source(head, f"DINOv2 {at}*"), in_dim)
+  return params, arch
+
+
+def _read_dino_head(src: _Source, in_dim: int) -> tuple[Params, dict[str, Any]]:
+  from flax import nnx
+
+  from biovfm_jax.models.dino_head import DINOHead
+  what = src.what
+  if any(k.endswith("running_mean") for k in src.sd):
+    raise ConversionError(f"{what}: the MLP has BatchNorm layers (use_bn=True), "
+                          "which our DINOHead does not have")
+  # nn.Sequential(Linear, GELU, ..., Linear): Linears at 0, 2, 4 ...; a
+  # one-layer MLP is a bare Linear named 'mlp'.
+  if src.has("mlp.weight"):
+    names = ["mlp"]
+  else:
+    found = sorted(int(m.group(1)) for k in src.sd
+                   if (m := re.fullmatch(r"mlp\.(\d+)\.weight", k)))
+    if not found or found != list(range(0, 2 * len(found), 2)):
+      raise ConversionError(f"{what}: expected Linear layers mlp.0, mlp.2, mlp.4 ... "
+                            f"(Linear, GELU, ...), found mlp.<i>.weight at {found}")
+    names = [f"mlp.{i}" for i in found]
+  flat, dims = {}, [in_dim]
+  for i, name in enumerate(names):
+    dims.append(src.shape(f"{name}.weight")[0])
+    flat[f"mlp/{i}/kernel"], flat[f"mlp/{i}/bias"] = src.linear(name, dims[-2], dims[-1])
+  # weight_norm's g and v: torch.nn.utils.weight_norm, or its parametrizations form.
+  for g_key, v_key in (("weight_g", "weight_v"),
+                       ("parametrizations.weight.original0",
+                        "parametrizations.weight.original1")):
+    g_key, v_key = "last_layer." + g_key, "last_layer." + v_key
+    if src.has(v_key):
+      break
+  else:
+    raise ConversionError(f"{what}: no weight-normed last layer (last_layer.weight_g "
+                          "and last_layer.weight_v)")
+  k = src.shape(v_key)[0]
+  v, g = src.get(v_key, (k, dims[-1])), src.get(g_key, (k, 1))
+  if not np.allclose(g, 1.0, rtol=0, atol=1e-6):
+    warnings.warn(f"{what}: {g_key} is not 1 (from {g.min():.4g} to {g.max():.4g}); "
+                  "our prototypes have no gain, so the imported head's logits are the "
+                  "reference's divided by |g| per prototype", stacklevel=3)
+  flat["last_layer"] = np.where(g < 0, -v, v).T  # (bottleneck, K); g < 0 flips a prototype
+  src.finish()
+  kwargs = dict(num_prototypes=k, hidden_dim=dims[1] if len(names) > 1 else None,
+                bottleneck_dim=dims[-1], nlayers=len(names))
+  params = _nest(flat)
+  _check_tree(lambda: DINOHead(in_dim, **kwargs, rngs=nnx.Rngs(0)), params)
+  return params, kwargs
 
 
 # --------------------------------------------------------------------------

@@ -367,38 +367,6 @@ def restore_subtree(step_dir: str, path: tuple[str, ...], target):
   return restored
 
 
-class ParamsMismatch(ValueError):
-  """Saved params that do not fit the model; the message lists the first
-  differences (path, shape)."""
-
-
-def restore_params(step_dir: str, abstract, shardings):
-  """The saved state's "params", restored into the tree, dtypes and shardings of
-  `abstract` (the model's). A block stack saved per layer ('layers/<i>/...': a
-  looped model, or an import) is stacked on a leading axis for a scanned model
-  (scan_layers, the default for L, H, g), and a stacked one split for a looped
-  model. Raises ParamsMismatch when the shapes differ otherwise."""
-  import jax  # pylint: disable=import-outside-toplevel
-  import numpy as np  # pylint: disable=import-outside-toplevel
-  saved = state_metadata(step_dir).get("params", {})
-  relaid = _restack(saved, abstract, stack=lambda xs: jax.ShapeDtypeStruct(
-      (len(xs), *xs[0].shape), xs[0].dtype), take=lambda x, i: jax.ShapeDtypeStruct(
-          tuple(x.shape[1:]), x.dtype))
-  got, want = shapes(relaid), shapes(abstract)
-  if got != want:
-    raise ParamsMismatch(str(sorted(set(got.items()) ^ set(want.items()))[:4]))
-  target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        abstract, shardings)
-  if shapes(saved) == want:  # same layout: straight into the shardings
-    return restore_subtree(step_dir, ("params",), target)
-  # Another layout: read on the host, restack, then place (every process holds
-  # the whole value; each device takes its shard).
-  relaid = relaid_like(restore_host(step_dir, ("params",)), abstract)
-  return jax.tree.map(
-      lambda x, t: jax.make_array_from_callback(
-          t.shape, t.sharding, lambda idx: np.asarray(x[idx], t.dtype)), relaid, target)
-
-
 def restore_host(step_dir: str, path: tuple[str, ...]):
   """The saved sub-tree at `path` as numpy arrays, in the saved layout."""
   import jax  # pylint: disable=import-outside-toplevel
@@ -406,8 +374,9 @@ def restore_host(step_dir: str, path: tuple[str, ...]):
   saved = state_metadata(step_dir)
   for key in path:
     saved = saved[key]
-  item = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), dict(saved))
-  args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), dict(saved))
+  saved = dict(saved) if hasattr(saved, "items") else saved  # a sub-tree, or one array
+  item = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), saved)
+  args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), saved)
   for key in reversed(path):
     item, args = {key: item}, {key: args}
   restored = ocp.PyTreeCheckpointer().restore(

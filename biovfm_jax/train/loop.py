@@ -26,6 +26,7 @@ from biovfm_jax.objectives import get_objective
 from biovfm_jax.train import checkpoint as ckpt_lib
 from biovfm_jax.train import compile_cache
 from biovfm_jax.train import device_input
+from biovfm_jax.train import init_from
 from biovfm_jax.train import metrics as metrics_lib
 from biovfm_jax.train import optim
 from biovfm_jax.train import state as state_lib
@@ -34,7 +35,6 @@ from biovfm_jax.train.validate import validate_config
 from data_pipeline import loader as loader_lib
 from data_pipeline import selection
 from data_pipeline import storage
-from data_pipeline.errors import ConfigError
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -387,7 +387,7 @@ def _train(config, workdir: str, preemption: _Preemption, started) -> dict:
     else:
       restored_run = {}
       state = state_lib.create_state(spec, tx, objective, shardings,
-                                     params=_initial_params(config, spec))
+                                     params=init_from.initial_params(config, spec, objective))
     start_step = int(state.step)
     if start_step >= total_steps:  # before any compile or input worker starts
       logging.info("Already finished: step %d of %d in %s; nothing to do.", start_step,
@@ -508,22 +508,6 @@ def _mixture_text(weights) -> str:
   if not isinstance(weights, str):
     weights = ",".join(f"{k}:{float(v):g}" for k, v in sorted(dict(weights).items()))
   return weights
-
-
-def _initial_params(config, spec: state_lib.ModelSpec):
-  """The params of checkpoint `config.init_from` (e.g. an imported MAE with its
-  decoder) to start from, or None for the model's own init. Optimiser state and
-  step start fresh."""
-  if not config.init_from:
-    return None
-  step_dir = ckpt_lib.find_step_dir(config.init_from)
-  try:  # a looped save (e.g. an import) also starts a scanned model, and back
-    params = ckpt_lib.restore_params(step_dir, spec.abstract_params, spec.param_shardings)
-  except ckpt_lib.ParamsMismatch as e:
-    raise ConfigError(f"config.init_from={config.init_from!r}: its params do not fit this "
-                     f"config's model (first differences, path and shape: {e})") from None
-  logging.info("Initialised from %s.", step_dir)
-  return params
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

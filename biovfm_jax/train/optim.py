@@ -1,7 +1,8 @@
 """Optimiser and schedules, covering the MAE and DINOv2 recipes from config.
 
 AdamW written out as a chain so each recipe feature is one visible piece:
-  clip -> freeze -> adam -> + wd(step) * p (masked) -> x lr multiplier -> x -lr(step) -> freeze
+  clip -> freeze last layer -> adam -> + wd(step) * p (masked)
+  -> x lr multiplier -> x -lr(step) -> freeze last layer and first blocks
 which is p <- p - lr(step) * mult * (adam + wd(step) * p), torch's AdamW per
 parameter group, with `mult` = layer-wise decay x patch-embedding factor.
 """
@@ -64,28 +65,51 @@ def decay_mask(params, *, finetune: bool = False):
       lambda p, _: not no_decay(tuple(_path_names(p)), finetune=finetune), params)
 
 
+def _layer(names: list[str], leaf, depth: int):
+  """A parameter's layer as layer-wise decay counts them: embeddings 0, block i
+  is i + 1, everything after the encoder depth + 1. blocks/layers/<i>/... is a
+  loop; a scanned stack (blocks/layers/..., axis 0 = layer) gets an int array
+  shaped (depth, 1, ...), so factors built from it broadcast over each layer."""
+  if "blocks" in names:
+    rest = [n for n in names[names.index("blocks") + 1:] if n != "layers"]
+    if rest and rest[0].isdigit():
+      return int(rest[0]) + 1
+    return np.arange(1, depth + 1).reshape((depth,) + (1,) * (len(leaf.shape) - 1))
+  return 0 if any(e in "/".join(names) for e in _EMBEDDING) else depth + 1
+
+
 def lr_multipliers(params, *, depth: int, layer_decay: float, patch_embed_mult: float):
   """Per-parameter lr factors: layer_decay ** (depth + 1 - layer) (BEiT/DINOv2
-  layer-wise decay: embeddings are layer 0, block i is i + 1, everything after
-  the encoder is depth + 1) times patch_embed_mult on the patch embedding.
+  layer-wise decay, see _layer) times patch_embed_mult on the patch embedding.
   A scanned block stack ('blocks/layers', leading axis = layer) gets an array."""
 
   def mult(path, leaf):
     names = _path_names(path)
-    joined = "/".join(names)
-    if "blocks" in names:
-      # blocks/layers/<i>/... (a loop) or blocks/layers/... (scanned: axis 0 is the layer)
-      rest = [n for n in names[names.index("blocks") + 1:] if n != "layers"]
-      if rest and rest[0].isdigit():
-        return float(layer_decay ** (depth - int(rest[0])))
-      per_layer = layer_decay ** (depth - np.arange(depth, dtype=np.float32))
-      return per_layer.reshape((depth,) + (1,) * (len(leaf.shape) - 1))
-    if any(e in joined for e in _EMBEDDING):
-      m = layer_decay ** (depth + 1)
-      return float(m * (patch_embed_mult if "patch_embed" in joined else 1.0))
-    return 1.0
+    m = layer_decay ** (depth + 1 - _layer(names, leaf, depth))
+    m = m * (patch_embed_mult if "patch_embed" in "/".join(names) else 1.0)
+    return float(m) if np.ndim(m) == 0 else m.astype(np.float32)
 
   return jax.tree_util.tree_map_with_path(mult, params)
+
+
+# Where the optimised backbone lives in params: MAE's encoder, DINOv2's student
+# (its teacher is an EMA, outside params), fine-tuning's encoder.
+_BACKBONES = ("encoder", "backbone")
+
+
+def frozen_blocks(params, *, depth: int, blocks: int):
+  """Like params: True on the backbone's embeddings (patch embedding, tokens,
+  position table) and first `blocks` blocks, i.e. its layers 0..blocks of
+  layer-wise decay; a scanned stack gets a 0/1 array shaped (depth, 1, ...)."""
+
+  def held(path, leaf):
+    names = _path_names(path)
+    if not blocks or names[0] not in _BACKBONES:
+      return False
+    layer = _layer(names, leaf, depth)
+    return bool(layer <= blocks) if np.ndim(layer) == 0 else (layer <= blocks).astype(np.float32)
+
+  return jax.tree_util.tree_map_with_path(held, params)
 
 
 class _StepState(NamedTuple):
@@ -113,11 +137,14 @@ def _scale_tree(mults) -> optax.GradientTransformation:
       updates, mults))
 
 
-def _freeze_early(frozen, steps: int) -> optax.GradientTransformation:
-  """Zeroes the `frozen` leaves for the first `steps` steps (DINOv2 keeps the
-  head's last layer fixed for the first epoch). Used twice: on the gradients
-  (so Adam's moments see zeros, where torch skips them: a small, known gap)
-  and on the final update (so weight decay does not move them either)."""
+def _freeze_early(groups) -> optax.GradientTransformation:
+  """Zeroes frozen updates early in the run. `groups`: (frozen, steps) pairs,
+  `frozen` like params (True/False, or a 0/1 array over a scanned stack's layer
+  axis), held for the first `steps` steps (None: all of them). DINOv2 keeps
+  the head's last layer fixed for its first epoch (on the gradients, so Adam's
+  moments see zeros, and on the final update, so weight decay does not move
+  it either; the reference uses an lr of 0: issue 29); continued pretraining,
+  the backbone's first blocks (on the final update only)."""
 
   def init(params):
     del params
@@ -125,8 +152,11 @@ def _freeze_early(frozen, steps: int) -> optax.GradientTransformation:
 
   def update(updates, state, params=None):
     del params
-    keep = (state.count >= steps).astype(jnp.float32)
-    updates = jax.tree.map(lambda u, f: u * keep.astype(u.dtype) if f else u, updates, frozen)
+    for frozen, steps in groups:
+      early = True if steps is None else state.count < steps
+      updates = jax.tree.map(
+          lambda u, f: u * jnp.where(early, 1 - jnp.asarray(f, u.dtype), 1).astype(u.dtype)
+          if np.any(f) else u, updates, frozen)
     return updates, _StepState(state.count + 1)
 
   return optax.GradientTransformation(init, update)
@@ -138,7 +168,18 @@ def make_optimizer(config, schedule: optax.Schedule, decay_mask, *, params,
   """The recipe's AdamW. `decay_mask` (bools like params) picks what decays;
   `params` (abstract is fine) gives paths and shapes for per-parameter factors."""
   o = config.optim
-  parts = []
+  parts, freezes = [], []
+  if o.freeze_blocks:
+    # On the final update only: an lr of 0 for those blocks. Their gradients
+    # still reach Adam's moments, so they move on warm moments when the hold
+    # ends, not on moments restarted under the run's bias correction (up to
+    # ~5x torch's steps with b2=0.999).
+    blocks = (frozen_blocks(params, depth=depth, blocks=o.freeze_blocks),
+              o.freeze_blocks_steps)
+    if not any(np.any(f) for f in jax.tree.leaves(blocks[0])):
+      raise ConfigError(f"config.optim.freeze_blocks={o.freeze_blocks}: no backbone "
+                        f"({' or '.join(_BACKBONES)}) among the parameters")
+    freezes.append(blocks)
   if o.grad_clip_norm:
     parts.append(optax.clip_by_global_norm(o.grad_clip_norm))
   freeze_steps = int(o.freeze_last_layer_epochs * steps_per_epoch)
@@ -148,9 +189,8 @@ def make_optimizer(config, schedule: optax.Schedule, decay_mask, *, params,
         lambda p, _: bool(pattern.search("/".join(_path_names(p)))), params)
     if not any(jax.tree.leaves(frozen)):
       raise ConfigError(f"config.optim.freeze_pattern={pattern.pattern!r} matches no parameter")
-    parts.append(_freeze_early(frozen, freeze_steps))
-  else:
-    frozen = None
+    parts.append(_freeze_early([(frozen, freeze_steps)]))
+    freezes.append((frozen, freeze_steps))
   parts.append(optax.scale_by_adam(b1=o.b1, b2=o.b2, eps=o.eps))
   parts.append(_scheduled_decay(wd_schedule(config, total_steps), decay_mask))
   layer_decay, patch_mult = o.layer_decay, o.patch_embed_lr_mult
@@ -158,6 +198,6 @@ def make_optimizer(config, schedule: optax.Schedule, decay_mask, *, params,
     parts.append(_scale_tree(lr_multipliers(params, depth=depth, layer_decay=layer_decay,
                                             patch_embed_mult=patch_mult)))
   parts.append(optax.scale_by_learning_rate(schedule))
-  if frozen is not None:
-    parts.append(_freeze_early(frozen, freeze_steps))
+  if freezes:
+    parts.append(_freeze_early(freezes))
   return optax.chain(*parts)

@@ -23,7 +23,7 @@ def validate_config(config, mesh) -> None:
   """Raises ConfigError naming the config key when the run cannot work."""
   from biovfm_jax.models.vit import vit_config_from  # raises for bad model keys
 
-  vit_config_from(config.model)
+  depth = vit_config_from(config.model).depth
   b = config.batch_size
   dp = data_parallel_size(mesh)
   accum = config.optim.grad_accum_steps
@@ -49,6 +49,7 @@ def validate_config(config, mesh) -> None:
                    ("checkpoint.keep", 1), ("num_train_steps", 1), ("steps_per_epoch", 1),
                    ("total_epochs", 0), ("image_every_steps", 0),
                    ("optim.warmup_epochs", 0), ("optim.freeze_last_layer_epochs", 0),
+                   ("optim.freeze_blocks", 0), ("optim.freeze_blocks_steps", 0),
                    ("optim.base_lr", 0), ("optim.min_lr", 0), ("optim.grad_clip_norm", 0),
                    ("optim.lr_batch_base", 1), ("optim.weight_decay", 0),
                    ("data.num_workers", 0), ("data.prefetch_buffer", 0),
@@ -57,6 +58,9 @@ def validate_config(config, mesh) -> None:
     if value is not None and value < low:
       raise ConfigError(f"config.{key}={value} must be "
                        f"{'positive' if low == 1 else 'zero or more'}")
+  if config.optim.freeze_blocks > depth:
+    raise ConfigError(f"config.optim.freeze_blocks={config.optim.freeze_blocks} exceeds the "
+                      f"model's depth {depth}")
   if not config.num_train_steps and not config.total_epochs:
     raise ConfigError(f"config.total_epochs={config.total_epochs} with no "
                      "config.num_train_steps: nothing to train")

@@ -51,6 +51,7 @@ def get_config(protocol: str):
       # train/optim.py's other fields, as the fine-tuning recipe sets them
       "lr_scaling": "linear", "eps": 1e-8, "patch_embed_lr_mult": 1.0,
       "weight_decay_end": ml_collections.FieldReference(None, field_type=float | None),
-      "freeze_last_layer_epochs": 0, "freeze_pattern": ""})
+      "freeze_last_layer_epochs": 0, "freeze_pattern": "", "freeze_blocks": 0,
+      "freeze_blocks_steps": ml_collections.FieldReference(None, field_type=int | None)})
   return c
 

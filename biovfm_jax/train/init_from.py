@@ -1,0 +1,142 @@
+"""`config.init_from`: start a run from the backbone of any checkpoint.
+
+Any checkpoint that holds a backbone will do: an import (timm, MAE, DINOv2 ...),
+or a MAE or DINOv2 run of ours, of either objective. Its run JSON says where
+the backbone is (`backbone`) and what it is (`encoder`). The run then starts:
+  - backbone: the checkpoint's (MAE's encoder; DINOv2's student, and so its
+    EMA teacher, which init_extra copies from the student). A learned position
+    table is resized to the run's grid as DINOv2 resizes it, a fixed sin-cos
+    one rebuilt; registers and LayerScale are kept; a mask token the
+    checkpoint lacks starts fresh.
+  - the backbone's neighbours in the checkpoint (MAE's decoder, DINOv2's
+    heads), where the run's model has the same sub-tree with the same shapes;
+  - fresh: everything else (other heads, the optimiser, step, schedules,
+    centers, the data position).
+A mismatch of architecture is refused before anything compiles, one line per
+field, naming the config key and both values. A workdir that holds a
+checkpoint resumes it instead (loop.train never calls this then).
+"""
+from __future__ import annotations
+
+import logging
+
+import jax
+import numpy as np
+
+from biovfm_jax.models.patches import resize_pos_grid, sincos_2d
+from biovfm_jax.evaluate.encoder import encoder_config
+from biovfm_jax.models.vit import ViTConfig
+from biovfm_jax.train import checkpoint as ckpt_lib
+from data_pipeline.errors import ConfigError
+
+# What must be equal for the weights to mean the same thing.
+_SAME = ("width", "depth", "num_heads", "mlp_dim", "patch_size", "ffn", "num_registers",
+         "class_token", "in_channels")
+
+
+def mismatches(saved: ViTConfig, mine: ViTConfig, where: str) -> list[str]:
+  """One line per architecture field in which the run differs from the backbone."""
+  lines = [f"config.model.{f}={getattr(mine, f)!r}, but the backbone in {where} has "
+           f"{f}={getattr(saved, f)!r}" for f in _SAME if getattr(mine, f) != getattr(saved, f)]
+  if (saved.layerscale_init is None) != (mine.layerscale_init is None):
+    lines.append(f"config.model.layerscale_init={mine.layerscale_init!r}, but the backbone "
+                 f"in {where} has {'no ' if saved.layerscale_init is None else ''}LayerScale")
+  return lines
+
+
+def initial_params(config, spec, objective):
+  """The run's first params from `config.init_from` (None when it is unset)."""
+  if not config.init_from:
+    return None
+  step_dir = ckpt_lib.find_step_dir(config.init_from)
+  where = f"config.init_from={config.init_from}"
+  run = ckpt_lib.read_run(step_dir)
+  try:
+    saved_cfg = encoder_config(run, step_dir)
+  except ValueError as e:
+    raise ConfigError(f"{where}: {e}") from None
+  mine = objective.encoder_config
+  lines = mismatches(saved_cfg, mine, step_dir)
+  if lines:
+    raise ConfigError(f"{where} does not fit this run:\n" + "\n".join(lines))
+  path = tuple(run.get("backbone", "params/encoder").split("/"))
+  saved_tree = ckpt_lib.state_metadata(step_dir)
+  # The student's backbone: the key under which params hold it (the checkpoint
+  # records the EMA teacher's, extra/teacher/<the same key>, for DINOv2).
+  key = objective.backbone_path[-1]
+  fresh = jax.device_get(jax.jit(spec.init_params)())
+  like = spec.abstract_params
+  params, notes = dict(fresh), []
+  backbone = ckpt_lib.restore_host(step_dir, path)
+  params[key] = _fit_backbone(backbone, saved_cfg, mine, fresh[key], notes)
+  taken, kept_fresh, misfits = [], [], []
+  parent = _subtree(saved_tree, path[:-1]) if len(path) > 1 else None
+  for name in sorted(k for k in like if k != key):
+    if parent is None or name not in parent:
+      kept_fresh.append(name)
+      continue
+    tree = ckpt_lib.relaid_like(ckpt_lib.restore_host(step_dir, path[:-1] + (name,)),
+                                like[name])
+    got, want = ckpt_lib.shapes(tree), ckpt_lib.shapes(like[name])
+    if got != want:
+      misfits.append(f"{name}: {sorted(set(got.items()) - set(want.items()))[:2]} in the "
+                     f"checkpoint, {sorted(set(want.items()) - set(got.items()))[:2]} here")
+      continue
+    params[name] = _cast_like(tree, fresh[name])
+    taken.append(name)
+  if misfits:  # half a decoder (or head) from the checkpoint would be neither
+    raise ConfigError(f"{where}: it holds {', '.join(m.split(':')[0] for m in misfits)} "
+                      "with other shapes than this run's (set the config's decoder or "
+                      "head sizes to the checkpoint's, recorded in its run JSON):\n"
+                      + "\n".join(misfits))
+  logging.info(
+      "Initialised from %s: %s from its %s%s; %s; %s; the optimiser, step, schedules, "
+      "centers and data position start fresh.", step_dir, key, "/".join(path),
+      f" ({'; '.join(notes)})" if notes else "",
+      "from it too: " + ", ".join(taken) if taken else "nothing else from it",
+      "initialised: " + ", ".join(kept_fresh) if kept_fresh else "nothing initialised")
+  return jax.device_put(params, spec.param_shardings)
+
+
+def _subtree(tree, path):
+  for k in path:
+    if not hasattr(tree, "get") or k not in tree:
+      return None
+    tree = tree[k]
+  return tree
+
+
+def _fit_backbone(saved: dict, saved_cfg: ViTConfig, mine: ViTConfig, fresh: dict,
+                  notes: list[str]) -> dict:
+  """The saved backbone (host arrays) in the layout, grid and dtypes of the
+  run's (`fresh`: its initial values, for what the checkpoint lacks)."""
+  tree = ckpt_lib.relaid_like(saved, fresh)  # per-layer <-> scanned blocks; drops extras
+  ncls = int(mine.class_token)
+  if "pos_embed" in fresh:  # the run learns its table
+    grid = (mine.grid_size, mine.grid_size)
+    if "pos_embed" in saved:
+      table = np.asarray(saved["pos_embed"], np.float32)
+      g = saved_cfg.grid_size
+      tree["pos_embed"] = np.concatenate(
+          [table[:ncls], resize_pos_grid(table[ncls:], (g, g), grid)], 0)
+      if g != grid[0]:
+        notes.append(f"position table {g}x{g} -> {grid[0]}x{grid[1]}")
+    else:
+      tree["pos_embed"] = np.concatenate(
+          [np.zeros((ncls, mine.width), np.float32), sincos_2d(mine.width, *grid)], 0)
+      notes.append(f"learned position table from the sin-cos one, {grid[0]}x{grid[1]}")
+  elif "pos_embed" in saved:
+    notes.append("its learned position table dropped: this run's positions are sin-cos")
+  missing = sorted(set(fresh) - set(tree))
+  if missing:
+    notes.append("fresh: " + ", ".join(missing))
+  tree = {**{k: fresh[k] for k in missing}, **tree}
+  got, want = ckpt_lib.shapes(tree), ckpt_lib.shapes(fresh)
+  if got != want:  # mismatches() lets nothing else through; a damaged file might
+    raise ConfigError(f"the backbone's params do not fit this run's: "
+                      f"{sorted(set(got.items()) ^ set(want.items()))[:4]}")
+  return _cast_like(tree, fresh)
+
+
+def _cast_like(tree, like):
+  return jax.tree.map(lambda x, f: np.asarray(x, dtype=f.dtype), tree, like)
