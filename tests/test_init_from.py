@@ -245,3 +245,44 @@ def test_main_refuses_in_one_line_per_mismatch(imports, tmp_path):
     assert f"config.model.{key}={mine}, but the backbone in" in r.stderr
     assert f"has {key}={theirs}" in r.stderr
   assert not (tmp_path / "run").exists()  # a refused run leaves nothing behind
+
+
+# --- configs/continue_*.py fit the releases they continue.
+
+
+@pytest.mark.parametrize("config,release,convert", [
+    ("continue_dinov2_b14", "vit_base_patch14_dinov2", "dinov2"),
+    ("continue_mae_b16", "vit_base_patch16_224", "timm"),
+])
+def test_continue_configs_fit_their_release(config, release, convert):
+  """The release's architecture (timm's build of it, random weights, through
+  our importer) against the config's model: no mismatch."""
+  import importlib
+  from biovfm_jax.interop import convert as conv
+  from biovfm_jax.objectives import get_objective
+  from biovfm_jax.train import init_from
+  sd = numpy_sd(timm_model(release, depth=12, img_size=28 if convert == "dinov2" else 32))
+  if convert == "dinov2":
+    saved, _ = conv.from_dinov2(to_dinov2_layout(sd), size="B")
+  else:
+    saved, _ = conv.from_timm(sd, size="B")
+  c = importlib.import_module(f"configs.{config}").get_config()
+  mine = get_objective(c, total_steps=10, steps_per_epoch=5).encoder_config
+  assert init_from.mismatches(saved, mine, release) == []
+
+
+@pytest.mark.parametrize("config,release", [
+    ("continue_dinov2_l14", dict(width=1024, depth=24, num_heads=16, mlp_dim=4096,
+                                 patch_size=14, ffn="mlp", num_registers=0)),
+    ("continue_mae_l16", dict(width=1024, depth=24, num_heads=16, mlp_dim=4096,
+                              patch_size=16, ffn="mlp", num_registers=0)),
+])
+def test_large_continue_configs_have_the_released_architecture(config, release):
+  """ViT-L/14 (dinov2_vitl14, LayerScale) and ViT-L/16 (MAE): as published."""
+  import dataclasses
+  import importlib
+  from biovfm_jax.objectives import get_objective
+  c = importlib.import_module(f"configs.{config}").get_config()
+  mine = dataclasses.asdict(get_objective(c, total_steps=10, steps_per_epoch=5).encoder_config)
+  assert {k: mine[k] for k in release} == release
+  assert (mine["layerscale_init"] is not None) == config.startswith("continue_dinov2")
