@@ -167,6 +167,24 @@ def test_dinov2_from_a_mae_checkpoint(imports, tmp_path):
   _assert_same(_flat(extra["teacher"]), _flat(params))
 
 
+def test_mae_from_a_dinov2_backbone(imports, tmp_path, caplog):
+  """DINOv2 (ViT-S/14 + 4 registers, LayerScale) -> MAE's encoder: its table
+  resized 2x2 -> 4x4, its iBOT mask token dropped, the decoder fresh."""
+  caplog.set_level("INFO")
+  _, params = _setup([*MAE_T, "--config.image_size=56", "--config.model.patch_size=14",
+                      "--config.model.num_registers=4", "--config.model.layerscale_init=1e-5",
+                      "--config.model.pos_embed=learned",
+                      f"--config.init_from={imports['dinov2']}"], tmp_path)
+  saved = _saved(imports["dinov2"], "params")
+  got = _flat(params["encoder"])
+  _assert_same(got, saved, skip=("pos_embed", "mask_token"))
+  from biovfm_jax.models.patches import resize_pos_grid
+  np.testing.assert_allclose(got["pos_embed"][1:],
+                             resize_pos_grid(saved["pos_embed"][1:], (2, 2), (4, 4)), rtol=1e-6)
+  line = next(r.getMessage() for r in caplog.records if "Initialised from" in r.getMessage())
+  assert "position table 2x2 -> 4x4" in line and "initialised: decoder_blocks" in line, line
+
+
 # --- main.py, end to end: DINOv2 from Meta's layout, then resumed after a SIGKILL.
 
 
