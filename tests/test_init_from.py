@@ -73,9 +73,9 @@ def torch_tensor(x):
   return torch.from_numpy(x)
 
 
-def _setup(flags, tmp_path):
-  """loop.build of a config given as main.py flags (one device), and its
-  first params from init_from."""
+def _setup(flags, tmp_path, fsdp=False):
+  """loop.build of a config given as main.py flags (one device, or all 8
+  sharded over fsdp), and its first params from init_from."""
   from absl import flags as absl_flags
   from ml_collections import config_flags
   from biovfm_jax.train import init_from, loop, validate
@@ -85,8 +85,11 @@ def _setup(flags, tmp_path):
   fv(argv)
   config = fv.config
   validate.expand_paths(config)
-  config.mesh.data = 1
-  s = loop.build(config, devices=jax.devices()[:1], evaluators=False)
+  if fsdp:
+    config.mesh.update(data=1, fsdp=-1)
+  else:
+    config.mesh.data = 1
+  s = loop.build(config, devices=None if fsdp else jax.devices()[:1], evaluators=False)
   return s, init_from.initial_params(config, s.spec, s.objective)
 
 
@@ -137,8 +140,9 @@ def test_mae_from_an_encoder_only_file_has_a_fresh_decoder(imports, tmp_path, ca
 def test_mae_from_mae_visualize_keeps_its_decoder(imports, tmp_path):
   _, params = _setup([*MAE_T, "--config.mae.decoder_width=64", "--config.mae.decoder_depth=1",
                       "--config.mae.decoder_heads=4",
-                      f"--config.init_from={imports['mae']}"], tmp_path)
-  _assert_same(_flat(params), _saved(imports["mae"], "params"))
+                      f"--config.init_from={imports['mae']}"], tmp_path, fsdp=True)
+  assert len(params["encoder"]["patch_embed"]["kernel"].sharding.device_set) == 8
+  _assert_same(_flat(jax.device_get(params)), _saved(imports["mae"], "params"))
 
 
 def test_a_timm_table_is_kept_learned_or_dropped_for_sincos(imports, tmp_path, caplog):

@@ -64,11 +64,13 @@ def initial_params(config, spec, objective):
   # The student's backbone: the key under which params hold it (the checkpoint
   # records the EMA teacher's, extra/teacher/<the same key>, for DINOv2).
   key = objective.backbone_path[-1]
-  fresh = jax.device_get(jax.jit(spec.init_params)())
+  # The model's own init, in its shardings: what the checkpoint does not give
+  # stays on the devices; what it gives is read on the host, then placed.
+  fresh = jax.jit(spec.init_params, out_shardings=spec.param_shardings)()
   like = spec.abstract_params
   params, notes = dict(fresh), []
   backbone = ckpt_lib.restore_host(step_dir, path)
-  params[key] = _fit_backbone(backbone, saved_cfg, mine, fresh[key], notes)
+  params[key] = _fit_backbone(backbone, saved_cfg, mine, like[key], fresh[key], notes)
   taken, kept_fresh, misfits = [], [], []
   parent = _subtree(saved_tree, path[:-1]) if len(path) > 1 else None
   for name in sorted(k for k in like if k != key):
@@ -82,7 +84,7 @@ def initial_params(config, spec, objective):
       misfits.append(f"{name}: {sorted(set(got.items()) - set(want.items()))[:2]} in the "
                      f"checkpoint, {sorted(set(want.items()) - set(got.items()))[:2]} here")
       continue
-    params[name] = _cast_like(tree, fresh[name])
+    params[name] = tree
     taken.append(name)
   if misfits:  # half a decoder (or head) from the checkpoint would be neither
     raise ConfigError(f"{where}: it holds {', '.join(m.split(':')[0] for m in misfits)} "
@@ -95,7 +97,7 @@ def initial_params(config, spec, objective):
       f" ({'; '.join(notes)})" if notes else "",
       "from it too: " + ", ".join(taken) if taken else "nothing else from it",
       "initialised: " + ", ".join(kept_fresh) if kept_fresh else "nothing initialised")
-  return jax.device_put(params, spec.param_shardings)
+  return _place(params, like, spec.param_shardings)
 
 
 def _subtree(tree, path):
@@ -106,13 +108,13 @@ def _subtree(tree, path):
   return tree
 
 
-def _fit_backbone(saved: dict, saved_cfg: ViTConfig, mine: ViTConfig, fresh: dict,
-                  notes: list[str]) -> dict:
-  """The saved backbone (host arrays) in the layout, grid and dtypes of the
-  run's (`fresh`: its initial values, for what the checkpoint lacks)."""
-  tree = ckpt_lib.relaid_like(saved, fresh)  # per-layer <-> scanned blocks; drops extras
+def _fit_backbone(saved: dict, saved_cfg: ViTConfig, mine: ViTConfig, like: dict,
+                  fresh: dict, notes: list[str]) -> dict:
+  """The saved backbone (host arrays) in the layout and grid of the run's
+  (`like`: abstract); what the checkpoint lacks comes from `fresh`."""
+  tree = ckpt_lib.relaid_like(saved, like)  # per-layer <-> scanned blocks; drops extras
   ncls = int(mine.class_token)
-  if "pos_embed" in fresh:  # the run learns its table
+  if "pos_embed" in like:  # the run learns its table
     grid = (mine.grid_size, mine.grid_size)
     if "pos_embed" in saved:
       table = np.asarray(saved["pos_embed"], np.float32)
@@ -127,16 +129,23 @@ def _fit_backbone(saved: dict, saved_cfg: ViTConfig, mine: ViTConfig, fresh: dic
       notes.append(f"learned position table from the sin-cos one, {grid[0]}x{grid[1]}")
   elif "pos_embed" in saved:
     notes.append("its learned position table dropped: this run's positions are sin-cos")
-  missing = sorted(set(fresh) - set(tree))
+  missing = sorted(set(like) - set(tree))
   if missing:
     notes.append("fresh: " + ", ".join(missing))
   tree = {**{k: fresh[k] for k in missing}, **tree}
-  got, want = ckpt_lib.shapes(tree), ckpt_lib.shapes(fresh)
+  got, want = ckpt_lib.shapes(tree), ckpt_lib.shapes(like)
   if got != want:  # mismatches() lets nothing else through; a damaged file might
     raise ConfigError(f"the backbone's params do not fit this run's: "
                       f"{sorted(set(got.items()) ^ set(want.items()))[:4]}")
-  return _cast_like(tree, fresh)
+  return tree
 
 
-def _cast_like(tree, like):
-  return jax.tree.map(lambda x, f: np.asarray(x, dtype=f.dtype), tree, like)
+def _place(params, like, shardings):
+  """Host arrays into the run's dtypes and shardings (every process holds the
+  whole value; each device takes its shard); device arrays stay."""
+  def place(x, abstract, sharding):
+    if isinstance(x, jax.Array):
+      return x
+    x = np.asarray(x, abstract.dtype)
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+  return jax.tree.map(place, params, like, shardings)
