@@ -16,9 +16,12 @@ def get_config(size: str | None) -> config_dict.ConfigDict:
   c = config_dict.ConfigDict()
   c.objective = ""
   c.seed = 0
-  # A checkpoint whose params start the run (e.g. an imported MAE, decoder included:
-  # python -m biovfm_jax.interop import --format=mae ...); optimiser and step start fresh.
+  # A checkpoint whose backbone starts the run (an import, or a run of either
+  # objective; biovfm_jax/train/init_from.py says what else comes from it).
   c.init_from = ""
+  # Another patch size than the backbone's: resample its patch embedding
+  # (FlexiViT's pseudo-inverse resize), e.g. a /14 release continued at /16.
+  c.init_patch_resample = False
   image_size = config_dict.FieldReference(224)
   c.image_size = image_size  # one value feeds the model and the input pipeline
 

@@ -308,3 +308,45 @@ def test_large_continue_configs_have_the_released_architecture(config, release):
   mine = dataclasses.asdict(get_objective(c, total_steps=10, steps_per_epoch=5).encoder_config)
   assert {k: mine[k] for k in release} == release
   assert (mine["layerscale_init"] is not None) == config.startswith("continue_dinov2")
+
+
+def _pinv_resize_reference(kernel, p_old, p_new, channels):
+  """FlexiViT's resize written out independently: B from jax.image.resize of
+  each one-hot patch (bilinear, no antialias), then w' = pinv(B^T) w."""
+  basis = np.eye(p_old * p_old).reshape(-1, p_old, p_old)
+  b = np.stack([np.asarray(jax.image.resize(e, (p_new, p_new), "bilinear", antialias=False))
+                .ravel() for e in basis], axis=1)                  # (p_new^2, p_old^2)
+  w = kernel.reshape(p_old * p_old, channels, -1)
+  return np.einsum("np,pcd->ncd", np.linalg.pinv(b.T), w).reshape(p_new * p_new * channels, -1)
+
+
+@pytest.mark.parametrize("p_old,p_new", [(14, 16), (8, 16), (16, 14)])
+def test_patch_resample_is_flexivit_pseudo_inverse(p_old, p_new):
+  from biovfm_jax.models.patches import resample_patch_kernel
+  kernel = np.random.default_rng(0).normal(size=(p_old * p_old * 3, 5)).astype(np.float32)
+  ours = resample_patch_kernel(kernel, p_old, p_new, 3)
+  np.testing.assert_allclose(ours, _pinv_resize_reference(kernel, p_old, p_new, 3),
+                             rtol=1e-4, atol=1e-4)  # B from float32 resizes
+  if p_new > p_old:  # upsampling: the token of a patch is the token of its resize
+    x = np.random.default_rng(1).normal(size=(p_old, p_old, 3))
+    big = np.asarray(jax.image.resize(x, (p_new, p_new, 3), "bilinear", antialias=False))
+    np.testing.assert_allclose(big.reshape(-1) @ ours, x.reshape(-1) @ kernel, rtol=1e-4,
+                               atol=1e-4)
+
+
+def test_a_14_backbone_continues_at_16_with_patch_resampling(imports, tmp_path, caplog):
+  caplog.set_level("INFO")
+  flags = [f for f in DINO if not f.startswith(("--config.model.patch_size",
+                                                "--config.data.local_crop"))]
+  flags += ["--config.model.patch_size=16", "--config.image_size=64",
+            "--config.data.local_crop_size=32", f"--config.init_from={imports['dinov2']}"]
+  with pytest.raises(ConfigError, match=r"patch_size=16, but .* has patch_size=14 "
+                                        r"\(config.init_patch_resample=True resamples it\)"):
+    _setup(flags, tmp_path)
+  _, params = _setup([*flags, "--config.init_patch_resample=True"], tmp_path)
+  from biovfm_jax.models.patches import resample_patch_kernel
+  saved = _saved(imports["dinov2"], "params")
+  np.testing.assert_allclose(np.asarray(params["backbone"]["patch_embed"]["kernel"]),
+                             resample_patch_kernel(saved["patch_embed/kernel"], 14, 16, 3),
+                             rtol=1e-6)
+  assert any("patch embedding resampled 14 -> 16" in r.getMessage() for r in caplog.records)

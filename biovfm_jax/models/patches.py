@@ -116,6 +116,35 @@ def resize_pos_grid(table, src: tuple[int, int], dst: tuple[int, int],
   return out.reshape(dst[0] * dst[1], -1)
 
 
+@functools.lru_cache(maxsize=16)
+def _bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
+  """(n_out, n_in): bilinear resize along one axis (half-pixel centres, edges
+  clamped, no antialias)."""
+  src = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
+  lo = np.floor(src).astype(np.int64)
+  hi = np.minimum(lo + 1, n_in - 1)
+  m = np.zeros((n_out, n_in))
+  np.add.at(m, (np.arange(n_out), lo), 1 - (src - lo))
+  np.add.at(m, (np.arange(n_out), hi), src - lo)
+  return m
+
+
+def resample_patch_kernel(kernel: np.ndarray, p_old: int, p_new: int,
+                          channels: int) -> np.ndarray:
+  """A (p_old*p_old*C, D) patch-embedding kernel for p_new x p_new patches,
+  by FlexiViT's pseudo-inverse resize: the new kernel w' solves B^T w' = w in
+  the least-squares sense, B the bilinear resize of a patch from p_old to p_new,
+  so <resize(x), w'> = <x, w> for every patch x when upsampling."""
+  if p_old == p_new:
+    return kernel
+  axis = _bilinear_matrix(p_old, p_new)
+  b = np.kron(axis, axis)                     # (p_new^2, p_old^2), row-major pixels
+  pinv_bt = np.linalg.pinv(b.T)               # (p_new^2, p_old^2)
+  w = kernel.reshape(p_old * p_old, channels, -1).astype(np.float64)
+  out = np.einsum("np,pcd->ncd", pinv_bt, w)
+  return out.reshape(p_new * p_new * channels, -1).astype(np.float32)
+
+
 def random_masking(noise: jax.Array, mask_ratio: float):
   """Per-sample random masking from a noise array (B, N), as the MAE reference.
 

@@ -23,7 +23,7 @@ import logging
 import jax
 import numpy as np
 
-from biovfm_jax.models.patches import resize_pos_grid, sincos_2d
+from biovfm_jax.models.patches import resample_patch_kernel, resize_pos_grid, sincos_2d
 from biovfm_jax.evaluate.encoder import encoder_config
 from biovfm_jax.models.vit import ViTConfig
 from biovfm_jax.train import checkpoint as ckpt_lib
@@ -34,10 +34,16 @@ _SAME = ("width", "depth", "num_heads", "mlp_dim", "patch_size", "ffn", "num_reg
          "class_token", "in_channels")
 
 
-def mismatches(saved: ViTConfig, mine: ViTConfig, where: str) -> list[str]:
-  """One line per architecture field in which the run differs from the backbone."""
+def mismatches(saved: ViTConfig, mine: ViTConfig, where: str,
+               patch_resample: bool = False) -> list[str]:
+  """One line per architecture field in which the run differs from the backbone
+  (the patch size may differ with config.init_patch_resample)."""
+  same = [f for f in _SAME if not (patch_resample and f == "patch_size")]
   lines = [f"config.model.{f}={getattr(mine, f)!r}, but the backbone in {where} has "
-           f"{f}={getattr(saved, f)!r}" for f in _SAME if getattr(mine, f) != getattr(saved, f)]
+           f"{f}={getattr(saved, f)!r}" for f in same if getattr(mine, f) != getattr(saved, f)]
+  hint = " (config.init_patch_resample=True resamples it)"
+  lines = [line + hint if line.startswith("config.model.patch_size=") else line
+           for line in lines]
   if (saved.layerscale_init is None) != (mine.layerscale_init is None):
     lines.append(f"config.model.layerscale_init={mine.layerscale_init!r}, but the backbone "
                  f"in {where} has {'no ' if saved.layerscale_init is None else ''}LayerScale")
@@ -56,7 +62,7 @@ def initial_params(config, spec, objective):
   except ValueError as e:
     raise ConfigError(f"{where}: {e}") from None
   mine = objective.encoder_config
-  lines = mismatches(saved_cfg, mine, step_dir)
+  lines = mismatches(saved_cfg, mine, step_dir, bool(config.init_patch_resample))
   if lines:
     raise ConfigError(f"{where} does not fit this run:\n" + "\n".join(lines))
   path = tuple(run.get("backbone", "params/encoder").split("/"))
@@ -114,6 +120,11 @@ def _fit_backbone(saved: dict, saved_cfg: ViTConfig, mine: ViTConfig, like: dict
   (`like`: abstract); what the checkpoint lacks comes from `fresh`."""
   tree = ckpt_lib.relaid_like(saved, like)  # per-layer <-> scanned blocks; drops extras
   ncls = int(mine.class_token)
+  if saved_cfg.patch_size != mine.patch_size:  # config.init_patch_resample
+    tree["patch_embed"]["kernel"] = resample_patch_kernel(
+        np.asarray(saved["patch_embed"]["kernel"]), saved_cfg.patch_size, mine.patch_size,
+        mine.in_channels)
+    notes.append(f"patch embedding resampled {saved_cfg.patch_size} -> {mine.patch_size}")
   if "pos_embed" in like:  # the run learns its table
     grid = (mine.grid_size, mine.grid_size)
     if "pos_embed" in saved:
