@@ -230,14 +230,14 @@ def check_same_model(saved: dict, run: dict, step_dir: str, abstract_state=None)
            for key, a, b in _differences(saved[k], run.get(k), f"{k}.")]
   if not diffs and abstract_state is not None:
     try:
-      shapes = shapes(state_metadata(step_dir))
+      found = shapes(state_metadata(step_dir))
     except Exception:  # pylint: disable=broad-exception-caught
-      shapes = None  # unreadable metadata: the restore says so
-    if shapes is not None:
+      found = None  # unreadable metadata: the restore says so
+    if found is not None:
       wanted = shapes(abstract_state)
-      diffs = [f"{k}: checkpoint shape {shapes.get(k)}, config {wanted.get(k)}"
-               for k in sorted(set(shapes) | set(wanted), key=_params_first)
-               if shapes.get(k) != wanted.get(k)]
+      diffs = [f"{k}: checkpoint shape {found.get(k)}, config {wanted.get(k)}"
+               for k in sorted(set(found) | set(wanted), key=_params_first)
+               if found.get(k) != wanted.get(k)]
   if diffs:
     more = f" (and {len(diffs) - 3} more)" if len(diffs) > 3 else ""
     raise ModelMismatch(f"{step_dir} was written for another model or objective: "

@@ -62,9 +62,9 @@ def initial_params(config, spec, objective):
   except ValueError as e:
     raise ConfigError(f"{where}: {e}") from None
   mine = objective.encoder_config
-  lines = mismatches(saved_cfg, mine, step_dir, bool(config.init_patch_resample))
+  lines = mismatches(saved_cfg, mine, where, bool(config.init_patch_resample))
   if lines:
-    raise ConfigError(f"{where} does not fit this run:\n" + "\n".join(lines))
+    raise ConfigError(f"{where} ({step_dir}) does not fit this run:\n" + "\n".join(lines))
   path = tuple(run.get("backbone", "params/encoder").split("/"))
   saved_tree = ckpt_lib.state_metadata(step_dir)
   # The student's backbone: the key under which params hold it (the checkpoint
