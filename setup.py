@@ -49,13 +49,17 @@ setup(
         # Video frames for ingestion (PyAV bundles its own ffmpeg).
         "video": ["av>=14"],
         # Reading PyTorch .pth files (safetensors alone needs no torch).
-        "interop": ["torch>=2.9", "safetensors>=0.4"],
+        # transformers: saves the model folders --format=hf imports (from_pretrained
+        # + save_pretrained); the import itself reads config.json and weights without it.
+        "interop": ["torch>=2.9", "safetensors>=0.4", "transformers>=5.25,<6"],
         # torch/torchvision pinned to the builds this project tests against (a
         # bare `torch` may pull a multi-GB CUDA build); timm builds reference
         # models for the import/export parity tests; medmnist's own evaluator
         # checks our metrics.
         "test": ["pytest>=8", "pytest-xdist>=3", "torch==2.14.1", "torchvision==0.29.1",
                  "timm>=1.0", "safetensors>=0.4", "medmnist==3.0.2", "av>=14",
+                 # transformers: the reference models of the --format=hf parity tests.
+                 "transformers>=5.25,<6",
                  # libtpu: the ahead-of-time fit check compiles for a TPU topology on CPU.
                  "jax[tpu]>=0.10.2,<0.11",
                  # gs:// tests: a GCS emulator on 127.0.0.1, reached by epath through gcsfs.

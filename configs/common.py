@@ -38,6 +38,7 @@ def get_config(size: str | None) -> config_dict.ConfigDict:
   c.model.class_token = True
   c.model.num_registers = 0
   c.model.layerscale_init = config_dict.placeholder(float | None)
+  c.model.layernorm_eps = config_dict.placeholder(float | None)  # None: 1e-6 (HF ViT: 1e-12)
   c.model.drop_path_rate = 0.0
   c.model.ffn = "mlp"
   c.model.dtype = "bfloat16"        # compute dtype

@@ -1,6 +1,7 @@
 """Command line for weight conversion.
 
   python -m biovfm_jax.interop import --format=timm --src=vit.safetensors --out=/tmp/vit --model=S
+  python -m biovfm_jax.interop import --format=hf --src=hf_model_folder --out=/tmp/vit
   python -m biovfm_jax.interop export --format=timm --src=/tmp/run --out=/tmp/vit.safetensors
 
 `import` writes a checkpoint (workdir/checkpoints/0/) that evaluation
@@ -16,7 +17,7 @@ import json
 import os
 import sys
 
-IMPORT_FORMATS = ("timm", "mae", "dinov2")
+IMPORT_FORMATS = ("timm", "mae", "dinov2", "hf")
 EXPORT_FORMATS = ("timm",)
 # timm_model of an exported encoder that no named timm architecture fits.
 CUSTOM_TIMM_MODEL = "VisionTransformer"
@@ -29,7 +30,8 @@ def _parser() -> argparse.ArgumentParser:
   imp = sub.add_parser("import", help="PyTorch weights -> a checkpoint here")
   imp.add_argument("--format", required=True, choices=IMPORT_FORMATS)
   imp.add_argument("--src", required=True,
-                   help=".safetensors, .pth, .pt or .bin weight file")
+                   help=".safetensors, .pth, .pt or .bin weight file; for --format=hf "
+                   "a transformers model folder (config.json and weights)")
   imp.add_argument("--out", required=True, help="workdir to write the checkpoint in")
   imp.add_argument("--model", default=None,
                    help="size ('T','S','B','L','H','g'): gives the number of heads")
@@ -59,6 +61,8 @@ def run_import(args) -> dict:
   ckpts = os.path.join(args.out, "checkpoints")
   if os.path.isdir(ckpts) and os.listdir(ckpts):
     raise SystemExit(f"{ckpts} already holds checkpoints; choose a new --out")
+  if args.format == "hf":
+    return _import_hf(args)
   sd = torch_files.load_state_dict(args.src, key=args.key)
   heads = dict(size=args.model, num_heads=args.num_heads)
   if args.format == "timm" and args.model is None and args.num_heads is None:
@@ -83,6 +87,25 @@ def run_import(args) -> dict:
       if dino_heads:
         params = {"backbone": params, **dino_heads}
         run.update(backbone="params/backbone", heads=arch)
+  run["encoder"] = dataclasses.asdict(config)
+  step_dir = save_params(args.out, params, run, step=0)
+  return {"checkpoint": step_dir, **run}
+
+
+def _import_hf(args) -> dict:
+  """A transformers folder: config.json gives the architecture."""
+  from biovfm_jax.interop import hf
+  from biovfm_jax.train.checkpoint import save_params
+  if args.model is not None or args.num_heads is not None or args.key is not None:
+    raise SystemExit("--model, --num-heads and --key do not apply to --format=hf "
+                     "(config.json gives the architecture)")
+  config, params, decoder, cfg = hf.from_hf(args.src, image_size=args.image_size)
+  run = {"objective": "mae" if decoder else "hf", "backbone": "params",
+         "source": {"path": os.path.abspath(args.src), "format": "hf",
+                    "model_type": cfg["model_type"],
+                    "architectures": cfg.get("architectures")}}
+  if decoder:  # the layout --format=mae writes
+    run.update(backbone="params/encoder", decoder=decoder)
   run["encoder"] = dataclasses.asdict(config)
   step_dir = save_params(args.out, params, run, step=0)
   return {"checkpoint": step_dir, **run}

@@ -179,10 +179,12 @@ class Block(nnx.Module):
   def __init__(self, cfg, *, rngs: nnx.Rngs):
     dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     self.drop_path_rate = float(cfg.drop_path_rate)
-    self.norm1 = LayerNorm(cfg.width, param_dtype=pdt, dtype=dt, rngs=rngs)
+    self.norm1 = LayerNorm(cfg.width, param_dtype=pdt, dtype=dt, rngs=rngs,
+                           eps=cfg.layernorm_eps)
     self.attn = Attention(cfg.width, cfg.num_heads, param_dtype=pdt, dtype=dt,
                           attention_impl=cfg.attention_impl, rngs=rngs)
-    self.norm2 = LayerNorm(cfg.width, param_dtype=pdt, dtype=dt, rngs=rngs)
+    self.norm2 = LayerNorm(cfg.width, param_dtype=pdt, dtype=dt, rngs=rngs,
+                           eps=cfg.layernorm_eps)
     ffn = SwiGLU if cfg.ffn == "swiglu" else Mlp
     self.mlp = ffn(cfg.width, cfg.mlp_dim, param_dtype=pdt, dtype=dt, rngs=rngs)
     if cfg.layerscale_init is not None:

@@ -56,7 +56,7 @@ class MaskedAutoencoder(nnx.Module):
                                    ("embed",), pdt)
     self.decoder_blocks = layers.BlockStack(dec, rngs=rngs)
     self.decoder_norm = layers.LayerNorm(decoder_width, param_dtype=pdt, dtype=dt,
-                                         rngs=rngs)
+                                         rngs=rngs, eps=dec.layernorm_eps)
     self.decoder_pred = layers.Linear(decoder_width, patch_dim, ("embed", "patch"),
                                       param_dtype=pdt, dtype=dt, rngs=rngs)
 

@@ -66,6 +66,9 @@ class ViTConfig:
   scan_layers: bool = False
   mask_token: bool = False           # learnable token for masked patches (iBOT)
   init: str = "mae"                  # 'mae' (xavier) | 'dinov2' (see _dinov2_init)
+  # Every LayerNorm's epsilon; transformers' ViT/ViTMAE use 1e-12, so
+  # imported ones match their forward exactly.
+  layernorm_eps: float = layers.LN_EPS
 
   def __post_init__(self):
     def bad(key, msg):
@@ -89,6 +92,8 @@ class ViTConfig:
       bad("ffn", f"must be one of {_FFNS}")
     if self.num_registers < 0:
       bad("num_registers", "must be >= 0")
+    if not self.layernorm_eps > 0:
+      bad("layernorm_eps", "must be > 0")
     if not 0.0 <= self.drop_path_rate < 1.0:
       bad("drop_path_rate", "must be in [0, 1)")
     if self.attention_impl not in _ATTENTION_IMPLS:
@@ -192,7 +197,8 @@ class VisionTransformer(nnx.Module):
     self.mask_token = (layers.param(rngs, layers.zeros, (d,), ("embed",), pdt)
                        if cfg.mask_token else None)
     self.blocks = layers.BlockStack(cfg, rngs=rngs)
-    self.norm = layers.LayerNorm(d, param_dtype=pdt, dtype=self.dtype, rngs=rngs)
+    self.norm = layers.LayerNorm(d, param_dtype=pdt, dtype=self.dtype, rngs=rngs,
+                                 eps=cfg.layernorm_eps)
     if cfg.init == "dinov2":
       self._dinov2_init(rngs)
 

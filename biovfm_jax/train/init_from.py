@@ -31,7 +31,7 @@ from data_pipeline.errors import ConfigError
 
 # What must be equal for the weights to mean the same thing.
 _SAME = ("width", "depth", "num_heads", "mlp_dim", "patch_size", "ffn", "num_registers",
-         "class_token", "in_channels")
+         "class_token", "in_channels", "layernorm_eps")
 
 
 def mismatches(saved: ViTConfig, mine: ViTConfig, where: str,
