@@ -51,7 +51,10 @@ setup(
         # Reading PyTorch .pth files (safetensors alone needs no torch).
         # transformers: saves the model folders --format=hf imports (from_pretrained
         # + save_pretrained); the import itself reads config.json and weights without it.
-        "interop": ["torch>=2.9", "safetensors>=0.4", "transformers>=5.25,<6"],
+        # open_clip_torch: builds the CLIP models --format=open_clip imports (the
+        # import itself reads the weights file and open_clip_config.json without it).
+        "interop": ["torch>=2.9", "safetensors>=0.4", "transformers>=5.25,<6",
+                    "open_clip_torch>=3.3,<4"],
         # torch/torchvision pinned to the builds this project tests against (a
         # bare `torch` may pull a multi-GB CUDA build); timm builds reference
         # models for the import/export parity tests; medmnist's own evaluator
@@ -60,6 +63,8 @@ setup(
                  "timm>=1.0", "safetensors>=0.4", "medmnist==3.0.2", "av>=14",
                  # transformers: the reference models of the --format=hf parity tests.
                  "transformers>=5.25,<6",
+                 # open_clip_torch: the reference CLIP model of the --format=open_clip tests.
+                 "open_clip_torch>=3.3,<4",
                  # libtpu: the ahead-of-time fit check compiles for a TPU topology on CPU.
                  "jax[tpu]>=0.10.2,<0.11",
                  # gs:// tests: a GCS emulator on 127.0.0.1, reached by epath through gcsfs.

@@ -2,6 +2,7 @@
 
   python -m biovfm_jax.interop import --format=timm --src=vit.safetensors --out=/tmp/vit --model=S
   python -m biovfm_jax.interop import --format=hf --src=hf_model_folder --out=/tmp/vit
+  python -m biovfm_jax.interop import --format=open_clip --src=open_clip_folder --out=/tmp/vit
   python -m biovfm_jax.interop export --format=timm --src=/tmp/run --out=/tmp/vit.safetensors
 
 `import` writes a checkpoint (workdir/checkpoints/0/) that evaluation
@@ -17,7 +18,7 @@ import json
 import os
 import sys
 
-IMPORT_FORMATS = ("timm", "mae", "dinov2", "hf")
+IMPORT_FORMATS = ("timm", "mae", "dinov2", "hf", "open_clip")
 EXPORT_FORMATS = ("timm",)
 # timm_model of an exported encoder that no named timm architecture fits.
 CUSTOM_TIMM_MODEL = "VisionTransformer"
@@ -31,7 +32,8 @@ def _parser() -> argparse.ArgumentParser:
   imp.add_argument("--format", required=True, choices=IMPORT_FORMATS)
   imp.add_argument("--src", required=True,
                    help=".safetensors, .pth, .pt or .bin weight file; for --format=hf "
-                   "a transformers model folder (config.json and weights)")
+                   "a transformers model folder (config.json and weights); for "
+                   "--format=open_clip also a folder with open_clip_config.json")
   imp.add_argument("--out", required=True, help="workdir to write the checkpoint in")
   imp.add_argument("--model", default=None,
                    help="size ('T','S','B','L','H','g'): gives the number of heads")
@@ -63,6 +65,8 @@ def run_import(args) -> dict:
     raise SystemExit(f"{ckpts} already holds checkpoints; choose a new --out")
   if args.format == "hf":
     return _import_hf(args)
+  if args.format == "open_clip":
+    return _import_open_clip(args)
   sd = torch_files.load_state_dict(args.src, key=args.key)
   heads = dict(size=args.model, num_heads=args.num_heads)
   if args.format == "timm" and args.model is None and args.num_heads is None:
@@ -107,6 +111,21 @@ def _import_hf(args) -> dict:
   if decoder:  # the layout --format=mae writes
     run.update(backbone="params/encoder", decoder=decoder)
   run["encoder"] = dataclasses.asdict(config)
+  step_dir = save_params(args.out, params, run, step=0)
+  return {"checkpoint": step_dir, **run}
+
+
+def _import_open_clip(args) -> dict:
+  """An open_clip model's timm ViT trunk (the vision tower before its head)."""
+  from biovfm_jax.interop import open_clip
+  from biovfm_jax.train.checkpoint import save_params
+  config, params, vision = open_clip.from_open_clip(
+      args.src, size=args.model, num_heads=args.num_heads, image_size=args.image_size,
+      key=args.key)
+  run = {"objective": "open_clip", "backbone": "params",
+         "source": {"path": os.path.abspath(args.src), "format": "open_clip",
+                    "timm_model_name": vision.get("timm_model_name")},
+         "encoder": dataclasses.asdict(config)}
   step_dir = save_params(args.out, params, run, step=0)
   return {"checkpoint": step_dir, **run}
 
