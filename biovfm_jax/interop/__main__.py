@@ -57,7 +57,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def run_import(args) -> dict:
   from biovfm_jax.interop import convert, torch_files
-  from biovfm_jax.train.checkpoint import save_params
   if args.decoder_heads is not None and args.format != "mae":
     raise SystemExit("--decoder-heads only applies to --format=mae")
   ckpts = os.path.join(args.out, "checkpoints")
@@ -91,15 +90,20 @@ def run_import(args) -> dict:
       if dino_heads:
         params = {"backbone": params, **dino_heads}
         run.update(backbone="params/backbone", heads=arch)
+  return _save(args.out, config, params, run)
+
+
+def _save(out: str, config, params, run: dict) -> dict:
+  """The import as a checkpoint (step 0) whose run JSON records the encoder."""
+  from biovfm_jax.train.checkpoint import save_params
   run["encoder"] = dataclasses.asdict(config)
-  step_dir = save_params(args.out, params, run, step=0)
+  step_dir = save_params(out, params, run, step=0)
   return {"checkpoint": step_dir, **run}
 
 
 def _import_hf(args) -> dict:
   """A transformers folder: config.json gives the architecture."""
   from biovfm_jax.interop import hf
-  from biovfm_jax.train.checkpoint import save_params
   if args.model is not None or args.num_heads is not None or args.key is not None:
     raise SystemExit("--model, --num-heads and --key do not apply to --format=hf "
                      "(config.json gives the architecture)")
@@ -110,24 +114,19 @@ def _import_hf(args) -> dict:
                     "architectures": cfg.get("architectures")}}
   if decoder:  # the layout --format=mae writes
     run.update(backbone="params/encoder", decoder=decoder)
-  run["encoder"] = dataclasses.asdict(config)
-  step_dir = save_params(args.out, params, run, step=0)
-  return {"checkpoint": step_dir, **run}
+  return _save(args.out, config, params, run)
 
 
 def _import_open_clip(args) -> dict:
   """An open_clip model's timm ViT trunk (the vision tower before its head)."""
   from biovfm_jax.interop import open_clip
-  from biovfm_jax.train.checkpoint import save_params
   config, params, vision = open_clip.from_open_clip(
       args.src, size=args.model, num_heads=args.num_heads, image_size=args.image_size,
       key=args.key)
   run = {"objective": "open_clip", "backbone": "params",
          "source": {"path": os.path.abspath(args.src), "format": "open_clip",
-                    "timm_model_name": vision.get("timm_model_name")},
-         "encoder": dataclasses.asdict(config)}
-  step_dir = save_params(args.out, params, run, step=0)
-  return {"checkpoint": step_dir, **run}
+                    "timm_model_name": vision.get("timm_model_name")}}
+  return _save(args.out, config, params, run)
 
 
 def _timm_kwargs(path: str) -> dict:

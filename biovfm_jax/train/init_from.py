@@ -87,16 +87,17 @@ def initial_params(config, spec, objective):
                                 like[name])
     got, want = ckpt_lib.shapes(tree), ckpt_lib.shapes(like[name])
     if got != want:
-      misfits.append(f"{name}: {sorted(set(got.items()) - set(want.items()))[:2]} in the "
-                     f"checkpoint, {sorted(set(want.items()) - set(got.items()))[:2]} here")
+      misfits.append((name, f"{name}: {sorted(set(got.items()) - set(want.items()))[:2]} "
+                            f"in the checkpoint, "
+                            f"{sorted(set(want.items()) - set(got.items()))[:2]} here"))
       continue
     params[name] = tree
     taken.append(name)
   if misfits:  # half a decoder (or head) from the checkpoint would be neither
-    raise ConfigError(f"{where}: it holds {', '.join(m.split(':')[0] for m in misfits)} "
+    raise ConfigError(f"{where}: it holds {', '.join(n for n, _ in misfits)} "
                       "with other shapes than this run's (set the config's decoder or "
                       "head sizes to the checkpoint's, recorded in its run JSON):\n"
-                      + "\n".join(misfits))
+                      + "\n".join(line for _, line in misfits))
   logging.info(
       "Initialised from %s: %s from its %s%s; %s; %s; the optimiser, step, schedules, "
       "centers and data position start fresh.", step_dir, key, "/".join(path),
