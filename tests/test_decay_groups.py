@@ -1,7 +1,7 @@
 """Weight-decay groups and lr multipliers equal the references' on each recipe.
 
 Each reference's parameter list (names, shapes, trainable) is written out below
-as its model defines it, for the same small ViT; interop/convert.py's importers
+as its model defines it, for the same small ViT; interop/'s importers
 (the weight-import name mapping) say which of our parameters each one is: every
 reference tensor is filled with its own index, so the imported leaf's value
 names its source. The reference's rule, transcribed as it states it, is then
@@ -21,7 +21,7 @@ import pytest
 from flax import nnx
 
 from biovfm_jax import sharding as shd
-from biovfm_jax.interop import convert
+from biovfm_jax.interop import core, dinov2, mae, timm
 from biovfm_jax.models import VisionTransformer
 from biovfm_jax.models.patches import sincos_2d
 from biovfm_jax.models.vit import ViTConfig
@@ -62,7 +62,7 @@ def _spec(c, scan=False):
 
 
 def _flat(tree):
-  return convert.flatten_params(tree)
+  return core.flatten_params(tree)
 
 
 # --- the references' parameter lists (name, shape, requires_grad) ----------
@@ -185,7 +185,7 @@ def _mae_mapping(c):
   table = lambda w: np.concatenate([np.zeros((1, w), np.float32),  # noqa: E731
                                     sincos_2d(w, IMAGE // PATCH, IMAGE // PATCH)])[None]
   sd = _tagged(ref, {"pos_embed": table(D), "decoder_pos_embed": table(dd)})
-  cfg, ours, _ = convert.from_mae(sd, num_heads=HEADS, decoder_heads=c.mae.decoder_heads)
+  cfg, ours, _ = mae.from_mae(sd, num_heads=HEADS, decoder_heads=c.mae.decoder_heads)
   assert cfg.pos_embed == "sincos"  # fixed there, no parameter here either
   mapping = _names_by_tag(ours, ref)
   # Every trainable reference tensor is exactly one of ours, and back.
@@ -195,7 +195,7 @@ def _mae_mapping(c):
 
 def _dinov2_mapping(c, chunks):
   backbone = _dinov2_backbone_reference(c.model.num_registers, chunks)
-  _, ours = convert.from_dinov2(_tagged(backbone), num_heads=HEADS)
+  _, ours = dinov2.from_dinov2(_tagged(backbone), num_heads=HEADS)
   mapping = {f"backbone/{p}": (n, s, g) for p, (n, s, g) in _names_by_tag(ours, backbone).items()}
   assert sorted(n for n, _, _ in mapping.values()) == sorted(n for n, _, _ in backbone)
   heads = {"dino_head": c.dinov2.num_prototypes, "ibot_head": c.dinov2.ibot_num_prototypes}
@@ -260,9 +260,9 @@ def test_mae_finetune_decay_groups_are_the_references():
                              nnx.Param, ...)
   flat = _flat(nnx.to_pure_dict(abstract))
   paths = sorted(flat)
-  tagged = convert._nest({p: np.full(flat[p].shape, i + 1, np.float32)
+  tagged = core.nest({p: np.full(flat[p].shape, i + 1, np.float32)
                           for i, p in enumerate(paths)})
-  sd = convert.to_timm(vit, tagged)
+  sd = timm.to_timm(vit, tagged)
   mapping = {}
   for name, value in sd.items():
     values = np.unique(value)

@@ -280,7 +280,7 @@ def test_continue_configs_fit_their_release(config, release, convert):
   """The release's architecture (timm's build of it, random weights, through
   our importer) against the config's model: no mismatch."""
   import importlib
-  from biovfm_jax.interop import convert as conv
+  from biovfm_jax import interop as conv
   from biovfm_jax.objectives import get_objective
   from biovfm_jax.train import init_from
   sd = numpy_sd(timm_model(release, depth=12, img_size=28 if convert == "dinov2" else 32))

@@ -24,7 +24,7 @@ from biovfm_jax.interop import (ConversionError, create_timm_model, from_dinov2,
                                 from_mae, from_timm, load_state_dict,
                                 timm_model_kwargs, timm_model_name, to_timm)
 from biovfm_jax.interop.__main__ import CUSTOM_TIMM_MODEL, main as cli_main
-from biovfm_jax.interop.convert import from_dinov2_heads
+from biovfm_jax.interop.dinov2 import from_dinov2_heads
 from biovfm_jax.models import MaskedAutoencoder, VisionTransformer, vit_config
 from biovfm_jax.models.dino_head import DINOHead, DINOv2Model
 
@@ -688,7 +688,7 @@ def test_cli_import_timm_then_export(tmp_path, capsys):
   assert printed["timm_model"] == CUSTOM_TIMM_MODEL
   note = out_err.err.splitlines()
   at = next(i for i, line in enumerate(note) if line.startswith("note: "))
-  assert "biovfm_jax.interop.convert.create_timm_model(config)" in note[at]
+  assert "biovfm_jax.interop.timm.create_timm_model(config)" in note[at]
   # Its two indented lines, pasted as they are, build the model and load the file.
   snippet = note[at + 1:at + 3]
   assert len(snippet) == 2 and all(line.startswith("  ") for line in snippet), note

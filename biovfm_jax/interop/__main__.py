@@ -56,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def run_import(args) -> dict:
-  from biovfm_jax.interop import convert, torch_files
+  from biovfm_jax.interop import dinov2, mae, timm, torch_files
   if args.decoder_heads is not None and args.format != "mae":
     raise SystemExit("--decoder-heads only applies to --format=mae")
   ckpts = os.path.join(args.out, "checkpoints")
@@ -77,16 +77,16 @@ def run_import(args) -> dict:
     if args.image_size is not None:
       raise SystemExit("--image-size does not apply to --format=mae (fixed "
                        "sin-cos positions follow the image size at run time)")
-    config, params, decoder = convert.from_mae(
-        sd, **heads, decoder_heads=args.decoder_heads or convert.MAE_DECODER_HEADS)
+    config, params, decoder = mae.from_mae(
+        sd, **heads, decoder_heads=args.decoder_heads or mae.MAE_DECODER_HEADS)
     run.update(backbone="params/encoder", decoder=decoder)
   else:
-    fn = convert.from_timm if args.format == "timm" else convert.from_dinov2
+    fn = timm.from_timm if args.format == "timm" else dinov2.from_dinov2
     config, params = fn(sd, **heads, image_size=args.image_size)
     if args.format == "dinov2":
       # A training checkpoint's DINO/iBOT heads sit beside the backbone, so
       # continued pretraining can start from them too (when their shapes fit).
-      dino_heads, arch = convert.from_dinov2_heads(sd, config.width)
+      dino_heads, arch = dinov2.from_dinov2_heads(sd, config.width)
       if dino_heads:
         params = {"backbone": params, **dino_heads}
         run.update(backbone="params/backbone", heads=arch)
@@ -146,24 +146,24 @@ def run_export(args) -> dict:
   from data_pipeline import storage
 
   from biovfm_jax.evaluate.encoder import load_encoder
-  from biovfm_jax.interop import convert
+  from biovfm_jax.interop import core, timm
   if not args.out.endswith(".safetensors"):
     raise SystemExit(f"--out={args.out} must end in .safetensors")
   enc = load_encoder(args.src, step=args.step)
   config = enc.config
-  sd = convert.to_timm(config, jax.device_get(enc.params))
-  kwargs = convert.timm_model_kwargs(config)
+  sd = timm.to_timm(config, jax.device_get(enc.params))
+  kwargs = timm.timm_model_kwargs(config)
   meta = {"format": "pt", "source": enc.source or args.src,
           "timm_kwargs": json.dumps(kwargs)}
   try:
-    meta["timm_model"] = convert.timm_model_name(config)
-  except convert.ConversionError as e:
+    meta["timm_model"] = timm.timm_model_name(config)
+  except core.ConversionError as e:
     # No named timm architecture: timm's VisionTransformer class from the kwargs.
     meta["timm_model"] = CUSTOM_TIMM_MODEL
     step = "" if args.step is None else f", step={args.step}"
     print(f"note: {e}. The file's metadata has timm_model={CUSTOM_TIMM_MODEL!r}. In Python:\n"
           "  import biovfm_jax, safetensors.torch; "
-          "from biovfm_jax.interop.convert import create_timm_model\n"
+          "from biovfm_jax.interop.timm import create_timm_model\n"
           f"  model = create_timm_model(biovfm_jax.load_encoder({args.src!r}{step}).config); "
           f"model.load_state_dict(safetensors.torch.load_file({args.out!r}))", file=sys.stderr)
   os.makedirs(os.path.dirname(args.out), exist_ok=True)

@@ -3,7 +3,7 @@
 Supported model_types: dinov2, dinov2_with_registers, vit, vit_mae (with the
 MAE decoder when the folder holds ViTMAEForPreTraining). The architecture
 comes from config.json; the weights are renamed into the timm/MAE key layout
-(q/k/v fused into qkv) and read by convert.py's checked readers, so every
+(q/k/v fused into qkv) and read by the checked readers of core.py (through mae.py and dinov2.py), so every
 shape check and leftover-key error is theirs. Needs no transformers (a .bin
 file needs torch, through torch_files' safe loader).
 """
@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from biovfm_jax.interop import convert, torch_files
-from biovfm_jax.interop.convert import ConversionError
+from biovfm_jax.interop import core, dinov2, mae, torch_files
+from biovfm_jax.interop.core import ConversionError
 from biovfm_jax.models.vit import ViTConfig
 
 SUPPORTED = ("dinov2", "dinov2_with_registers", "vit", "vit_mae")
@@ -119,7 +119,7 @@ def _rename_blocks(sd: Mapping[str, Any], src_prefix: str, out_prefix: str,
       name, pos = _FUSED[module]
       parts.setdefault((f"{block}{name}", leaf), {})[pos] = value
     else:
-      continue  # left for _Source.finish to report
+      continue  # left for core.Source.finish to report
     used.add(key)
   for (name, leaf), got in parts.items():
     n = 3 if name.endswith("qkv") else 2
@@ -187,10 +187,10 @@ def _check_supported(cfg: Mapping[str, Any]) -> None:
 
 
 def from_hf(folder: str, *, image_size: int | None = None
-            ) -> tuple[ViTConfig, convert.Params, dict[str, int] | None, dict]:
+            ) -> tuple[ViTConfig, core.Params, dict[str, int] | None, dict]:
   """A transformers model folder -> (ViTConfig, params, MAE decoder kwargs or
   None, config.json). With a decoder (ViTMAEForPreTraining) the params are a
-  MaskedAutoencoder's, as convert.from_mae gives them."""
+  MaskedAutoencoder's, as mae.from_mae gives them."""
   cfg = read_config(folder)
   _check_supported(cfg)
   sd, skipped = to_timm_layout(cfg, read_weights(folder))
@@ -205,10 +205,10 @@ def from_hf(folder: str, *, image_size: int | None = None
     if image_size is not None:
       raise ConversionError("--image-size does not apply to a ViTMAEForPreTraining "
                             "folder (its sin-cos positions follow the image size)")
-    config, params, decoder = convert.from_mae(
+    config, params, decoder = mae.from_mae(
         sd, num_heads=heads, decoder_heads=int(cfg["decoder_num_attention_heads"]))
   else:
-    config, params = convert.from_dinov2(sd, num_heads=heads, image_size=image_size)
+    config, params = dinov2.from_dinov2(sd, num_heads=heads, image_size=image_size)
     if not cfg["model_type"].startswith("dinov2"):
       config = dataclasses.replace(config, init="mae")
   return dataclasses.replace(config, layernorm_eps=eps), params, decoder, cfg

@@ -1,6 +1,6 @@
 """Imports the vision tower of an open_clip checkpoint whose image encoder is a
 timm ViT (e.g. BiomedCLIP): the `visual.trunk.*` weights go through
-convert.from_timm; the text tower, logit_scale and the vision head
+timm.from_timm; the text tower, logit_scale and the vision head
 (`visual.head.*`, pooling/projection onto the joint space) are ignored. Our
 encoder's tokens are the trunk's final-norm output (forward_features).
 
@@ -16,8 +16,8 @@ import os
 import re
 from typing import Any
 
-from biovfm_jax.interop import convert, torch_files
-from biovfm_jax.interop.convert import ConversionError
+from biovfm_jax.interop import timm, torch_files
+from biovfm_jax.interop.core import ConversionError
 
 CONFIG = "open_clip_config.json"
 _WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
@@ -75,6 +75,6 @@ def from_open_clip(src: str, *, size: str | None = None, num_heads: int | None =
   if image_size is None and isinstance(vision.get("image_size"), int):
     image_size = vision["image_size"]
   sd = trunk_state_dict(torch_files.load_state_dict(src, key=key))
-  config, params = convert.from_timm(sd, size=size, num_heads=num_heads,
+  config, params = timm.from_timm(sd, size=size, num_heads=num_heads,
                                      image_size=image_size)
   return config, params, vision
