@@ -288,3 +288,57 @@ def test_ema_update():
     np.testing.assert_allclose(n, 0.992 * t + 0.008 * p, rtol=1e-6)
   same = L.ema_update(teacher, params, 1.0)
   np.testing.assert_array_equal(same["a"], teacher["a"])
+
+
+# --- Gram anchoring (DINOv3) ---------------------------------------------------------
+
+def ref_gram_loss(out, tgt, apply_norm, img_level, remove_neg, remove_only_teacher_neg):
+  """dinov3/loss/gram_loss.py's GramLoss.forward on one GPU's batch, in numpy:
+  in-place clipping order kept, so remove_only_teacher_neg's student mask
+  reads the already-clipped teacher matrix."""
+  out, tgt = out.astype(np.float64), tgt.astype(np.float64)
+  norm = lambda x: x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+  if apply_norm:
+    tgt = norm(tgt)
+  if not img_level:
+    tgt = tgt.reshape(-1, tgt.shape[-1])
+  target_sim = tgt @ np.swapaxes(tgt, -1, -2)
+  if apply_norm:
+    out = norm(out)
+  if not img_level:
+    out = out.reshape(-1, out.shape[-1])
+  student_sim = out @ np.swapaxes(out, -1, -2)
+  if remove_neg:
+    target_sim[target_sim < 0] = 0.0
+    student_sim[student_sim < 0] = 0.0
+  elif remove_only_teacher_neg:
+    target_sim[target_sim < 0] = 0.0
+    student_sim[(student_sim < 0) & (target_sim < 0)] = 0.0
+  return np.mean((student_sim - target_sim) ** 2)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("neg", ["keep", "remove_neg", "remove_only_teacher_neg"])
+# shards only split the batch-level matrix (one per device's local batch).
+@pytest.mark.parametrize("img_level,shards", [(True, 1), (False, 1), (False, 2)])
+def test_gram_loss_matches_reference(normalize, img_level, neg, shards):
+  s, t = rand((4, 6, 8), seed=1), rand((4, 6, 8), seed=2)
+  opts = dict(remove_neg=neg == "remove_neg",
+              remove_only_teacher_neg=neg == "remove_only_teacher_neg")
+  got = L.gram_loss(s, t, normalize=normalize, img_level=img_level, shards=shards, **opts)
+  # Each device's local batch is its own reference call; gradients average them.
+  want = np.mean([ref_gram_loss(sb, tb, normalize, img_level, **opts)
+                  for sb, tb in zip(np.split(s, shards), np.split(t, shards))])
+  np.testing.assert_allclose(float(got), want, rtol=2e-6)
+
+
+def test_gram_loss_clipping_changes_the_loss():
+  """The options are not no-ops on these inputs (so the parity above is meaningful)."""
+  s, t = rand((2, 5, 4), seed=3), rand((2, 5, 4), seed=4)
+  losses = {neg: float(L.gram_loss(s, t, remove_neg=neg == "remove_neg",
+                                   remove_only_teacher_neg=neg == "only"))
+            for neg in ("keep", "remove_neg", "only")}
+  assert len({round(v, 6) for v in losses.values()}) == 3, losses
+  assert float(L.gram_loss(s, s)) == 0.0
+  with pytest.raises(ValueError, match="exclusive"):
+    L.gram_loss(s, t, remove_neg=True, remove_only_teacher_neg=True)

@@ -15,7 +15,7 @@ from jax.scipy.special import entr
 
 __all__ = ["softmax_center_teacher", "update_center", "sinkhorn_knopp",
            "dino_cross_entropy", "dino_loss_terms", "ibot_patch_loss", "koleo",
-           "teacher_entropy", "teacher_temperature", "teacher_momentum", "ema_update"]
+           "gram_loss", "teacher_entropy", "teacher_temperature", "teacher_momentum", "ema_update"]
 
 
 def _f32(x) -> jax.Array:
@@ -190,6 +190,49 @@ def koleo(x, eps: float = 1e-8, group_size: int | None = None) -> jax.Array:
   diff = x - x[nn_idx] + eps
   d = jnp.sqrt((diff * diff).sum(-1))
   return -jnp.log(d + eps).mean()
+
+
+def _l2_normalize(x, eps: float = 1e-12) -> jax.Array:
+  """x / max(|x|, eps) over the last axis (torch's F.normalize)."""
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+def gram_loss(student_patches, teacher_patches, *, normalize: bool = True,
+              img_level: bool = True, remove_neg: bool = False,
+              remove_only_teacher_neg: bool = False, shards: int = 1) -> jax.Array:
+  """DINOv3's Gram anchoring: the MSE between the patch-similarity (Gram)
+  matrices of the student's and the Gram teacher's patch features (B, N, D).
+
+  normalize: L2-normalise each patch first (cosine similarities).
+  img_level: one N x N matrix per image; else one (B*N) x (B*N) matrix over
+  the local batch: with `shards` > 1 the batch is that many consecutive
+  equal blocks (one per device), each its own matrix, and the loss is their
+  mean (the reference's per-GPU losses, averaged by its gradient all-reduce).
+  remove_neg clips negative similarities of both matrices to 0.
+  remove_only_teacher_neg clips the teacher's; the reference then clips the
+  student's where the teacher's *clipped* matrix is negative, which is
+  nowhere, so the student's stay as they are: kept exactly so here.
+  """
+  if remove_neg and remove_only_teacher_neg:
+    raise ValueError("gram: remove_neg and remove_only_teacher_neg are exclusive")
+  s, t = _f32(student_patches), _f32(teacher_patches)
+  if s.ndim != 3 or s.shape != t.shape:
+    raise ValueError(f"gram_loss takes (B, N, D) student and teacher patches of one "
+                     f"shape, got {s.shape} and {t.shape}")
+  if normalize:
+    s, t = _l2_normalize(s), _l2_normalize(t)
+  if not img_level:
+    b, n, d = s.shape
+    if b % shards:
+      raise ValueError(f"gram: {b} images do not split into {shards} shards")
+    s, t = s.reshape(shards, b // shards * n, d), t.reshape(shards, b // shards * n, d)
+  gram = lambda x: jnp.einsum("bnd,bmd->bnm", x, x, precision="highest")
+  gs, gt = gram(s), gram(t)
+  if remove_neg:
+    gs, gt = jnp.maximum(gs, 0.0), jnp.maximum(gt, 0.0)
+  elif remove_only_teacher_neg:
+    gt = jnp.maximum(gt, 0.0)
+  return jnp.mean(jnp.square(gs - gt))
 
 
 # --- schedules and EMA -------------------------------------------------------------
