@@ -65,6 +65,8 @@ setup(
                  "transformers>=5.25,<6",
                  # open_clip_torch: the reference CLIP model of the --format=open_clip tests.
                  "open_clip_torch>=3.3,<4",
+                 # monai: its DiceMetric and MeanIoU check the segmentation metrics.
+                 "monai>=1.5,<2",
                  # libtpu: the ahead-of-time fit check compiles for a TPU topology on CPU.
                  "jax[tpu]>=0.10.2,<0.11",
                  # gs:// tests: a GCS emulator on 127.0.0.1, reached by epath through gcsfs.
