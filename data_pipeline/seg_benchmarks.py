@@ -196,18 +196,8 @@ def _slices(volume: np.ndarray, mask: np.ndarray, spacing, axes, stride: int):
       image = image_reader.apply_window(nifti.canonical_slice(volume, axis, k), lo, hi)
       m = np.ascontiguousarray(nifti.canonical_slice(mask, axis, k))
       yield (f"{nifti.AXIS_NAMES[axis][0]}{k:03d}",
-             _square_pixels(image, rows_mm, cols_mm, Image.Resampling.BILINEAR),
-             _square_pixels(m, rows_mm, cols_mm, Image.Resampling.NEAREST))
-
-
-def _square_pixels(pixels, row_mm: float, col_mm: float, resample) -> np.ndarray:
-  """Resampled so a pixel is as tall as it is wide."""
-  if row_mm <= 0 or col_mm <= 0 or abs(row_mm / col_mm - 1.0) < 0.01:
-    return np.ascontiguousarray(pixels)
-  fine = min(row_mm, col_mm)
-  h, w = pixels.shape
-  size = (max(1, round(w * col_mm / fine)), max(1, round(h * row_mm / fine)))
-  return np.asarray(Image.fromarray(np.ascontiguousarray(pixels)).resize(size, resample))
+             nifti.resample_square(image, rows_mm, cols_mm),
+             nifti.resample_square(m, rows_mm, cols_mm, Image.Resampling.NEAREST))
 
 
 def _mni_tissue_cases() -> dict:

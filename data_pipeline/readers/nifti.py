@@ -32,14 +32,16 @@ def canonical_slice(volume: np.ndarray, axis: int, k: int) -> np.ndarray:
   return np.rot90(volume[(slice(None),) * axis + (k,)])
 
 
-def _square_pixels(pixels: np.ndarray, row_mm: float, col_mm: float) -> np.ndarray:
-  """Resample so a pixel is as tall as it is wide (bilinear on uint8)."""
+def resample_square(pixels: np.ndarray, row_mm: float, col_mm: float,
+                  resample=Image.Resampling.BILINEAR) -> np.ndarray:
+  """Resample so a pixel is as tall as it is wide (bilinear on uint8; nearest
+  for label masks)."""
   if col_mm <= 0 or row_mm <= 0 or abs(row_mm / col_mm - 1.0) < 0.01:
     return pixels
   fine = min(row_mm, col_mm)
   h, w = pixels.shape
   size = (max(1, round(w * col_mm / fine)), max(1, round(h * row_mm / fine)))
-  return np.asarray(Image.fromarray(pixels).resize(size, Image.Resampling.BILINEAR))
+  return np.asarray(Image.fromarray(pixels).resize(size, resample))
 
 
 def load_volumes(path: str | os.PathLike, volumes: str = "first"):
@@ -146,7 +148,7 @@ def iter_nifti(path: str | os.PathLike, *, axes: Sequence[int] = (0, 1, 2), stri
         steps = [f"canonical RAS {AXIS_NAMES[axis]} slice {k}/{scaled.shape[axis]}",
                  f"volume percentile {low_pct}-{high_pct} window [{lo:g}, {hi:g}]"]
         if square_pixels:
-          resized = _square_pixels(pixels, spacing[row_axis], spacing[col_axis])
+          resized = resample_square(pixels, spacing[row_axis], spacing[col_axis])
           if resized.shape != pixels.shape:
             steps.append(f"resampled to square pixels {spacing[row_axis]:g}x"
                          f"{spacing[col_axis]:g} mm")
