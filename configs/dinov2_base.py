@@ -70,6 +70,11 @@ def get_config(size: str | None = "B") -> config_dict.ConfigDict:
   c.data.mask_probability = 0.5     # share of global crops with iBOT masks
   c.data.mask_ratio = (0.1, 0.5)
   c.data.patch_size = c.model.get_ref("patch_size")
+  # DINOv3's Gram teacher crops (with config.dinov2.gram): each global crop also
+  # at this size for the Gram teacher; None: none. no_distortions: the Gram
+  # crop skips the colour distortions (see data_pipeline/multicrop.py).
+  c.data.gram_crop_size = config_dict.placeholder(int | None)
+  c.data.gram_no_distortions = False
 
   c.batch_size = 1024
   c.steps_per_epoch = 1250          # the reference's "epoch" is 1,250 iterations

@@ -175,7 +175,8 @@ class PretrainExample(_Example):
 class MultiCropExample(_Example):
   """DINOv2 views (see multicrop.MultiCrop, which takes the keyword arguments):
   {"global_crops": uint8 (2, G, G, 3), "local_crops": uint8 (n, l, l, 3),
-   "masks": bool (2, (G // patch)**2), "skipped"}."""
+   "masks": bool (2, (G // patch)**2), "skipped"} (+ "gram_crops": uint8
+  (2, R, R, 3) with config.data.gram_crop_size R)."""
 
   def __init__(self, data: selection_lib.Resolved, seed: int, **crop_kwargs):
     super().__init__(data, seed)
@@ -187,7 +188,7 @@ class MultiCropExample(_Example):
 
 _MULTICROP_FIELDS = ("global_crop_size", "global_crop_scale", "local_crop_size",
                      "local_crop_scale", "num_local_crops", "mask_probability",
-                     "mask_ratio", "patch_size")
+                     "mask_ratio", "patch_size", "gram_crop_size", "gram_no_distortions")
 
 
 def resolve(data_cfg: Any) -> selection_lib.Resolved:
@@ -239,6 +240,9 @@ def batch_spec(data_cfg: Any, batch_size: int) -> dict[str, tuple[tuple[int, ...
     spec = {"global_crops": ((b, 2, g, g, 3), np.uint8),
             "local_crops": ((b, int(data_cfg.num_local_crops), loc, loc, 3), np.uint8),
             "masks": ((b, 2, (g // int(data_cfg.patch_size)) ** 2), np.bool_)}
+    if data_cfg.gram_crop_size is not None:
+      r = int(data_cfg.gram_crop_size)
+      spec["gram_crops"] = ((b, 2, r, r, 3), np.uint8)
   else:
     raise ConfigError(f"config.data.crops={data_cfg.crops!r} must be 'single' or 'multicrop'")
   spec["skipped"] = ((b,), np.int32)

@@ -313,3 +313,32 @@ def test_crop_mask_probability_and_ratio():
   assert 0.27 < frac[masked].mean() < 0.32  # ratio uniform in (0.1, 0.5)
   assert not masking.crop_mask(14, 14, rng, probability=0.0).any()
   assert masking.crop_mask(14, 14, rng, probability=1.0, ratio=(0.5, 0.5)).sum() > 80
+
+
+def test_gram_crops_share_the_global_crop():
+  """With a Gram crop size the global crop is cut once at max(G, R): both
+  views show the same region (the Gram one sharper), with or without the
+  shared distortions; at R == G the global crops are the old ones, byte for byte."""
+  from PIL import Image
+  coarse = (np.random.default_rng(3).random((8, 10)) * 255).astype(np.uint8)
+  pixels = np.asarray(Image.fromarray(coarse).resize((80, 64), Image.Resampling.BICUBIC))
+  kw = dict(global_crop_size=16, local_crop_size=8, num_local_crops=1, patch_size=8)
+  plain = multicrop.MultiCrop(**kw)(pixels, np.random.default_rng(7))
+  same = multicrop.MultiCrop(**kw, gram_crop_size=16)(pixels, np.random.default_rng(7))
+  np.testing.assert_array_equal(same["global_crops"], plain["global_crops"])
+  np.testing.assert_array_equal(same["gram_crops"], plain["global_crops"])
+  assert "gram_crops" not in plain
+  corr = lambda a, b: np.corrcoef(a[..., 0].ravel().astype(float),
+                                  b[..., 0].ravel().astype(float))[0, 1]
+  for no_distortions in (False, True):
+    for seed in range(4):
+      out = multicrop.MultiCrop(**kw, gram_crop_size=32, gram_no_distortions=no_distortions)(
+          pixels, np.random.default_rng(seed))
+      assert out["gram_crops"].shape == (2, 32, 32, 3) and out["gram_crops"].dtype == np.uint8
+      g, r = out["global_crops"][0], out["gram_crops"][0]   # crop 1: no solarisation
+      down = multicrop.resize(r, 16)
+      # The Gram crop brought down to 16 px shows the global crop's region
+      # (through the global crop's own blur when the distortions are not shared).
+      assert corr(down, g) > (0.7 if no_distortions else 0.95), (seed, corr(down, g))
+      if not no_distortions:   # shared distortions: the same pixels, up to resizing
+        assert np.abs(down.astype(float) - g).mean() < 8

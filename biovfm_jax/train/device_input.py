@@ -14,8 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# The pixel arrays of the pretraining batches (MAE's one crop, DINOv2's views).
-PIXEL_KEYS = ("image", "global_crops", "local_crops")
+# The pixel arrays of the pretraining batches (MAE's one crop, DINOv2's views,
+# DINOv3's Gram teacher crops).
+PIXEL_KEYS = ("image", "global_crops", "local_crops", "gram_crops")
 
 
 def normalize(batch: dict, mean: Sequence[float], std: Sequence[float]) -> dict:
