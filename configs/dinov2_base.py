@@ -61,6 +61,28 @@ def get_config(size: str | None = "B") -> config_dict.ConfigDict:
   # Rows per KoLeo group; None: the whole global batch (the reference: each GPU's batch).
   c.dinov2.koleo_group_size = config_dict.placeholder(int | None)
 
+  # DINOv3's Gram anchoring (off here): the student's global-crop patch tokens
+  # keep the patch-similarity (Gram) matrix of a frozen Gram teacher's, loaded
+  # from `ckpt` (any run or import of this architecture) or copied from the EMA
+  # teacher before step `it_load_ema_teacher`, then, with rep_update, refreshed
+  # from it after every update_frequency-th step from it_first_update (at most
+  # max_updates times). ema_teacher: the EMA teacher itself is the Gram teacher.
+  # The Gram teacher sees config.data.gram_crop_size crops, its patch tokens
+  # resized to the student's grid (bicubic, no antialias:
+  # dinov3's default). The weight follows
+  # loss_weight_schedule (start, peak, end, warmup_epochs, cosine_epochs) when
+  # set, else loss_weight. Names and defaults are dinov3's (configs/ssl_default_config.yaml).
+  c.dinov2.gram = config_dict.ConfigDict({
+      "use_loss": False, "loss_weight": 1.0, "ema_teacher": False,
+      "ckpt": config_dict.placeholder(str | None),
+      "it_load_ema_teacher": -1, "rep_update": True, "update_frequency": 50000,
+      "it_first_update": 0, "max_updates": config_dict.placeholder(int | None),
+      "normalized": True, "img_level": False, "remove_neg": False,
+      "remove_only_teacher_neg": False, "tokens_used": "all",
+      "loss_weight_schedule": config_dict.ConfigDict({
+          "enabled": False, "start": 1.0, "peak": 1.0, "end": 1.0, "warmup_epochs": 0.0,
+          "cosine_epochs": config_dict.placeholder(float | None)})})
+
   c.data.crops = "multicrop"
   c.data.global_crop_size = c.get_ref("image_size")
   c.data.global_crop_scale = (0.32, 1.0)

@@ -9,6 +9,8 @@ loss each step") describes.
 """
 from __future__ import annotations
 
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,6 +21,7 @@ from biovfm_jax.evaluate.pca_map import pca_rgb
 from biovfm_jax.models.dino_head import DINOv2Model
 from biovfm_jax.models.vit import ViTConfig, vit_config_from
 from biovfm_jax.objectives import dino_losses as L
+from biovfm_jax.objectives import gram as gram_lib
 from biovfm_jax.objectives.mae import _block_flops, _to_uint8
 from data_pipeline.errors import ConfigError
 
@@ -166,6 +169,8 @@ class DINOv2Objective:
         raise ConfigError(f"config.data.{key}={size} is not divisible by "
                          f"config.model.patch_size={self.vit.patch_size}")
     self.mean, self.std = tuple(data.mean), tuple(data.std)
+    self.gram = gram_lib.from_config(config, total_steps=self.total_steps,
+                                     steps_per_epoch=self.steps_per_epoch)
 
   # --- model and state ---------------------------------------------------------
 
@@ -178,11 +183,28 @@ class DINOv2Objective:
 
   def init_extra(self, params) -> dict:
     """{"teacher": a copy of the student params, "center": (1, K) zeros,
-    "patch_center": (1, K_patch) zeros}."""
+    "patch_center": (1, K_patch) zeros}, and with Gram anchoring "gram": the
+    Gram teacher's backbone (a copy of the student's until it is loaded)."""
     params = _pure(params)
-    return {"teacher": jax.tree.map(jnp.copy, params),
-            "center": jnp.zeros((1, self.num_prototypes), jnp.float32),
-            "patch_center": jnp.zeros((1, self.patch_prototypes), jnp.float32)}
+    extra = {"teacher": jax.tree.map(jnp.copy, params),
+             "center": jnp.zeros((1, self.num_prototypes), jnp.float32),
+             "patch_center": jnp.zeros((1, self.patch_prototypes), jnp.float32)}
+    if gram_lib.keeps_copy(self.gram):
+      extra["gram"] = jax.tree.map(jnp.copy, params["backbone"])
+    return extra
+
+  def initial_extra(self, extra, spec) -> dict:
+    """A fresh run's extra, with the Gram teacher read from config.dinov2.gram.ckpt
+    when it names one (any run or import of this backbone's architecture)."""
+    if not (gram_lib.keeps_copy(self.gram) and self.gram.ckpt):
+      return extra
+    from biovfm_jax.train import init_from  # pylint: disable=import-outside-toplevel
+    like, shardings = spec.abstract_params["backbone"], spec.param_shardings["backbone"]
+    tree, _, step_dir, notes = init_from.read_backbone(
+        self.gram.ckpt, f"config.dinov2.gram.ckpt={self.gram.ckpt}", self.vit, like,
+        extra["gram"])
+    logging.info("Gram teacher from %s%s", step_dir, f" ({'; '.join(notes)})" if notes else "")
+    return {**extra, "gram": init_from.place(tree, like, shardings)}
 
   def teacher_temperature(self, step):
     return L.teacher_temperature(step, self.warmup_teacher_temp, self.teacher_temp,
@@ -196,7 +218,12 @@ class DINOv2Objective:
     """EMA teacher = m * teacher + (1 - m) * params, m = teacher_momentum(step)
     with `step` the index of the update just applied (0 for the first)."""
     teacher = L.ema_update(extra["teacher"], _pure(params), self.teacher_momentum(step))
-    return {**extra, "teacher": teacher}
+    extra = {**extra, "teacher": teacher}
+    if gram_lib.keeps_copy(self.gram) and self.gram.rep_update:
+      # The reference refreshes the Gram teacher after the EMA update.
+      extra["gram"] = gram_lib.select(gram_lib.refreshes_after(self.gram, step),
+                                      teacher["backbone"], extra["gram"])
+    return extra
 
   def teacher(self, model: DINOv2Model, extra) -> DINOv2Model:
     """The student's module structure with the EMA parameters."""
@@ -297,6 +324,10 @@ class DINOv2Objective:
 
     loss = (self.dino_weight * (dino_local + dino_global) + self.koleo_weight * koleo
             + self.ibot_weight * ibot)
+    if self.gram is not None:
+      g_loss, g_weight = self._gram_term(model, batch, s_patch, t_patch, step, extra,
+                                         new_extra, shards)
+      loss = loss + g_weight * g_loss
     aux = dict(
         ibot_truncated=truncated, dino_local=dino_local, dino_global=dino_global, koleo=koleo, ibot=ibot,
         teacher_entropy=L.teacher_entropy(t_probs),
@@ -304,7 +335,31 @@ class DINOv2Objective:
         teacher_temp=jnp.asarray(temp, jnp.float32),
         teacher_momentum=jnp.asarray(self.teacher_momentum(step), jnp.float32),
         ibot_masked_fraction=masks.mean(dtype=jnp.float32))
+    if self.gram is not None:
+      aux.update(gram=g_loss, gram_weight=g_weight)
     return loss, aux, new_extra
+
+  def _gram_term(self, model, batch, s_patch, t_patch, step, extra, new_extra, shards):
+    """(Gram loss, its weight) on the student's global-crop patch tokens; puts
+    the Gram teacher this step used into new_extra."""
+    cfg = self.gram
+    if cfg.ema_teacher:
+      targets = t_patch
+    else:
+      params = extra["gram"]
+      if not cfg.ckpt:  # copied from the EMA teacher before step it_load_ema_teacher
+        params = gram_lib.select(step == cfg.it_load_ema_teacher,
+                                 extra["teacher"]["backbone"], params)
+      new_extra["gram"] = params
+      graphdef, _, rest = nnx.split(model.backbone, nnx.Param, ...)
+      backbone = nnx.merge(graphdef, nnx.State(params), rest)
+      crops = batch["gram_crops"]
+      crops = crops.reshape((-1,) + crops.shape[2:])                     # (2B, R, R, C)
+      tokens = backbone(crops)[:, backbone.num_prefix_tokens:]
+      p = self.vit.patch_size
+      targets = gram_lib.to_grid(tokens, crops.shape[1] // p, self.global_size // p)
+    g_loss = gram_lib.loss(cfg, s_patch, jax.lax.stop_gradient(targets), shards)
+    return g_loss, gram_lib.weight(cfg, step)
 
   def _koleo_group(self, b: int, shards: int) -> int:
     """Images per KoLeo group for a batch of b split over `shards` devices."""

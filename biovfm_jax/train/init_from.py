@@ -50,23 +50,33 @@ def mismatches(saved: ViTConfig, mine: ViTConfig, where: str,
   return lines
 
 
-def initial_params(config, spec, objective):
-  """The run's first params from `config.init_from` (None when it is unset)."""
-  if not config.init_from:
-    return None
-  step_dir = ckpt_lib.find_step_dir(config.init_from)
-  where = f"config.init_from={config.init_from}"
+def read_backbone(checkpoint: str, where: str, mine: ViTConfig, like: dict, fresh: dict,
+                  patch_resample: bool = False) -> tuple[dict, tuple, str, list[str]]:
+  """The backbone of any checkpoint fitted to a run's (`like`: abstract, the
+  run's `fresh` init fills what it lacks): (host tree, its path in the
+  checkpoint, step folder, notes). Architecture mismatches are refused,
+  one line per field, naming `where`."""
+  step_dir = ckpt_lib.find_step_dir(checkpoint)
   run = ckpt_lib.read_run(step_dir)
   try:
     saved_cfg = encoder_config(run, step_dir)
   except ValueError as e:
     raise ConfigError(f"{where}: {e}") from None
-  mine = objective.encoder_config
-  lines = mismatches(saved_cfg, mine, where, bool(config.init_patch_resample))
+  lines = mismatches(saved_cfg, mine, where, patch_resample)
   if lines:
     raise ConfigError(f"{where} ({step_dir}) does not fit this run:\n" + "\n".join(lines))
   path = tuple(run.get("backbone", "params/encoder").split("/"))
-  saved_tree = ckpt_lib.state_metadata(step_dir)
+  notes: list[str] = []
+  tree = _fit_backbone(ckpt_lib.restore_host(step_dir, path), saved_cfg, mine, like, fresh,
+                       notes)
+  return tree, path, step_dir, notes
+
+
+def initial_params(config, spec, objective):
+  """The run's first params from `config.init_from` (None when it is unset)."""
+  if not config.init_from:
+    return None
+  where = f"config.init_from={config.init_from}"
   # The student's backbone: the key under which params hold it (the checkpoint
   # records the EMA teacher's, extra/teacher/<the same key>, for DINOv2).
   key = objective.backbone_path[-1]
@@ -74,9 +84,11 @@ def initial_params(config, spec, objective):
   # stays on the devices; what it gives is read on the host, then placed.
   fresh = jax.jit(spec.init_params, out_shardings=spec.param_shardings)()
   like = spec.abstract_params
-  params, notes = dict(fresh), []
-  backbone = ckpt_lib.restore_host(step_dir, path)
-  params[key] = _fit_backbone(backbone, saved_cfg, mine, like[key], fresh[key], notes)
+  params = dict(fresh)
+  params[key], path, step_dir, notes = read_backbone(
+      config.init_from, where, objective.encoder_config, like[key], fresh[key],
+      bool(config.init_patch_resample))
+  saved_tree = ckpt_lib.state_metadata(step_dir)
   taken, kept_fresh, misfits = [], [], []
   parent = _subtree(saved_tree, path[:-1]) if len(path) > 1 else None
   for name in sorted(k for k in like if k != key):
@@ -104,7 +116,7 @@ def initial_params(config, spec, objective):
       f" ({'; '.join(notes)})" if notes else "",
       "from it too: " + ", ".join(taken) if taken else "nothing else from it",
       "initialised: " + ", ".join(kept_fresh) if kept_fresh else "nothing initialised")
-  return _place(params, like, spec.param_shardings)
+  return place(params, like, spec.param_shardings)
 
 
 def _subtree(tree, path):
@@ -152,7 +164,7 @@ def _fit_backbone(saved: dict, saved_cfg: ViTConfig, mine: ViTConfig, like: dict
   return tree
 
 
-def _place(params, like, shardings):
+def place(params, like, shardings):
   """Host arrays into the run's dtypes and shardings (every process holds the
   whole value; each device takes its shard); device arrays stay."""
   def place(x, abstract, sharding):

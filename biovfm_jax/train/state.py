@@ -77,10 +77,17 @@ class ModelSpec:
 
 
 def _shard_like_params(tree, params_treedef, param_shardings, replicated):
-  """Optimiser-state shardings: sub-trees shaped like the params follow them."""
-  is_params = lambda x: jax.tree.structure(x) == params_treedef  # noqa: E731
-  return jax.tree.map(lambda x: param_shardings if is_params(x) else replicated,
-                      tree, is_leaf=is_params)
+  """Optimiser-state shardings: sub-trees shaped like the params, or like one
+  of their top-level parts (DINOv3's Gram teacher: the backbone), follow them."""
+  parts = [(params_treedef, param_shardings)]
+  if isinstance(param_shardings, dict):
+    parts += [(jax.tree.structure(v), v) for v in param_shardings.values()
+              if isinstance(v, dict)]
+
+  def like(x):
+    return next((s for t, s in parts if jax.tree.structure(x) == t), None)
+  return jax.tree.map(lambda x: like(x) or replicated, tree,
+                      is_leaf=lambda x: like(x) is not None)
 
 
 def state_shardings(spec: ModelSpec, tx: optax.GradientTransformation, objective):

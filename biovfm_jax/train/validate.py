@@ -84,6 +84,8 @@ def expand_paths(c) -> None:
   place: once, where the config enters (main.py, the sweep launcher; gs://
   kept as given)."""
   c.init_from = storage.expand(c.init_from)
+  if c.objective == "dinov2":
+    c.dinov2.gram.ckpt = storage.expand(c.dinov2.gram.ckpt)
   c.data.cache_dir = storage.expand(c.data.cache_dir)
   if str(c.compile_cache_dir).lower() != compile_cache.OFF:
     c.compile_cache_dir = storage.expand(c.compile_cache_dir)
@@ -104,9 +106,10 @@ def _check_paths(config) -> None:
     if item and item != "mini" and not storage.is_remote(item) and not glob.has_magic(item) \
         and not os.path.exists(item):
       raise ConfigError(f"config.data.shards: {item} does not exist")
-  init = config.init_from
-  if init and not storage.is_remote(init) and not os.path.exists(init):
-    raise ConfigError(f"config.init_from={init} does not exist")
+  gram_ckpt = config.dinov2.gram.ckpt if config.objective == "dinov2" else None
+  for key, path in (("init_from", config.init_from), ("dinov2.gram.ckpt", gram_ckpt)):
+    if path and not storage.is_remote(path) and not os.path.exists(path):
+      raise ConfigError(f"config.{key}={path} does not exist")
 
 
 # Config-file flags of the binaries (main.py, evaluate.py: --config; the sweep: --sweep).
