@@ -34,11 +34,21 @@ def get_config(size: str | None) -> config_dict.ConfigDict:
   c.model.depth = config_dict.placeholder(int | None)
   c.model.num_heads = config_dict.placeholder(int | None)
   c.model.mlp_dim = config_dict.placeholder(int | None)
-  c.model.pos_embed = "sincos"
+  c.model.pos_embed = "sincos"      # "sincos" | "learned" | "rope" (DINOv3's axial RoPE)
   c.model.class_token = True
   c.model.num_registers = 0
   c.model.layerscale_init = config_dict.placeholder(float | None)
   c.model.layernorm_eps = config_dict.placeholder(float | None)  # None: 1e-6 (HF ViT: 1e-12)
+  c.model.key_bias = True           # False: no k bias in attention (DINOv3)
+  # pos_embed="rope": frequency base; patch centres to [-1, 1] per axis ("separate")
+  # or by the longer/shorter side ("max"/"min"); training-time coordinate
+  # augmentation (DINOv3: rescale=2.0): shift U(-s, s), per-axis jitter and joint
+  # rescale log-uniform in [1/v, v]. None: off.
+  c.model.rope_base = 100.0
+  c.model.rope_normalize = "separate"
+  c.model.rope_shift = config_dict.placeholder(float | None)
+  c.model.rope_jitter = config_dict.placeholder(float | None)
+  c.model.rope_rescale = config_dict.placeholder(float | None)
   c.model.drop_path_rate = 0.0
   c.model.ffn = "mlp"
   c.model.dtype = "bfloat16"        # compute dtype

@@ -94,7 +94,7 @@ def test_config_from_configdict():
     (dict(image_size=100), "config.model.image_size=100 is not divisible by "
                            "config.model.patch_size=8"),
     (dict(width=66), "config.model.width=66 is not divisible by config.model.num_heads=4"),
-    (dict(pos_embed="rope"), "config.model.pos_embed"),
+    (dict(pos_embed="alibi"), "config.model.pos_embed"),
     (dict(ffn="geglu"), "config.model.ffn"),
     (dict(remat_policy="most"), "config.model.remat_policy"),
     (dict(drop_path_rate=1.0), "config.model.drop_path_rate"),

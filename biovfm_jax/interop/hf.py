@@ -1,7 +1,8 @@
 """Imports a transformers model folder (config.json + weights) as ours.
 
 Supported model_types: dinov2, dinov2_with_registers, vit, vit_mae (with the
-MAE decoder when the folder holds ViTMAEForPreTraining). The architecture
+MAE decoder when the folder holds ViTMAEForPreTraining), dinov3_vit (RoPE;
+see _from_dinov3). The architecture
 comes from config.json; the weights are renamed into the timm/MAE key layout
 (q/k/v fused into qkv) and read by the checked readers of core.py (through mae.py and dinov2.py), so every
 shape check and leftover-key error is theirs. Needs no transformers (a .bin
@@ -23,7 +24,7 @@ from biovfm_jax.interop import core, dinov2, mae, torch_files
 from biovfm_jax.interop.core import ConversionError
 from biovfm_jax.models.vit import ViTConfig
 
-SUPPORTED = ("dinov2", "dinov2_with_registers", "vit", "vit_mae")
+SUPPORTED = ("dinov2", "dinov2_with_registers", "vit", "vit_mae", "dinov3_vit")
 # Tried in order; an index file lists the shards of a large model.
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json",
                  "pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -192,6 +193,9 @@ def from_hf(folder: str, *, image_size: int | None = None
   None, config.json). With a decoder (ViTMAEForPreTraining) the params are a
   MaskedAutoencoder's, as mae.from_mae gives them."""
   cfg = read_config(folder)
+  if cfg["model_type"] == "dinov3_vit":
+    config, params = _from_dinov3(cfg, read_weights(folder), image_size)
+    return config, params, None, cfg
   _check_supported(cfg)
   sd, skipped = to_timm_layout(cfg, read_weights(folder))
   if skipped:
@@ -212,3 +216,129 @@ def from_hf(folder: str, *, image_size: int | None = None
     if not cfg["model_type"].startswith("dinov2"):
       config = dataclasses.replace(config, init="mae")
   return dataclasses.replace(config, layernorm_eps=eps), params, decoder, cfg
+
+
+# --------------------------------------------------------------------------
+# DINOv3ViTModel: RoPE (no position table), separate q/k/v/o projections whose
+# biases config.json may switch off (key_bias is off by default), LayerScale
+# in every block, a plain (up/down) or gated (gate/up/down, silu) MLP.
+
+# Where its layers sit: the file's names (save_pretrained), transformers'
+# in-memory ones, and inside DINOv3ViTBackbone-like wrappers.
+_DINOV3_LAYERS = ("layer.", "model.layer.")
+_DINOV3_TOP = {
+    "embeddings.cls_token": "cls_token", "embeddings.mask_token": "mask_token",
+    "embeddings.register_tokens": "register_tokens",
+    "embeddings.patch_embeddings.weight": "patch_embed.proj.weight",
+    "embeddings.patch_embeddings.bias": "patch_embed.proj.bias",
+    "norm.weight": "norm.weight", "norm.bias": "norm.bias",
+}
+# Projection -> the config.json switch of its bias.
+_DINOV3_BIAS = {
+    "attention.q_proj": "query_bias", "attention.k_proj": "key_bias",
+    "attention.v_proj": "value_bias", "attention.o_proj": "proj_bias",
+    "mlp.gate_proj": "mlp_bias", "mlp.up_proj": "mlp_bias", "mlp.down_proj": "mlp_bias",
+}
+
+
+def _dinov3_state(cfg: Mapping[str, Any], sd: Mapping[str, Any]) -> dict[str, Any]:
+  """DINOv3ViTModel weights -> the timm layout core's readers take. A bias
+  config.json switches off becomes zeros (the same forward); the MLP is
+  fc1/fc2 when plain, w12 (gate, up) / w3 when gated."""
+  gated = bool(cfg.get("use_gated_mlp", False))
+  layers = next((p for p in _DINOV3_LAYERS if p + "0.norm1.weight" in sd), None)
+  if layers is None:
+    raise ConversionError("transformers DINOv3 weights: no layer.0.norm1.weight under "
+                          f"any of {[p + '*' for p in _DINOV3_LAYERS]}")
+  sd = dict(sd)
+  pat = re.compile(re.escape(layers) + r"(\d+)\.(.+)\.weight")
+  for key in [k for k in sd if pat.fullmatch(k)]:
+    module = pat.fullmatch(key).group(2)
+    flag = _DINOV3_BIAS.get(module)
+    bias = key[:-len("weight")] + "bias"
+    if flag is None or bias in sd:
+      continue
+    if cfg.get(flag, True):
+      raise ConversionError(f"transformers DINOv3 weights: no {bias} although "
+                            f"config.json has {flag}=true")
+    sd[bias] = np.zeros(np.shape(sd[key])[0], np.float32)
+  if not gated:  # a plain MLP: up -> fc1, down -> fc2
+    sd = {re.sub(r"\.mlp\.up_proj\.", ".mlp.fc1.",
+                 re.sub(r"\.mlp\.down_proj\.", ".mlp.fc2.", k))
+          if k.startswith(layers) else k: v for k, v in sd.items()}
+  out, used = {}, set()
+  for hf, ours in _DINOV3_TOP.items():
+    if hf in sd:
+      out[ours] = sd[hf]
+      used.add(hf)
+  _rename_blocks(sd, layers, "blocks.", out, used, True, int(cfg["hidden_size"]))
+  out.update({k: v for k, v in sd.items() if k not in used})  # the reader names them
+  return out
+
+
+def _from_dinov3(cfg: Mapping[str, Any], sd: Mapping[str, Any],
+                 image_size: int | None) -> tuple[ViTConfig, core.Params]:
+  """config.json + weights of a DINOv3ViTModel -> (ViTConfig, params).
+
+  config.json gives the architecture, the RoPE base (rope_theta) and its
+  training-time augmentation (pos_embed_shift/jitter/rescale, kept for
+  continued pretraining); image_size is the file's unless given (RoPE has no
+  table: any size divisible by the patch size runs the same weights)."""
+  gated = bool(cfg.get("use_gated_mlp", False))
+  act = cfg.get("hidden_act", "gelu")
+  if act != ("silu" if gated else "gelu"):
+    raise ConversionError(f"config.json hidden_act={act!r} with use_gated_mlp={gated}: "
+                          f"only {'silu' if gated else 'gelu (exact)'} is supported")
+  for key in ("image_size", "patch_size"):
+    if isinstance(cfg.get(key), (list, tuple)) and len(set(cfg[key])) > 1:
+      raise ConversionError(f"config.json {key}={cfg[key]}: only square sizes are "
+                            "supported")
+  size = lambda key: int(np.ravel(cfg[key])[0])
+  src = core.Source(_dinov3_state(cfg, sd), "transformers DINOv3 weights")
+  d, c, p, p2 = src.shape("patch_embed.proj.weight")
+  if (d, p) != (int(cfg["hidden_size"]), size("patch_size")) or p != p2:
+    raise ConversionError(f"transformers DINOv3 weights: patch embedding {(d, c, p, p2)} "
+                          f"does not fit config.json (hidden_size {cfg['hidden_size']}, "
+                          f"patch_size {cfg['patch_size']})")
+  depth = src.indices("blocks.")
+  if depth != int(cfg["num_hidden_layers"]):
+    raise ConversionError(f"transformers DINOv3 weights: {depth} layers, config.json "
+                          f"has num_hidden_layers={cfg['num_hidden_layers']}")
+  ffn, style, hidden = core.ffn_style(src, "blocks.0.", d)
+  regs = src.shape("register_tokens")[1] if src.has("register_tokens") else 0
+  image_size = image_size or size("image_size")
+  if image_size % p:
+    raise ConversionError(f"image_size={image_size} is not divisible by the patch "
+                          f"size {p}")
+  opt = lambda key: None if cfg.get(key) is None else float(cfg[key])
+  config = ViTConfig(
+      width=d, depth=depth, num_heads=int(cfg["num_attention_heads"]), mlp_dim=hidden,
+      patch_size=p, image_size=image_size, in_channels=c, pos_embed="rope",
+      class_token=True, num_registers=regs, layerscale_init=core.LAYERSCALE_INIT,
+      ffn=ffn, mask_token=src.has("mask_token"), init="dinov2",
+      layernorm_eps=float(cfg.get("layer_norm_eps", 1e-5)),
+      key_bias=bool(cfg.get("key_bias", False)),
+      rope_base=float(cfg.get("rope_theta", 100.0)), rope_normalize="separate",
+      rope_shift=opt("pos_embed_shift"), rope_jitter=opt("pos_embed_jitter"),
+      rope_rescale=opt("pos_embed_rescale"))
+  flat: dict[str, np.ndarray] = {}
+  w = src.get("patch_embed.proj.weight")
+  flat["patch_embed/kernel"] = w.transpose(2, 3, 1, 0).reshape(p * p * c, d)
+  flat["patch_embed/bias"] = src.get("patch_embed.proj.bias", (d,))
+  flat["cls_token"] = src.get("cls_token", (1, 1, d)).reshape(d)
+  if src.has("register_tokens"):  # (1, 0, D) without registers
+    tokens = src.get("register_tokens", (1, regs, d))[0]
+    if regs:
+      flat["register_tokens"] = tokens
+  if config.mask_token:
+    flat["mask_token"] = src.get("mask_token").reshape(d)
+  for i in range(depth):
+    if core.ffn_style(src, f"blocks.{i}.", d)[1] != style:
+      raise ConversionError(f"transformers DINOv3 weights: layer {i}'s MLP differs "
+                            "from layer 0's")
+    core.read_block(src, f"blocks.{i}.", f"blocks/layers/{i}/", flat, config, style)
+  core.read_ln(src, "norm", "norm", flat, d)
+  src.finish()
+  params = core.nest(flat)
+  core.check_params(config, params)
+  return config, params

@@ -50,6 +50,10 @@ def to_timm(config: ViTConfig, params: Mapping) -> dict[str, np.ndarray]:
   if "encoder" in params:
     raise core.ConversionError("to_timm takes encoder params; pass params['encoder'] "
                           "for a MaskedAutoencoder")
+  if config.pos_embed == "rope":
+    raise core.ConversionError(
+        "timm's VisionTransformer has no rotary positions (this encoder has "
+        "pos_embed='rope'): export --format=hf writes it as transformers' DINOv3ViTModel")
   core.check_params(config, params)
   f32 = lambda x: np.ascontiguousarray(np.asarray(x, dtype=np.float32))
   d, p, c = config.width, config.patch_size, config.in_channels
@@ -77,7 +81,10 @@ def to_timm(config: ViTConfig, params: Mapping) -> dict[str, np.ndarray]:
     sd[b + "norm1.weight"] = f32(blk["norm1"]["scale"])
     sd[b + "norm1.bias"] = f32(blk["norm1"]["bias"])
     sd[b + "attn.qkv.weight"] = f32(blk["attn"]["qkv_kernel"]).reshape(d, 3 * d).T
-    sd[b + "attn.qkv.bias"] = f32(blk["attn"]["qkv_bias"])
+    qkv_bias = f32(blk["attn"]["qkv_bias"])
+    if not config.key_bias:  # masked in our forward (zero anyway: it gets no gradient)
+      qkv_bias = np.concatenate([qkv_bias[:d], np.zeros(d, np.float32), qkv_bias[2 * d:]])
+    sd[b + "attn.qkv.bias"] = qkv_bias
     sd[b + "attn.proj.weight"] = f32(blk["attn"]["proj_kernel"]).reshape(d, d).T
     sd[b + "attn.proj.bias"] = f32(blk["attn"]["proj_bias"])
     if config.layerscale_init is not None:

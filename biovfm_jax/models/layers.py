@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from biovfm_jax.models.rope import apply_rope
 from biovfm_jax.sharding import constrain
 
 LN_EPS = 1e-6
@@ -82,15 +83,20 @@ class Attention(nnx.Module):
 
   qkv kernel (embed, 3, heads, kv) so it shards over heads; its bias is kept
   flat (3*width,) like every bias, so a "no decay on ndim<=1" rule catches it
-  (it is tiny and replicated).
+  (it is tiny and replicated). key_bias=False (DINOv3) multiplies the k third
+  of that bias by zero in the forward: it has no effect and no gradient, so it
+  stays at its (zero) initial value.
+  `rope` (cos, sin), when given, rotates q and k of the patch tokens after the
+  projection (see models/rope.py).
   """
 
   def __init__(self, width: int, num_heads: int, *, param_dtype, dtype,
-               attention_impl, rngs: nnx.Rngs):
+               attention_impl, rngs: nnx.Rngs, key_bias: bool = True):
     head_dim = width // num_heads
     self.dtype = dtype
     self.attention_impl = attention_impl
     self.num_heads = num_heads
+    self.key_bias = bool(key_bias)
     # Fans as torch nn.Linear(width, 3*width) and nn.Linear(width, width).
     self.qkv_kernel = param(rngs, xavier(0, (1, 2, 3)),
                             (width, 3, num_heads, head_dim),
@@ -100,12 +106,18 @@ class Attention(nnx.Module):
                              ("heads", "kv", "embed"), param_dtype)
     self.proj_bias = param(rngs, zeros, (width,), ("embed",), param_dtype)
 
-  def __call__(self, x):
+  def __call__(self, x, rope=None):
     qkv = jnp.einsum("btd,dshk->btshk", x.astype(self.dtype),
                      self.qkv_kernel[...].astype(self.dtype))
-    qkv = qkv + self.qkv_bias[...].astype(self.dtype).reshape(qkv.shape[2:])
+    bias = self.qkv_bias[...].astype(self.dtype).reshape(qkv.shape[2:])
+    if not self.key_bias:
+      bias = bias * jnp.array([1, 0, 1], bias.dtype)[:, None, None]
+    qkv = qkv + bias
     names = ("batch", "length", "act_heads", None)
     q, k, v = (constrain(qkv[:, :, i], names) for i in range(3))
+    if rope is not None:
+      q = constrain(apply_rope(q, *rope), names)
+      k = constrain(apply_rope(k, *rope), names)
     # Softmax is computed in float32 by jax for any input dtype.
     o = jax.nn.dot_product_attention(q, k, v, implementation=self.attention_impl)
     o = constrain(o, names)
@@ -182,7 +194,8 @@ class Block(nnx.Module):
     self.norm1 = LayerNorm(cfg.width, param_dtype=pdt, dtype=dt, rngs=rngs,
                            eps=cfg.layernorm_eps)
     self.attn = Attention(cfg.width, cfg.num_heads, param_dtype=pdt, dtype=dt,
-                          attention_impl=cfg.attention_impl, rngs=rngs)
+                          attention_impl=cfg.attention_impl, rngs=rngs,
+                          key_bias=getattr(cfg, "key_bias", True))
     self.norm2 = LayerNorm(cfg.width, param_dtype=pdt, dtype=dt, rngs=rngs,
                            eps=cfg.layernorm_eps)
     ffn = SwiGLU if cfg.ffn == "swiglu" else Mlp
@@ -193,12 +206,12 @@ class Block(nnx.Module):
     else:
       self.ls1 = self.ls2 = None
 
-  def __call__(self, x, key=None, deterministic=True):
+  def __call__(self, x, key=None, deterministic=True, rope=None):
     k1 = k2 = None
     if key is not None:
       k1, k2 = jax.random.split(key)
     act = ("batch", "length", "act_embed")
-    h = self.attn(self.norm1(x))
+    h = self.attn(self.norm1(x), rope)
     if self.ls1 is not None:
       h = self.ls1(h)
     x = constrain(x + drop_path(h, self.drop_path_rate, k1, deterministic), act)
@@ -230,7 +243,8 @@ class BlockStack(nnx.Module):
 
   Both modes initialise block i from the same key (split of one params key),
   so a scanned and a looped stack built from the same seed hold the same
-  weights. Drop-path keys are fold_in(rng, layer index).
+  weights. Drop-path keys are fold_in(rng, layer index). `rope` (cos, sin)
+  reaches every block's attention (see models/rope.py).
   """
 
   def __init__(self, cfg, *, rngs: nnx.Rngs):
@@ -245,13 +259,13 @@ class BlockStack(nnx.Module):
     else:
       self.layers = nnx.List([make(keys[i]) for i in range(cfg.depth)])
 
-  def __call__(self, x, *, rng=None, deterministic=True):
+  def __call__(self, x, *, rng=None, deterministic=True, rope=None):
     need_keys = not deterministic and rng is not None
 
-    def apply(graphdef, state, x, i):
+    def apply(graphdef, state, x, i, rope):
       block = nnx.merge(graphdef, state)
       key = jax.random.fold_in(rng, i) if need_keys else None
-      return block(x, key, deterministic)
+      return block(x, key, deterministic, rope)
 
     if self.remat_policy != "none":
       apply = jax.checkpoint(apply, policy=remat_policy(self.remat_policy),
@@ -262,7 +276,7 @@ class BlockStack(nnx.Module):
 
       def body(x, xs):
         layer_state, i = xs
-        return apply(graphdef, layer_state, x, i), None
+        return apply(graphdef, layer_state, x, i, rope), None
 
       x, _ = jax.lax.scan(body, x, (state, jnp.arange(self.depth)))
       return x
@@ -270,10 +284,10 @@ class BlockStack(nnx.Module):
     for i, block in enumerate(self.layers):
       if self.remat_policy == "none":
         key = jax.random.fold_in(rng, i) if need_keys else None
-        x = block(x, key, deterministic)
+        x = block(x, key, deterministic, rope)
       else:
         graphdef, state = nnx.split(block)
-        x = apply(graphdef, state, x, i)
+        x = apply(graphdef, state, x, i, rope)
     return x
 
 

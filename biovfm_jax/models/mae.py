@@ -23,7 +23,8 @@ def decoder_config(encoder: ViTConfig, *, width: int, depth: int, heads: int,
   return dataclasses.replace(
       encoder, width=width, depth=depth, num_heads=heads, mlp_dim=mlp_dim or 4 * width,
       ffn="mlp", layerscale_init=None, drop_path_rate=0.0, num_registers=0,
-      pos_embed="sincos")
+      pos_embed="sincos", key_bias=True, rope_shift=None, rope_jitter=None,
+      rope_rescale=None)
 
 
 class MaskedAutoencoder(nnx.Module):
@@ -69,7 +70,11 @@ class MaskedAutoencoder(nnx.Module):
     x = self.encoder.embed_patches(images)
     keep, mask, restore = random_masking(noise, mask_ratio)
     x = jnp.take_along_axis(x, keep[..., None], axis=1)
-    latent = self.encoder.encode_tokens(x, rng=rng, deterministic=deterministic)
+    p = self.encoder.config.patch_size
+    grid = (images.shape[1] // p, images.shape[2] // p)
+    # With RoPE the kept tokens rotate by their own grid positions.
+    latent = self.encoder.encode_tokens(x, rng=rng, deterministic=deterministic,
+                                        grid=grid, keep=keep)
     return latent, mask, restore
 
   def decode(self, latent, restore_idx, grid: tuple[int, int]):

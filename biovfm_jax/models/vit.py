@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from biovfm_jax.models import layers
+from biovfm_jax.models import layers, rope
 from biovfm_jax.models.patches import patchify, resize_pos_grid, sincos_2d
 from biovfm_jax.sharding import constrain
 from data_pipeline.errors import ConfigError
@@ -36,7 +36,7 @@ VIT_SIZES: dict[str, dict[str, Any]] = {
               ffn="swiglu"),
 }
 
-_POS_EMBEDS = ("sincos", "learned")
+_POS_EMBEDS = ("sincos", "learned", "rope")
 _INITS = ("mae", "dinov2")
 _FFNS = ("mlp", "swiglu")
 _ATTENTION_IMPLS = ("xla", "cudnn", None)
@@ -53,7 +53,9 @@ class ViTConfig:
   patch_size: int = 16
   image_size: int = 224
   in_channels: int = 3
-  pos_embed: str = "sincos"          # 'sincos' (fixed, not a Param) | 'learned'
+  # 'sincos' (fixed, not a Param) | 'learned' | 'rope' (DINOv3's axial RoPE
+  # on q, k of the patch tokens; no position parameter, any grid).
+  pos_embed: str = "sincos"
   class_token: bool = True
   num_registers: int = 0
   layerscale_init: float | None = None
@@ -69,6 +71,17 @@ class ViTConfig:
   # Every LayerNorm's epsilon; transformers' ViT/ViTMAE use 1e-12, so
   # imported ones match their forward exactly.
   layernorm_eps: float = layers.LN_EPS
+  # False: the k third of the qkv bias is held at zero (DINOv3 has none).
+  key_bias: bool = True
+  # pos_embed='rope' (see models/rope.py): frequency base, how patch centres
+  # map to [-1, 1] ('separate' per axis | 'max' | 'min' side), and DINOv3's
+  # training-time (deterministic=False) coordinate augmentation: shift
+  # U(-s, s), per-axis jitter and joint rescale log-uniform in [1/v, v].
+  rope_base: float = 100.0
+  rope_normalize: str = "separate"
+  rope_shift: float | None = None
+  rope_jitter: float | None = None
+  rope_rescale: float | None = None
 
   def __post_init__(self):
     def bad(key, msg):
@@ -88,6 +101,24 @@ class ViTConfig:
       bad("pos_embed", f"must be one of {_POS_EMBEDS}")
     if self.pos_embed == "sincos" and self.width % 4:
       bad("width", "must be divisible by 4 for the sin-cos position embedding")
+    if not isinstance(self.key_bias, (bool, np.bool_)):
+      bad("key_bias", "must be True or False")
+    if self.pos_embed == "rope" and (self.width // self.num_heads) % 4:
+      bad("num_heads", f"gives a head size of {self.width // self.num_heads}, which "
+          "must be divisible by 4 for config.model.pos_embed='rope'")
+    if not (isinstance(self.rope_base, (int, float, np.number))
+            and not isinstance(self.rope_base, bool) and self.rope_base > 0):
+      bad("rope_base", "must be a number > 0")
+    if self.rope_normalize not in rope.NORMALIZE:
+      bad("rope_normalize", f"must be one of {rope.NORMALIZE}")
+    for key, low in (("rope_shift", 0.0), ("rope_jitter", 1.0), ("rope_rescale", 1.0)):
+      v = getattr(self, key)
+      if v is None:
+        continue
+      if self.pos_embed != "rope":
+        bad(key, "needs config.model.pos_embed='rope' (or None)")
+      if not isinstance(v, (int, float, np.number)) or isinstance(v, bool) or v < low:
+        bad(key, f"must be None or a number >= {low}")
     if self.ffn not in _FFNS:
       bad("ffn", f"must be one of {_FFNS}")
     if self.num_registers < 0:
@@ -187,12 +218,13 @@ class VisionTransformer(nnx.Module):
     self.register_tokens = (
         layers.param(rngs, layers.normal02, (cfg.num_registers, d),
                      (None, "embed"), pdt) if cfg.num_registers else None)
+    self.rope = cfg.pos_embed == "rope"
     if cfg.pos_embed == "learned":
       # Includes a cls slot when there is a cls token (DINOv2 layout).
       n = cfg.num_patches + int(cfg.class_token)
       self.pos_embed = layers.param(rngs, layers.normal02, (n, d), (None, "embed"), pdt)
     else:
-      self.pos_embed = None  # fixed sin-cos, computed from the grid
+      self.pos_embed = None  # fixed sin-cos or RoPE, computed from the grid
     # Zeros, as DINOv2's mask token; absent unless configured (MAE sizes unchanged).
     self.mask_token = (layers.param(rngs, layers.zeros, (d,), ("embed",), pdt)
                        if cfg.mask_token else None)
@@ -226,8 +258,11 @@ class VisionTransformer(nnx.Module):
     return self.config.num_prefix_tokens
 
   def patch_pos_embed(self, grid: tuple[int, int]) -> jax.Array:
-    """(gh*gw, D) position embedding of the patch tokens for a grid."""
+    """(gh*gw, D) position embedding of the patch tokens for a grid (zero
+    with RoPE, whose positions act inside attention)."""
     cfg = self.config
+    if self.rope:
+      return jnp.zeros((grid[0] * grid[1], cfg.width), jnp.float32)
     if self.pos_embed is None:
       return jnp.asarray(sincos_2d(cfg.width, *grid))
     table = self.pos_embed[...][int(cfg.class_token):]
@@ -258,8 +293,30 @@ class VisionTransformer(nnx.Module):
       if masks.shape != x.shape[:2]:
         raise ValueError(f"masks shape {masks.shape} != (batch, patches) {x.shape[:2]}")
       x = jnp.where(masks[..., None], self.mask_token[...].astype(x.dtype), x)
-    x = x + self.patch_pos_embed(grid).astype(self.dtype)
+    if not self.rope:
+      x = x + self.patch_pos_embed(grid).astype(self.dtype)
     return constrain(x, _ACT)
+
+  def rope_tables(self, grid: tuple[int, int], *, keep: jax.Array | None = None,
+                  rng: jax.Array | None = None, deterministic: bool = True
+                  ) -> tuple[jax.Array, jax.Array]:
+    """RoPE (cos, sin) for the patch tokens of a grid: (gh*gw, head_dim), or
+    (B, n, head_dim) for the tokens `keep` (B, n) indexes. With
+    deterministic=False the configured coordinate augmentation is drawn from
+    fold_in(rng, rope.RNG_STREAM) (drop path's keys are unaffected)."""
+    cfg = self.config
+    coords = jnp.asarray(rope.patch_coords(tuple(grid), cfg.rope_normalize))
+    augment = (cfg.rope_shift, cfg.rope_jitter, cfg.rope_rescale)
+    if not deterministic and any(a is not None for a in augment):
+      if rng is None:
+        raise ValueError("deterministic=False with config.model.rope_shift/"
+                         "rope_jitter/rope_rescale set needs rng")
+      coords = rope.augment_coords(
+          coords, jax.random.fold_in(rng, rope.RNG_STREAM), shift=cfg.rope_shift,
+          jitter=cfg.rope_jitter, rescale=cfg.rope_rescale)
+    if keep is not None:
+      coords = jnp.take(coords, keep, axis=0)
+    return rope.cos_sin(coords, cfg.width // cfg.num_heads, cfg.rope_base)
 
   def prefix_tokens(self, batch: int) -> jax.Array | None:
     """(B, num_prefix_tokens, D) cls (+ its position) and registers."""
@@ -277,13 +334,30 @@ class VisionTransformer(nnx.Module):
     return jnp.concatenate(parts, axis=1) if parts else None
 
   def encode_tokens(self, tokens: jax.Array, *, rng: jax.Array | None = None,
-                    deterministic: bool = True) -> jax.Array:
+                    deterministic: bool = True, grid: tuple[int, int] | None = None,
+                    keep: jax.Array | None = None) -> jax.Array:
     """(B, n, D) embedded patch tokens (any subset) -> (B, prefix + n, D):
     prepends cls/registers, runs the blocks and the final norm.
 
     `rng` drives drop path (layer i uses fold_in(rng, i)); it is only needed
-    when deterministic=False and drop_path_rate > 0.
+    when deterministic=False and drop_path_rate > 0 (or RoPE augmentation).
+    With pos_embed='rope', `grid` is the patch grid the tokens come from
+    (default: a square grid of n) and `keep` (B, n) their indices in it
+    when they are a subset (MAE).
     """
+    rope_cs = None
+    if self.rope:
+      n = tokens.shape[1]
+      if grid is None:
+        side = int(round(n ** 0.5))
+        if keep is not None or side * side != n:
+          raise ValueError("pos_embed='rope' needs the patch grid of these tokens "
+                           "(encode_tokens(grid=...))")
+        grid = (side, side)
+      if keep is None and grid[0] * grid[1] != n:
+        raise ValueError(f"{n} tokens for a {grid[0]}x{grid[1]} grid; pass keep=")
+      rope_cs = self.rope_tables(grid, keep=keep, rng=rng, deterministic=deterministic)
+      rope_cs = tuple(t.astype(jnp.float32) for t in rope_cs)
     prefix = self.prefix_tokens(tokens.shape[0])
     x = tokens.astype(self.dtype)
     if prefix is not None:
@@ -291,12 +365,57 @@ class VisionTransformer(nnx.Module):
     x = constrain(x, _ACT)
     if (not deterministic and self.config.drop_path_rate > 0 and rng is None):
       raise ValueError("deterministic=False with drop_path_rate > 0 needs rng")
-    x = self.blocks(x, rng=rng, deterministic=deterministic)
+    x = self.blocks(x, rng=rng, deterministic=deterministic, rope=rope_cs)
     return constrain(self.norm(x), _ACT)
 
   def __call__(self, images: jax.Array, *, masks: jax.Array | None = None,
                rng: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
     """(B, H, W, C) -> (B, num_prefix_tokens + N, D) normalised tokens.
     `masks`: see embed_patches."""
+    p = self.config.patch_size
+    grid = (images.shape[1] // p, images.shape[2] // p)
     return self.encode_tokens(self.embed_patches(images, masks), rng=rng,
-                              deterministic=deterministic)
+                              deterministic=deterministic, grid=grid)
+
+  def intermediate_tokens(self, images: jax.Array, n: int) -> list[jax.Array]:
+    """Outputs of the last `n` blocks for (B, H, W, C) images, each through
+    the final norm, earliest first: a list of n (B, prefix + N, D), as
+    DINOv2's get_intermediate_layers(n, norm=True); the last equals
+    __call__'s output. Deterministic (no drop path, no RoPE augmentation):
+    for frozen-feature evaluation (biovfm_jax/evaluate/segmentation.py).
+    The tokens enter the blocks as in encode_tokens (same embedding, prefix
+    and RoPE tables); a looped stack runs block by block, a scanned one scans
+    its first depth - n layers, then the last n collecting each output."""
+    depth = self.config.depth
+    if not 1 <= n <= depth:
+      raise ValueError(f"n={n}: the encoder has {depth} blocks")
+    p = self.config.patch_size
+    grid = (images.shape[1] // p, images.shape[2] // p)
+    rope_cs = None
+    if self.rope:
+      rope_cs = tuple(t.astype(jnp.float32) for t in self.rope_tables(grid))
+    x = self.embed_patches(images).astype(self.dtype)
+    prefix = self.prefix_tokens(x.shape[0])
+    if prefix is not None:
+      x = jnp.concatenate([prefix, x], axis=1)
+    x = constrain(x, _ACT)
+    stack = self.blocks
+    if stack.scan:
+      graphdef, state = nnx.split(stack.layers)
+
+      def body(x, layer_state):
+        y = nnx.merge(graphdef, layer_state)(x, None, True, rope_cs)
+        return y, y
+
+      first = jax.tree.map(lambda a: a[:depth - n], state)
+      last = jax.tree.map(lambda a: a[depth - n:], state)
+      x, _ = jax.lax.scan(body, x, first)
+      _, ys = jax.lax.scan(body, x, last)
+      outs = [ys[i] for i in range(n)]
+    else:
+      outs = []
+      for i, block in enumerate(stack.layers):
+        x = block(x, None, True, rope_cs)
+        if i >= depth - n:
+          outs.append(x)
+    return [constrain(self.norm(o), _ACT) for o in outs]

@@ -31,7 +31,7 @@ from data_pipeline.errors import ConfigError
 
 # What must be equal for the weights to mean the same thing.
 _SAME = ("width", "depth", "num_heads", "mlp_dim", "patch_size", "ffn", "num_registers",
-         "class_token", "in_channels", "layernorm_eps")
+         "class_token", "in_channels", "layernorm_eps", "key_bias")
 
 
 def mismatches(saved: ViTConfig, mine: ViTConfig, where: str,
@@ -44,6 +44,13 @@ def mismatches(saved: ViTConfig, mine: ViTConfig, where: str,
   hint = " (config.init_patch_resample=True resamples it)"
   lines = [line + hint if line.startswith("config.model.patch_size=") else line
            for line in lines]
+  rope = (saved.pos_embed == "rope", mine.pos_embed == "rope")
+  if rope[0] != rope[1]:  # attention trained with rotations means nothing without them
+    lines.append(f"config.model.pos_embed={mine.pos_embed!r}, but the backbone in {where} "
+                 f"has pos_embed={saved.pos_embed!r}")
+  elif rope[0] and saved.rope_base != mine.rope_base:
+    lines.append(f"config.model.rope_base={mine.rope_base!r}, but the backbone in {where} "
+                 f"has rope_base={saved.rope_base!r}")
   if (saved.layerscale_init is None) != (mine.layerscale_init is None):
     lines.append(f"config.model.layerscale_init={mine.layerscale_init!r}, but the backbone "
                  f"in {where} has {'no ' if saved.layerscale_init is None else ''}LayerScale")
@@ -152,7 +159,8 @@ def _fit_backbone(saved: dict, saved_cfg: ViTConfig, mine: ViTConfig, like: dict
           [np.zeros((ncls, mine.width), np.float32), sincos_2d(mine.width, *grid)], 0)
       notes.append(f"learned position table from the sin-cos one, {grid[0]}x{grid[1]}")
   elif "pos_embed" in saved:
-    notes.append("its learned position table dropped: this run's positions are sin-cos")
+    notes.append("its learned position table dropped: this run's positions are "
+                 f"{mine.pos_embed}")
   missing = sorted(set(like) - set(tree))
   if missing:
     notes.append("fresh: " + ", ".join(missing))
