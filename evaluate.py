@@ -5,8 +5,12 @@
   python evaluate.py --config=configs/eval/mini.py --checkpoint=/tmp/quickstart \
       --out_dir=/tmp/eval/quickstart
   python -m biovfm_jax.evaluate.report --merge /tmp/eval/a /tmp/eval/b --out=/tmp/eval/cmp
+  python evaluate.py --config=configs/eval/segmentation_linear.py \
+      --checkpoint=/tmp/quickstart_dinov2 --out_dir=/tmp/eval/seg_dinov2
 
-Writes report.md / report.csv / report.json and TensorBoard scalars to --out_dir.
+Writes report.md / report.csv / report.json and TensorBoard scalars to --out_dir
+(the segmentation probe also per-benchmark folders: per_image.csv, overlays.png,
+predictions; see biovfm_jax/evaluate/segmentation.py).
 With --results=FILE it also appends one row per benchmark and metric to the
 results store FILE (biovfm_jax/results.py); --config.results.run, .model_size,
 .data_subset and .modality_subset label the rows (defaults: what the checkpoint
@@ -22,8 +26,10 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/eval/medmnist_linea
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Checkpoint: a workdir of main.py, "
                                   "of an import, or one step's folder.")
 _BENCHMARKS = flags.DEFINE_string("benchmarks", None, "'all', 'mini' or MedMNIST flags "
-                                  "(comma-separated); default: the config's.")
-_IMAGE_SIZE = flags.DEFINE_integer("image_size", None, "MedMNIST+ size: 28, 64, 128 or 224.")
+                                  "(comma-separated); segmentation: mni_tissue, "
+                                  "msd:<folder>, folder:<folder>; default: the config's.")
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", None, "MedMNIST+ size: 28, 64, 128 or "
+                                   "224; segmentation: the mask size.")
 _OUT_DIR = flags.DEFINE_string("out_dir", None, "Where the report goes.")
 _RESULTS = flags.DEFINE_string("results", None, "Results store (CSV) to append the rows to.")
 

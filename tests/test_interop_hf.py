@@ -193,3 +193,101 @@ def test_layernorm_eps_reaches_every_layernorm():
   norms = [m for _, m in nnx.iter_graph(mae) if isinstance(m, layers.LayerNorm)]
   assert len(norms) == 2 * 2 + 1 + 2 * 1 + 1
   assert {m.eps for m in norms} == {1e-12}
+
+
+# --- Another input size: the learned position table resized, at import
+# (--image-size) or at run time. A 259 px file at patch 7 is a 37x37 grid and
+# 112 px a 16x16 one: DINOv2's 518 px at patch 14 fed at 224 px.
+#
+# Ours resizes as Meta's DINOv2 does (models/patches.py resize_pos_grid: bicubic,
+# scale_factor (16 + 0.1) / 37); transformers' interpolate_pos_encoding, for
+# Dinov2Model and ViTModel alike, passes size=(16, 16) to F.interpolate, a
+# scale of 16 / 37. Source rows and columns are sampled up to 0.2 of a position
+# apart, so tokens differ from transformers' by a few % of their largest
+# magnitude on these random (rough) tables (measured: dinov2 3.4e-2, vit 3.9e-2;
+# a smooth sin-cos table: 1.0e-2). Ours matches Meta's rule (torch's bicubic at
+# that scale, run through transformers) to RTOL, and transformers' resize is
+# F.interpolate(size=) to RTOL: the scale is the whole gap. (With size= for
+# the table, ours measured 5.6e-7 against transformers.)
+_FILE_PX, _RUN_PX = 259, 112
+_HF_RESIZE_TOL = 0.06
+
+
+def _resized_models():
+  big = dict(_TINY, image_size=_FILE_PX)
+  return {"dinov2": lambda: hf.Dinov2Model(hf.Dinov2Config(**big, layerscale_value=0.5)),
+          "vit": lambda: hf.ViTModel(hf.ViTConfig(**big))}
+
+
+def _hf_tokens(model, x):
+  """transformers' last_hidden_state, its position table interpolated to x's size."""
+  kwargs = {"interpolate_pos_encoding": True} if isinstance(model, hf.ViTModel) else {}
+  with torch.no_grad():  # Dinov2Model always interpolates
+    return model(torch.from_numpy(x).permute(0, 3, 1, 2), **kwargs).last_hidden_state.numpy()
+
+
+def _tokens(enc, x):
+  out = enc(x)
+  return np.concatenate([np.asarray(out["cls"])[:, None], np.asarray(out["patch_tokens"])], 1)
+
+
+def _rel_err(ours, ref) -> float:
+  return float(np.abs(ours - ref).max() / np.abs(ref).max())
+
+
+def _with_table(model, table):
+  """A copy of `model` whose patch position rows are `table` (1, g*g, D)."""
+  import copy
+  out = copy.deepcopy(model)
+  emb = out.embeddings
+  with torch.no_grad():
+    emb.position_embeddings = torch.nn.Parameter(
+        torch.cat([emb.position_embeddings[:, :1], table], 1))
+  return out
+
+
+def _resized_import(name, tmp_path, *extra):
+  torch.manual_seed(0)
+  model = _perturb(_resized_models()[name]())
+  src = tmp_path / "hf"
+  if not src.exists():
+    model.save_pretrained(src)
+  out = tmp_path / ("run" + "".join(a.replace("-", "") for a in extra))
+  assert cli_main(["import", "--format=hf", f"--src={src}", f"--out={out}", *extra]) == 0
+  return model, load_encoder(str(out))
+
+
+@pytest.mark.parametrize("name", sorted(_resized_models()))
+def test_image_size_against_transformers_interpolate_pos_encoding(name, tmp_path):
+  model, enc = _resized_import(name, tmp_path, f"--image-size={_RUN_PX}")
+  assert enc.config.image_size == _RUN_PX
+  x = _images(_RUN_PX)
+  ours = _tokens(enc, x)
+  big, small = _FILE_PX // _TINY["patch_size"], _RUN_PX // _TINY["patch_size"]
+  grid = model.embeddings.position_embeddings[:, 1:].reshape(1, big, big, -1).permute(0, 3, 1, 2)
+
+  def table(**kwargs):
+    with torch.no_grad():
+      out = torch.nn.functional.interpolate(grid, mode="bicubic", align_corners=False, **kwargs)
+    return out.permute(0, 2, 3, 1).reshape(1, small * small, -1)
+
+  # Meta's DINOv2 rule (its interpolate_offset 0.1), by torch: equal to RTOL.
+  meta = _with_table(model, table(scale_factor=((small + 0.1) / big,) * 2))
+  _close(ours, _hf_tokens(meta, x))
+  # transformers' own interpolate_pos_encoding (size=): the documented gap above.
+  err = _rel_err(ours, _hf_tokens(model, x))
+  assert 1e-3 < err < _HF_RESIZE_TOL, err
+  # ... which is F.interpolate(size=) on the same table: the scale is the whole gap.
+  _close(_hf_tokens(_with_table(model, table(size=(small, small))), x), _hf_tokens(model, x))
+
+
+@pytest.mark.parametrize("name", sorted(_resized_models()))
+def test_run_time_resize_matches_the_import(name, tmp_path):
+  """The file's size imported, fed 112 px: load_encoder resizes the table per
+  call by the same rule as --image-size=112 at import."""
+  model, at_file = _resized_import(name, tmp_path)
+  _, at_run = _resized_import(name, tmp_path, f"--image-size={_RUN_PX}")
+  assert at_file.config.image_size == _FILE_PX
+  x = _images(_RUN_PX)
+  _close(_tokens(at_file, x), _tokens(at_run, x))
+  assert _rel_err(_tokens(at_file, x), _hf_tokens(model, x)) < _HF_RESIZE_TOL

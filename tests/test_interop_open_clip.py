@@ -106,3 +106,41 @@ def test_native_vit_tower_is_refused(tmp_path, capsys):
   err = capsys.readouterr().err.strip()
   assert len(err.splitlines()) == 1
   assert "only towers with a timm ViT trunk are supported" in err
+
+
+# BiomedCLIP's own vision tower, as its open_clip_config.json gives it (the text
+# tower, a PubMedBERT from the Hub there, is open_clip's smallest own here:
+# nothing is downloaded).
+BIOMEDCLIP_VISION = {"timm_model_name": "vit_base_patch16_224", "timm_model_pretrained": False,
+                     "timm_pool": "", "timm_proj": "linear", "image_size": 224}
+
+
+@pytest.mark.slow
+def test_biomedclip_vit_b16_trunk_at_224(tmp_path):
+  vision = open_clip.CLIPVisionCfg(**BIOMEDCLIP_VISION)
+  torch.manual_seed(0)
+  model = open_clip.CLIP(embed_dim=512, vision_cfg=vision, text_cfg=_TEXT)
+  g = torch.Generator().manual_seed(0)
+  with torch.no_grad():
+    for p in model.parameters():
+      p.add_(0.05 * torch.randn(p.shape, generator=g))
+  model.eval()
+  src, out = tmp_path / "BiomedCLIP", tmp_path / "run"
+  src.mkdir()
+  torch.save(model.state_dict(), src / "open_clip_pytorch_model.bin")
+  (src / "open_clip_config.json").write_text(json.dumps(
+      {"model_cfg": {"embed_dim": 512, "vision_cfg": BIOMEDCLIP_VISION},
+       "preprocess_cfg": {"mean": [0.48145466, 0.4578275, 0.40821073],
+                          "std": [0.26862954, 0.26130258, 0.27577711]}}))
+  # The README's command for BiomedCLIP (section "Compare with published models").
+  assert cli_main(["import", "--format=open_clip", f"--src={src}", f"--out={out}"]) == 0
+  run = ckpt_lib.read_run(ckpt_lib.find_step_dir(str(out), None))
+  enc = run["encoder"]
+  assert (enc["width"], enc["depth"], enc["num_heads"], enc["patch_size"],
+          enc["image_size"]) == (768, 12, 12, 16, 224)
+  x = np.random.default_rng(1).normal(size=(8, 224, 224, 3)).astype(np.float32)
+  with torch.no_grad():
+    ref = model.visual.trunk.forward_features(torch.from_numpy(x).permute(0, 3, 1, 2))
+  got = load_encoder(str(out))(x)
+  _close(np.asarray(got["cls"]), ref[:, 0])
+  _close(np.asarray(got["patch_tokens"]), ref[:, 1:])

@@ -118,15 +118,22 @@ def cached(encoder, split, cache_dir: str | None, **kwargs) -> np.ndarray:
                     "image_size": kwargs.get("image_size"), "how": kwargs.get("how")},
                    sort_keys=True)
   name = f"{split.name}_{split.split}_{hashlib.sha1(key.encode()).hexdigest()[:16]}.npy"
-  path = os.path.join(cache_dir, name)
+  return cached_array(os.path.join(cache_dir, name), split.num_examples,
+                      lambda: extract(encoder, split, **kwargs),
+                      f"features {split.name}/{split.split}")
+
+
+def cached_array(path: str, rows: int, compute, desc: str) -> np.ndarray:
+  """The (rows, ...) array saved at `path`, else compute() saved there
+  (atomically, by process 0)."""
   if os.path.exists(path):
     feats = np.load(path)
-    if feats.shape[0] == split.num_examples:
-      logging.info("features %s/%s from cache %s", split.name, split.split, path)
+    if feats.shape[0] == rows:
+      logging.info("%s from cache %s", desc, path)
       return feats
-  feats = extract(encoder, split, **kwargs)
+  feats = compute()
   if jax.process_index() == 0:
-    os.makedirs(cache_dir, exist_ok=True)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}.npy"
     np.save(tmp, feats)
     os.replace(tmp, path)

@@ -43,8 +43,13 @@ def resolve_config(config, *, checkpoint=None, benchmarks=None, image_size=None,
       raise ConfigError("config.out_dir is empty: pass --out_dir=DIR")
     config.cache_dir = config.cache_dir or os.path.join(config.out_dir, "features")
     config.name = config.name or os.path.basename(config.checkpoint.rstrip("/"))
+  if config.protocol == "segmentation":  # configs/eval/segmentation_linear.py
+    from biovfm_jax.evaluate import segmentation
+    segmentation.check_config(config)
+    return config
   if config.protocol not in protocols.PROTOCOLS:
-    raise ConfigError(f"config.protocol={config.protocol!r}; known: {protocols.PROTOCOLS}")
+    raise ConfigError(f"config.protocol={config.protocol!r}; known: "
+                      f"{protocols.PROTOCOLS + ('segmentation',)}")
   names = protocols.benchmark_names(config.benchmarks)
   if any(n != protocols.MINI for n in names) and config.image_size not in medmnist.SIZES:
     raise ConfigError(f"config.image_size={config.image_size}: MedMNIST+ comes in "
@@ -70,6 +75,8 @@ def run(config) -> dict:
                          **dict(config.encoder))
   logging.info("Encoder %s: %s parameters, %s, %d device(s)", encoder.source,
                f"{encoder.num_params:,}", encoder.config.width, jax.device_count())
+  if config.protocol == "segmentation":
+    return _run_segmentation(config, encoder, step)
   results = protocols.evaluate_encoder(encoder, config,
                                        scores_dir=os.path.join(config.out_dir, "scores"))
   meta = {"checkpoint": encoder.source, "protocol": config.protocol,
@@ -77,16 +84,37 @@ def run(config) -> dict:
           "input_size": protocols.input_size(encoder, config),
           "parameters": encoder.num_params}
   if jax.process_index() == 0:
-    os.makedirs(config.out_dir, exist_ok=True)
-    with open(os.path.join(config.out_dir, "config.json"), "w") as f:
-      json.dump(config.to_dict(), f, indent=1, default=str)
-    paths = report.write_report(results, config.out_dir, name=config.name,
-                                meta=meta, step=step)
-    with open(paths["md"]) as f:
-      print(f.read())
+    _write_outputs(config, report.write_report(results, config.out_dir, name=config.name,
+                                               meta=meta, step=step))
     if config.results.file:
       _append_results(config, results, run_facts, encoder, step)
   return results
+
+
+def _run_segmentation(config, encoder, step: int) -> dict:
+  """The linear segmentation probe (biovfm_jax/evaluate/segmentation.py):
+  report.md/.csv/.json, per-benchmark folders, TensorBoard scalars and the
+  overlay sheets."""
+  import jax
+  from biovfm_jax.evaluate import protocols, report, segmentation
+  results, sheets = segmentation.evaluate_encoder(encoder, config, out_dir=config.out_dir)
+  meta = {"checkpoint": encoder.source, "protocol": config.protocol,
+          "layers": config.head.layers, "augment": bool(config.head.augment),
+          "image_size": int(config.image_size),
+          "input_size": protocols.input_size(encoder, config),
+          "parameters": encoder.num_params}
+  if jax.process_index() == 0:
+    _write_outputs(config, report.write_segmentation_report(
+        results, config.out_dir, name=config.name, meta=meta, step=step, images=sheets))
+  return results
+
+
+def _write_outputs(config, paths: dict) -> None:
+  """The eval config beside the report, and the report on stdout."""
+  with open(os.path.join(config.out_dir, "config.json"), "w") as f:
+    json.dump(config.to_dict(), f, indent=1, default=str)
+  with open(paths["md"]) as f:
+    print(f.read())
 
 
 def _append_results(config, results: dict, run_facts: dict, encoder, step: int) -> None:
