@@ -4,11 +4,14 @@
   python -m biovfm_jax.interop import --format=hf --src=hf_model_folder --out=/tmp/vit
   python -m biovfm_jax.interop import --format=open_clip --src=open_clip_folder --out=/tmp/vit
   python -m biovfm_jax.interop export --format=timm --src=/tmp/run --out=/tmp/vit.safetensors
+  python -m biovfm_jax.interop export --format=hf --src=/tmp/run --out=/tmp/vit_hf --license=apache-2.0
 
 `import` writes a checkpoint (workdir/checkpoints/0/) that evaluation
 (load_encoder) reads like any other and pretraining can start from (with
 MAE's decoder, and the DINO/iBOT heads of a DINOv2 training checkpoint); `export`
-writes the encoder of any checkpoint in timm's layout.
+writes the encoder of any checkpoint in timm's layout, or (--format=hf) as a
+transformers model folder with its preprocessor config and a model card
+(README.md), ready for `huggingface-cli upload`.
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ import os
 import sys
 
 IMPORT_FORMATS = ("timm", "mae", "dinov2", "hf", "open_clip")
-EXPORT_FORMATS = ("timm",)
+EXPORT_FORMATS = ("timm", "hf")
 # timm_model of an exported encoder that no named timm architecture fits.
 CUSTOM_TIMM_MODEL = "VisionTransformer"
 
@@ -50,8 +53,29 @@ def _parser() -> argparse.ArgumentParser:
   exp.add_argument("--format", required=True, choices=EXPORT_FORMATS)
   exp.add_argument("--src", required=True,
                    help="workdir, its checkpoints/ folder or one step's folder")
-  exp.add_argument("--out", required=True, help="output .safetensors file")
+  exp.add_argument("--out", required=True,
+                   help="output .safetensors file; for --format=hf a new (or empty) folder")
   exp.add_argument("--step", type=int, default=None, help="default: the latest")
+  hf = exp.add_argument_group("--format=hf")
+  hf.add_argument("--license", default=None,
+                  help="required for --format=hf: the model card's license, a Hub "
+                  "identifier (apache-2.0, cc-by-nc-4.0, other ...); the weights carry "
+                  "the terms of the data they were trained on, which only you know")
+  hf.add_argument("--with-decoder", action="store_true",
+                  help="an MAE checkpoint as ViTMAEForPreTraining, its decoder included")
+  hf.add_argument("--decoder-heads", type=int, default=None,
+                  help="with --with-decoder, when the run does not record them: "
+                  "the run's config.mae.decoder_heads")
+  hf.add_argument("--results", default=None,
+                  help="results store (CSV, or a glob): the card gets this "
+                  "checkpoint's benchmark table")
+  hf.add_argument("--tags", default="",
+                  help="comma-separated extra model card tags")
+  hf.add_argument("--image-mean", default=None,
+                  help="comma-separated normalisation mean (default: the run's "
+                  "config.data.mean where its checkpoint records it, else ImageNet's, "
+                  "every config's default)")
+  hf.add_argument("--image-std", default=None, help="as --image-mean, for the std")
   return ap
 
 
@@ -139,7 +163,44 @@ def _timm_kwargs(path: str) -> dict:
   return json.loads(meta.get("timm_kwargs", "{}"))
 
 
+def _floats(text: str | None, flag: str) -> list[float] | None:
+  if text is None:
+    return None
+  try:
+    values = [float(x) for x in text.split(",")]
+  except ValueError:
+    values = []
+  if len(values) != 3:
+    raise ValueError(f"{flag}={text!r}: give three comma-separated numbers (R,G,B)")
+  return values
+
+
+def _export_hf(args) -> dict:
+  from biovfm_jax.interop import hf_export
+  if args.license is None:
+    raise ValueError("--format=hf needs --license (the model card's license: a Hub "
+                     "identifier such as apache-2.0, cc-by-nc-4.0 or other)")
+  return hf_export.export_hf(
+      args.src, args.out, step=args.step, with_decoder=args.with_decoder,
+      license=args.license, results=args.results,
+      tags=[t.strip() for t in args.tags.split(",") if t.strip()],
+      decoder_heads=args.decoder_heads,
+      image_mean=_floats(args.image_mean, "--image-mean"),
+      image_std=_floats(args.image_std, "--image-std"))
+
+
+_HF_ONLY = ("license", "with_decoder", "decoder_heads", "results", "image_mean",
+            "image_std")
+
+
 def run_export(args) -> dict:
+  if args.format == "hf":
+    return _export_hf(args)
+  given = [f"--{k.replace('_', '-')}" for k in _HF_ONLY if getattr(args, k)]
+  if args.tags:
+    given.append("--tags")
+  if given:
+    raise ValueError(f"{', '.join(given)} only apply to --format=hf")
   import jax
   from safetensors.numpy import save
 
@@ -180,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
   args.src, args.out = storage.expand(args.src), storage.expand(args.out)
   try:
     result = run_import(args) if args.command == "import" else run_export(args)
-  except (ValueError, FileNotFoundError, ImportError) as e:
+  except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
     # Bad inputs (layouts, shapes, refused files) end in one line, not a traceback.
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -378,7 +378,15 @@ def _train(config, workdir: str, preemption: _Preemption, started) -> dict:
               "model_size": config.model.size or "", "params_total": spec.num_params(),
               "flops_per_example": float(objective.flops_per_example()),
               "data_mixture": _mixture_text(config.data.mixture.weights),
-              "total_steps": int(total_steps)}
+              "total_steps": int(total_steps),
+              # For export (interop export --format=hf): the normalisation the
+              # encoder was trained with, and MAE's decoder facts no shape shows.
+              "data_mean": [float(x) for x in config.data.mean],
+              "data_std": [float(x) for x in config.data.std]}
+  if config.objective == "mae":
+    run_info["mae"] = {"mask_ratio": float(config.mae.mask_ratio),
+                       "norm_pix_loss": bool(config.mae.norm_pix_loss),
+                       "decoder_heads": int(config.mae.decoder_heads)}
   writer = jsonl = batches = None  # closed by the finally below, once open
   try:
     if ckpt.latest_step() is not None:
