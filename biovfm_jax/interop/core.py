@@ -182,8 +182,8 @@ def _square_grid(n: int) -> int | None:
 
 
 def read_encoder(src: Source, *, size, num_heads, image_size,
-                  pos_layout: str, register_key: str,
-                  mask_key: str | None) -> tuple[ViTConfig, dict]:
+                  pos_layout: str, register_key: str, mask_key: str | None,
+                  interpolate_offset: float = 0.1) -> tuple[ViTConfig, dict]:
   """Reads the encoder common to timm, MAE and DINOv2 into flat our-keys.
 
   pos_layout 'timm': pos_embed covers the prefix tokens or not
@@ -245,7 +245,7 @@ def read_encoder(src: Source, *, size, num_heads, image_size,
   if image_size != native:
     # The same bicubic resize the model would apply at run time.
     g = image_size // p
-    patches = resize_pos_grid(patches, (grid, grid), (g, g))
+    patches = resize_pos_grid(patches, (grid, grid), (g, g), offset=interpolate_offset)
   flat["pos_embed"] = np.concatenate([cls_row, patches], 0)
 
   cfg = ViTConfig(
@@ -253,7 +253,7 @@ def read_encoder(src: Source, *, size, num_heads, image_size,
       image_size=image_size, in_channels=c, pos_embed="learned",
       class_token=class_token, num_registers=regs,
       layerscale_init=LAYERSCALE_INIT if src.has("blocks.0.ls1.gamma") else None,
-      ffn=ffn, mask_token=has_mask)
+      ffn=ffn, mask_token=has_mask, interpolate_offset=interpolate_offset)
   for i in range(depth):
     blk = f"blocks.{i}."
     if ffn_style(src, blk, d)[1] != style:

@@ -57,7 +57,8 @@ def _dinov2_backbone(sd: Mapping[str, Any]) -> tuple[dict, list[str]]:
 
 def from_dinov2(sd: Mapping[str, Any], *, size: str | None = None,
                 num_heads: int | None = None,
-                image_size: int | None = None) -> tuple[ViTConfig, core.Params]:
+                image_size: int | None = None,
+                interpolate_offset: float = 0.1) -> tuple[ViTConfig, core.Params]:
   """facebookresearch/dinov2 backbone -> (ViTConfig, VisionTransformer params).
 
   Takes a hub state dict (cls_token, pos_embed with a cls row,
@@ -71,7 +72,8 @@ def from_dinov2(sd: Mapping[str, Any], *, size: str | None = None,
   src = core.Source(backbone, "DINOv2 state dict")
   cfg, flat = core.read_encoder(src, size=size, num_heads=num_heads,
                             image_size=image_size, pos_layout="cls_slot",
-                            register_key="register_tokens", mask_key="mask_token")
+                            register_key="register_tokens", mask_key="mask_token",
+                            interpolate_offset=interpolate_offset)
   src.finish(ignore=_DINOV2_HEADS)
   if skipped:
     logging.info("DINOv2 state dict: skipped %d keys outside the backbone (%s...)",

@@ -212,7 +212,10 @@ def from_hf(folder: str, *, image_size: int | None = None
     config, params, decoder = mae.from_mae(
         sd, num_heads=heads, decoder_heads=int(cfg["decoder_num_attention_heads"]))
   else:
-    config, params = dinov2.from_dinov2(sd, num_heads=heads, image_size=image_size)
+    # transformers resizes position tables to the target size (no offset): so
+    # does the import, and the model at run time.
+    config, params = dinov2.from_dinov2(sd, num_heads=heads, image_size=image_size,
+                                        interpolate_offset=0.0)
     if not cfg["model_type"].startswith("dinov2"):
       config = dataclasses.replace(config, init="mae")
   return dataclasses.replace(config, layernorm_eps=eps), params, decoder, cfg

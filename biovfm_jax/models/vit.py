@@ -71,6 +71,10 @@ class ViTConfig:
   # Every LayerNorm's epsilon; transformers' ViT/ViTMAE use 1e-12, so
   # imported ones match their forward exactly.
   layernorm_eps: float = layers.LN_EPS
+  # How a learned position table is resized to another grid: bicubic with the
+  # scale in / (out + offset). 0.1 is Meta's DINOv2 (its interpolate_offset);
+  # transformers resizes to the size (0.0), so its imports match it exactly.
+  interpolate_offset: float = 0.1
   # False: the k third of the qkv bias is held at zero (DINOv3 has none).
   key_bias: bool = True
   # pos_embed='rope' (see models/rope.py): frequency base, how patch centres
@@ -125,6 +129,8 @@ class ViTConfig:
       bad("num_registers", "must be >= 0")
     if not self.layernorm_eps > 0:
       bad("layernorm_eps", "must be > 0")
+    if not 0 <= self.interpolate_offset < 1:
+      bad("interpolate_offset", "must be in [0, 1)")
     if not 0.0 <= self.drop_path_rate < 1.0:
       bad("drop_path_rate", "must be in [0, 1)")
     if self.attention_impl not in _ATTENTION_IMPLS:
@@ -267,7 +273,8 @@ class VisionTransformer(nnx.Module):
       return jnp.asarray(sincos_2d(cfg.width, *grid))
     table = self.pos_embed[...][int(cfg.class_token):]
     # Resized as DINOv2 resizes its table (bicubic, its 0.1 offset).
-    return resize_pos_grid(table, (cfg.grid_size, cfg.grid_size), tuple(grid))
+    return resize_pos_grid(table, (cfg.grid_size, cfg.grid_size), tuple(grid),
+                           offset=cfg.interpolate_offset)
 
   def embed_patches(self, images: jax.Array,
                     masks: jax.Array | None = None) -> jax.Array:

@@ -151,7 +151,8 @@ def _fit_backbone(saved: dict, saved_cfg: ViTConfig, mine: ViTConfig, like: dict
       table = np.asarray(saved["pos_embed"], np.float32)
       g = saved_cfg.grid_size
       tree["pos_embed"] = np.concatenate(
-          [table[:ncls], resize_pos_grid(table[ncls:], (g, g), grid)], 0)
+          [table[:ncls], resize_pos_grid(table[ncls:], (g, g), grid,
+                                         offset=saved_cfg.interpolate_offset)], 0)
       if g != grid[0]:
         notes.append(f"position table {g}x{g} -> {grid[0]}x{grid[1]}")
     else:
