@@ -97,6 +97,13 @@ def get_config(size: str | None = "B") -> config_dict.ConfigDict:
   # crop skips the colour distortions (see data_pipeline/multicrop.py).
   c.data.gram_crop_size = config_dict.placeholder(int | None)
   c.data.gram_no_distortions = False
+  # Several crop sizes (DINOv3's high-resolution stage): one entry per group,
+  # each step draws a group with crop_size_ratios; empty: the sizes above for
+  # every step. The step compiles once per group (the log counts them).
+  c.data.global_crop_sizes = ()
+  c.data.local_crop_sizes = ()
+  c.data.gram_crop_sizes = ()
+  c.data.crop_size_ratios = ()
 
   c.batch_size = 1024
   c.steps_per_epoch = 1250          # the reference's "epoch" is 1,250 iterations

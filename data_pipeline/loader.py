@@ -28,6 +28,7 @@ normalises them on the device with config.data.mean/std
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import collections
@@ -131,7 +132,9 @@ class _Example:
     decodes them itself."""
     return self.load(index)
 
-  def transform(self, source: Any, rng: np.random.Generator) -> dict[str, np.ndarray]:
+  def transform(self, source: Any, rng: np.random.Generator,
+                e: int) -> dict[str, np.ndarray]:
+    """Example `e`'s arrays from its record's `source`, drawing from `rng`."""
     raise NotImplementedError
 
   def __call__(self, e: int) -> dict[str, np.ndarray]:
@@ -139,7 +142,7 @@ class _Example:
     # Each try starts the example's generator afresh: what a record gives does
     # not depend on the records skipped before it.
     out, bad = self.read_all(e, lambda index: self.transform(
-        self.source(index), np.random.default_rng([self.seed, e])))
+        self.source(index), np.random.default_rng([self.seed, e]), e))
     out["skipped"] = np.int32(len(bad))
     out[_BAD_KEY] = np.full(MAX_SKIP, -1, np.int64)
     out[_BAD_KEY][:len(bad)] = bad
@@ -161,7 +164,8 @@ class PretrainExample(_Example):
     """The record's image, opened but not decoded: the crop box comes first."""
     return records_lib.open_image(records_lib.decode_record(self.raw(index))[0])
 
-  def transform(self, im, rng):
+  def transform(self, im, rng, e):
+    del e  # every example alike
     box = transforms.sample_crop_box(im.height, im.width, self.crop_scale, self.crop_ratio, rng)
     # Decode only the rows the crop reads (PNG), and keep a grey image in one
     # channel until the end: the same bytes as decoding all and cropping RGB.
@@ -176,19 +180,64 @@ class MultiCropExample(_Example):
   """DINOv2 views (see multicrop.MultiCrop, which takes the keyword arguments):
   {"global_crops": uint8 (2, G, G, 3), "local_crops": uint8 (n, l, l, 3),
    "masks": bool (2, (G // patch)**2), "skipped"} (+ "gram_crops": uint8
-  (2, R, R, 3) with config.data.gram_crop_size R)."""
+  (2, R, R, 3) with config.data.gram_crop_size R).
 
-  def __init__(self, data: selection_lib.Resolved, seed: int, **crop_kwargs):
+  With `size_groups` (one MultiCrop kwargs override per group, see
+  crop_size_groups) every step draws one group for all its examples:
+  crop_size_group(seed, step, ratios), a function of the step alone, so a
+  resumed run sees the sizes an uninterrupted one would."""
+
+  def __init__(self, data: selection_lib.Resolved, seed: int, *,
+               size_groups: Sequence[dict] = (), ratios: Sequence[float] = (),
+               global_batch: int | None = None, **crop_kwargs):
     super().__init__(data, seed)
-    self.views = multicrop.MultiCrop(**crop_kwargs)
+    self.views = [multicrop.MultiCrop(**{**crop_kwargs, **g}) for g in size_groups or [{}]]
+    self.ratios = tuple(float(r) for r in ratios) or (1.0,)
+    if len(self.views) > 1 and not global_batch:
+      raise ValueError("several crop sizes need the global batch size (one size per step)")
+    self.global_batch = global_batch
 
-  def transform(self, pixels, rng):
-    return self.views(pixels, rng)
+  def transform(self, pixels, rng, e):
+    k = 0 if len(self.views) == 1 else crop_size_group(self.seed, e // self.global_batch,
+                                                        self.ratios)
+    return self.views[k](pixels, rng)
+
+
+def crop_size_group(seed: int, step: int, ratios: Sequence[float]) -> int:
+  """Which crop-size group step `step` uses: drawn with probabilities `ratios`
+  from a generator of (seed, step) alone."""
+  p = np.asarray(ratios, np.float64)
+  return int(np.random.default_rng([int(seed), int(step), 0x53495a45]).choice(len(p), p=p / p.sum()))
 
 
 _MULTICROP_FIELDS = ("global_crop_size", "global_crop_scale", "local_crop_size",
                      "local_crop_scale", "num_local_crops", "mask_probability",
                      "mask_ratio", "patch_size", "gram_crop_size", "gram_no_distortions")
+# config.data keys of the groups, with the MultiCrop argument each sets.
+_GROUP_FIELDS = (("global_crop_sizes", "global_crop_size"), ("local_crop_sizes", "local_crop_size"),
+                 ("gram_crop_sizes", "gram_crop_size"))
+
+
+def crop_size_groups(data_cfg: Any) -> tuple[list[dict], tuple[float, ...]]:
+  """([MultiCrop overrides per group], ratios) from config.data.global_crop_sizes,
+  local_crop_sizes, gram_crop_sizes (empty: that size fixed) and
+  crop_size_ratios (DINOv3's global_local_crop_pairs_ratios); ([], ()) when
+  no list is set: one size for the whole run."""
+  lists = {arg: tuple(int(x) for x in data_cfg[key]) for key, arg in _GROUP_FIELDS
+           if data_cfg[key]}
+  if not lists:
+    return [], ()
+  n = {len(v) for v in lists.values()}
+  ratios = tuple(float(r) for r in data_cfg.crop_size_ratios) or (1.0,) * max(n)
+  if len(n | {len(ratios)}) != 1:
+    raise ConfigError("config.data.global_crop_sizes, local_crop_sizes, gram_crop_sizes "
+                      "and crop_size_ratios must have one entry per group (or be empty): "
+                      + ", ".join(f"{k} {len(data_cfg[k])}" for k, _ in _GROUP_FIELDS)
+                      + f", crop_size_ratios {len(data_cfg.crop_size_ratios)}")
+  if min(ratios) < 0 or sum(ratios) <= 0:
+    raise ConfigError(f"config.data.crop_size_ratios={ratios} must be >= 0, not all 0")
+  groups = [{arg: v[i] for arg, v in lists.items()} for i in range(len(ratios))]
+  return groups, ratios
 
 
 def resolve(data_cfg: Any) -> selection_lib.Resolved:
@@ -197,8 +246,8 @@ def resolve(data_cfg: Any) -> selection_lib.Resolved:
   return selection_lib.resolve(data_cfg.shards, data_cfg.cache_dir, data_cfg.mixture)
 
 
-def make_example(data_cfg: Any, seed: int,
-                 data: selection_lib.Resolved | None = None) -> _Example:
+def make_example(data_cfg: Any, seed: int, data: selection_lib.Resolved | None = None,
+                 global_batch: int | None = None) -> _Example:
   """The per-example function that `data_cfg.crops` asks for, over `data`
   (default: resolved from data_cfg). data_cfg is a pretraining config's `data`
   (configs/common.py: every key there, no defaults here)."""
@@ -210,7 +259,10 @@ def make_example(data_cfg: Any, seed: int,
         crop_scale=data_cfg.crop_scale, crop_ratio=data_cfg.crop_ratio,
         hflip=data_cfg.hflip)
   if crops == "multicrop":
-    return MultiCropExample(data, int(seed), **{k: data_cfg[k] for k in _MULTICROP_FIELDS})
+    groups, ratios = crop_size_groups(data_cfg)
+    return MultiCropExample(data, int(seed), size_groups=groups, ratios=ratios,
+                            global_batch=global_batch,
+                            **{k: data_cfg[k] for k in _MULTICROP_FIELDS})
   raise ConfigError(f"config.data.crops must be 'single' or 'multicrop', got {crops!r}")
 
 
@@ -230,18 +282,27 @@ class _GlobalPosition:
 
 def batch_spec(data_cfg: Any, batch_size: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
   """name -> (shape, dtype) of the batches of `batch_size` examples that
-  make_pretrain_loader yields for `data_cfg`, without reading any data."""
+  make_pretrain_loader yields for `data_cfg`, without reading any data (with
+  several crop sizes: the largest group's)."""
   b = int(batch_size)
   if data_cfg.crops == "single":
     s = int(data_cfg.image_size)
     spec = {"image": ((b, s, s, 3), np.uint8)}
   elif data_cfg.crops == "multicrop":
-    g, loc = int(data_cfg.global_crop_size), int(data_cfg.local_crop_size)
+    sizes = {"global_crop_size": data_cfg.global_crop_size,
+             "local_crop_size": data_cfg.local_crop_size,
+             "gram_crop_size": data_cfg.gram_crop_size}
+    groups, _ = crop_size_groups(data_cfg)
+    if groups:  # several sizes: the largest group (what memory must hold)
+      sizes.update(max(groups, key=lambda g: tuple(
+          int(g.get(k) or sizes[k] or 0) for k in ("global_crop_size", "gram_crop_size",
+                                                   "local_crop_size"))))
+    g, loc = int(sizes["global_crop_size"]), int(sizes["local_crop_size"])
     spec = {"global_crops": ((b, 2, g, g, 3), np.uint8),
             "local_crops": ((b, int(data_cfg.num_local_crops), loc, loc, 3), np.uint8),
             "masks": ((b, 2, (g // int(data_cfg.patch_size)) ** 2), np.bool_)}
-    if data_cfg.gram_crop_size is not None:
-      r = int(data_cfg.gram_crop_size)
+    if sizes["gram_crop_size"] is not None:
+      r = int(sizes["gram_crop_size"])
       spec["gram_crops"] = ((b, 2, r, r, 3), np.uint8)
   else:
     raise ConfigError(f"config.data.crops={data_cfg.crops!r} must be 'single' or 'multicrop'")
@@ -314,7 +375,7 @@ def make_pretrain_loader(data_cfg: Any, *, global_batch_size: int, seed: int,
                                              process_count, "global batch")
   if seed < 0 or start_step < 0:
     raise ValueError(f"seed and start_step must be >= 0, got {seed}, {start_step}")
-  example = make_example(data_cfg, seed, data)
+  example = make_example(data_cfg, seed, data, global_batch_size)
 
   ds = (grain.MapDataset.range(_ENDLESS_STEPS * local_batch)
         .map(_GlobalPosition(start_step, global_batch_size, local_batch, process_index))

@@ -23,6 +23,7 @@ from biovfm_jax.models.vit import ViTConfig, vit_config_from
 from biovfm_jax.objectives import dino_losses as L
 from biovfm_jax.objectives import gram as gram_lib
 from biovfm_jax.objectives.mae import _block_flops, _to_uint8
+from data_pipeline import loader as loader_lib
 from data_pipeline.errors import ConfigError
 
 __all__ = ["DINOv2Objective", "dinov2_flops"]
@@ -156,6 +157,7 @@ class DINOv2Objective:
     # iBOT slots per global-crop image: masked patches are gathered into a
     # fixed n_max slots (static shape), so the head runs on n_max rows per
     # image instead of all N; +1 covers int() rounding of the mask size.
+    self.ibot_frac = frac
     self.ibot_slots = min(n, int(frac * n) + 1)
     self.global_size = int(data.global_crop_size)
     self.local_size = int(data.local_crop_size)
@@ -163,8 +165,12 @@ class DINOv2Objective:
       raise ConfigError(f"config.data.global_crop_size={self.global_size} must equal "
                        f"config.model.image_size={self.vit.image_size} (the learned "
                        "position table is sized for the global crops)")
-    for key, size in (("global_crop_size", self.global_size),
-                      ("local_crop_size", self.local_size)):
+    # Several crop sizes (a high-resolution stage): a learned table is resized
+    # to each grid at run time; the iBOT slots follow each grid.
+    groups, _ = loader_lib.crop_size_groups(data)
+    sizes = [("global_crop_size", self.global_size), ("local_crop_size", self.local_size)]
+    sizes += [(f"{k}s", v) for g in groups for k, v in g.items() if k != "gram_crop_size"]
+    for key, size in sizes:
       if size % self.vit.patch_size:
         raise ConfigError(f"config.data.{key}={size} is not divisible by "
                          f"config.model.patch_size={self.vit.patch_size}")
@@ -236,10 +242,12 @@ class DINOv2Objective:
     """masks (I, N) bool -> slot patch indices (I, n_max), slot validity
     (I, n_max) and masked count (I,). Masked patches come first, in patch
     order; slots past the count are padding (weight 0)."""
+    n = masks.shape[1]
+    slots = min(n, int(self.ibot_frac * n) + 1)  # this grid's (several crop sizes)
     order = jnp.argsort((~masks).astype(jnp.int32), axis=1, stable=True)
-    idx = order[:, :self.ibot_slots]
+    idx = order[:, :slots]
     count = masks.sum(axis=1).astype(jnp.int32)
-    valid = jnp.arange(self.ibot_slots)[None, :] < count[:, None]
+    valid = jnp.arange(slots)[None, :] < count[:, None]
     return idx, valid, count
 
   def loss(self, model: DINOv2Model, batch, rng: jax.Array, step, extra):
@@ -319,7 +327,7 @@ class DINOv2Objective:
       ibot = jnp.zeros((), jnp.float32)
     # Share of masked patches beyond the slots (left out of iBOT): should be 0;
     # if not, raise config.dinov2.ibot_max_masked_fraction.
-    truncated = (jnp.maximum(count - self.ibot_slots, 0).sum()
+    truncated = (jnp.maximum(count - idx.shape[1], 0).sum()
                  / jnp.maximum(count.sum(), 1)).astype(jnp.float32)
 
     loss = (self.dino_weight * (dino_local + dino_global) + self.koleo_weight * koleo
@@ -357,7 +365,8 @@ class DINOv2Objective:
       crops = crops.reshape((-1,) + crops.shape[2:])                     # (2B, R, R, C)
       tokens = backbone(crops)[:, backbone.num_prefix_tokens:]
       p = self.vit.patch_size
-      targets = gram_lib.to_grid(tokens, crops.shape[1] // p, self.global_size // p)
+      targets = gram_lib.to_grid(tokens, crops.shape[1] // p,
+                                 batch["global_crops"].shape[2] // p)
     g_loss = gram_lib.loss(cfg, s_patch, jax.lax.stop_gradient(targets), shards)
     return g_loss, gram_lib.weight(cfg, step)
 

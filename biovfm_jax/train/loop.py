@@ -444,8 +444,10 @@ def _train(config, workdir: str, preemption: _Preemption, started) -> dict:
     step = start_step
     t0 = time.perf_counter()
     started()  # training begins: from here what the run wrote is kept, whatever happens
+    programs = _Programs(config.data)
     while step < total_steps:
       batch = next(batches)  # on the device already: its transfer went ahead
+      programs.see(batch, step)
       state, metrics = train_step(state, batch)
       step += 1
       if step == start_step + 1:
@@ -511,6 +513,27 @@ def _train(config, workdir: str, preemption: _Preemption, started) -> dict:
             raise
           logging.warning("While stopping: %s", ckpt_lib.one_line(e))
   return last
+
+
+class _Programs:
+  """Counts the compiled step programs: one per set of batch shapes (several
+  crop sizes compile once each), and logs each new one."""
+
+  def __init__(self, data_cfg):
+    groups = (loader_lib.crop_size_groups(data_cfg)[0]
+              if data_cfg.crops == "multicrop" else [])
+    self.expected = len(groups) or 1
+    self.seen: set = set()
+
+  def see(self, batch, step: int) -> None:
+    shapes = tuple(sorted((k, tuple(v.shape)) for k, v in batch.items()))
+    if shapes in self.seen:
+      return
+    self.seen.add(shapes)
+    if self.expected > 1:
+      sizes = ", ".join(f"{k} {s[2]}px" for k, s in shapes if k.endswith("crops"))
+      logging.info("Step %d: new crop sizes (%s): compiling program %d of %d.", step, sizes,
+                   len(self.seen), self.expected)
 
 
 def _mixture_text(weights) -> str:
