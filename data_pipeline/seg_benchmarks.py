@@ -37,7 +37,7 @@ MNI_TISSUE = "mni_tissue"
 MNI_CLASSES = ("background/CSF", "grey matter", "white matter")
 SPLITS = ("train", "val", "test")
 FRACTIONS = (0.70, 0.15)  # train, val; test takes the rest
-_VERSION = 1  # bump when the preparation changes what it writes
+_VERSION = 3  # bump when the preparation changes what it writes
 _IMAGE_EXT = (".png", ".tif", ".tiff")
 # Defaults of the options (an eval config's `segmentation` block).
 DEFAULTS = {"axis": 2, "stride": 1, "keep": "foreground", "seed": 0, "channel": 0,
@@ -201,7 +201,8 @@ def _slices(volume: np.ndarray, mask: np.ndarray, spacing, axes, stride: int):
 
 
 def _mni_tissue_cases() -> dict:
-  """One case: the MNI152 template (2 mm), sliced in its three planes."""
+  """One case: the MNI152 template (2 mm), cropped to the head, sliced in its
+  three planes."""
   import nibabel  # pylint: disable=import-outside-toplevel
   from nilearn import datasets  # pylint: disable=import-outside-toplevel
 
@@ -211,16 +212,22 @@ def _mni_tissue_cases() -> dict:
     wm = nibabel.as_closest_canonical(datasets.load_mni152_wm_template(resolution=2))
     g, w = (np.asarray(x.get_fdata(), np.float32) for x in (gm, wm))
     label = np.where(np.maximum(g, w) >= 0.5, np.where(g >= w, 1, 2), 0).astype(np.uint8)
+    volume = np.asarray(t1.get_fdata(), np.float32)
+    # The template's field of view is mostly empty: crop to the head (2 voxels
+    # of margin), so the brain fills the slices and a patch grid covers it.
+    box = tuple(slice(max(0, int(i.min()) - 2), int(i.max()) + 3)
+                for i in np.nonzero(volume > 0.05 * volume.max()))
     spacing = tuple(float(s) for s in t1.header.get_zooms()[:3])
-    yield from _slices(np.asarray(t1.get_fdata(), np.float32), label, spacing, (0, 1, 2), 1)
+    yield from _slices(volume[box], label[box], spacing, (0, 1, 2), 1)
   return {"mni152": slices}
 
 
 def _mni_split(names):
-  """Blocks of 6 consecutive slices per plane go train, train, train, val,
-  test in turn: neighbours share a split, each split spans the brain."""
+  """Blocks of 6 consecutive slices per plane go test, train, val, train,
+  train in turn: neighbours share a split, each split spans the brain (the
+  test split the first edge of each plane, where a tissue can be absent)."""
   def of(slice_id: str) -> str:
-    return ("train", "train", "train", "val", "test")[int(slice_id[1:]) // 6 % 5]
+    return ("test", "train", "val", "train", "train")[int(slice_id[1:]) // 6 % 5]
   return {name: of for name in names}
 
 
