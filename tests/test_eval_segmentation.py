@@ -236,3 +236,35 @@ def test_bad_segmentation_configs_fail_with_the_key(tmp_path):
                                   sys_argv=argv)
   with pytest.raises(Exception, match="Did you mean \"layers\""):
     fv(argv)
+
+
+def test_evaluate_binary_on_an_msd_folder_and_mni_tissue(tmp_path):
+  """`python evaluate.py --benchmarks=mni_tissue,msd:<folder>` as a user runs it:
+  an MSD task folder made here (NIfTI volumes, dataset.json), one report with
+  both benchmarks, Dice equal to MONAI's on the saved predictions."""
+  import subprocess
+  import sys
+  from monai.metrics import DiceMetric
+  from test_seg_benchmarks import _msd
+  from data_pipeline import seg_benchmarks
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  task = _msd(tmp_path / "Task99_Toy", n_cases=5)
+  enc = save_encoder(tmp_path / "enc")
+  out, data = tmp_path / "out", tmp_path / "data"
+  r = subprocess.run(
+      [sys.executable, "evaluate.py", "--config=configs/eval/segmentation_linear.py",
+       f"--checkpoint={enc}", f"--out_dir={out}", "--image_size=32",
+       f"--benchmarks=mni_tissue,msd:{task}", "--config.head.epochs=2",
+       "--config.head.batch_size=4",
+       "--config.save_predictions=npz", f"--config.data_dir={data}"],
+      cwd=root, capture_output=True, text=True, timeout=600,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "| Task99_Toy |" in r.stdout and "| mni_tissue |" in r.stdout
+  doc = json.load(open(out / "report.json"))
+  saved = np.load(out / "Task99_Toy" / "predictions.npz")
+  test = seg_benchmarks.load_split(f"msd:{task}", "test", size=32, data_dir=str(data))
+  assert list(saved["ids"]) == test.ids
+  dice = _monai(DiceMetric(include_background=True, reduction="mean_batch"),
+                saved["masks"], test.masks, 3)
+  np.testing.assert_allclose(doc["results"]["Task99_Toy"]["dice_per_class"], dice, rtol=1e-6)
