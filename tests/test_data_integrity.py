@@ -182,7 +182,12 @@ def test_resume_on_a_changed_shard_set_is_refused_unless_allowed(shard_dir, tmp_
   out = loop.train(c, work)
   assert np.isfinite(out["loss"])
   # The new checkpoint records the new input: a plain resume now agrees with it.
-  assert ckpt_lib.read_run(ckpt_lib.find_step_dir(work))["num_records"] == 32
+  run = ckpt_lib.read_run(ckpt_lib.find_step_dir(work))
+  assert run["num_records"] == 32
+  # ... and what export --format=hf writes into the model card and configs.
+  assert run["data_mean"] == list(c.data.mean) and run["data_std"] == list(c.data.std)
+  assert run["mae"] == {"mask_ratio": c.mae.mask_ratio, "norm_pix_loss": c.mae.norm_pix_loss,
+                        "decoder_heads": c.mae.decoder_heads}
 
 
 def test_checkpoints_without_the_new_facts_still_resume():
