@@ -186,7 +186,7 @@ def _objective_of(path):
   name = os.path.basename(path)
   if name in ("common.py", "__init__.py") or name.endswith("_base.py"):
     return None
-  return "dinov2" if "dinov2" in name else "mae"
+  return _load(path).objective  # what the file configures, not what its name says
 
 
 # --- Optional fields: `--config.<key>=None` sets them back to None (issue 24, item 8).
