@@ -11,6 +11,7 @@ from biovfm_jax import load_encoder
 from biovfm_jax.interop import hf as hf_import
 from biovfm_jax.interop.__main__ import main as cli_main
 from biovfm_jax.train import checkpoint as ckpt_lib
+from test_init_from import _flat, _setup
 
 RTOL = 1e-5
 _TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -107,33 +108,6 @@ def test_a_bias_config_json_promises_must_be_there(tmp_path):
     hf_import._from_dinov3(cfg, hf_import.read_weights(str(src)), None)
 
 
-def _setup(flags):
-  """loop.build of a config given as main.py flags on one device, and its
-  first params from init_from (as tests/test_init_from.py does)."""
-  import jax
-  from absl import flags as absl_flags
-  from ml_collections import config_flags
-  from biovfm_jax.train import init_from, loop, validate
-  argv = ["test", *flags]
-  fv = absl_flags.FlagValues()
-  config_flags.DEFINE_config_file("config", None, flag_values=fv, sys_argv=argv)
-  fv(argv)
-  config = fv.config
-  validate.expand_paths(config)
-  config.mesh.data = 1
-  s = loop.build(config, devices=jax.devices()[:1], evaluators=False)
-  return s, init_from.initial_params(config, s.spec, s.objective)
-
-
-def _flat(tree, prefix=""):
-  if not hasattr(tree, "items"):
-    return {prefix: np.asarray(tree)}
-  out = {}
-  for k, v in tree.items():
-    out.update(_flat(v, f"{prefix}/{k}" if prefix else str(k)))
-  return out
-
-
 def test_dinov2_with_rope_continues_an_import(tmp_path):
   """DINOv2 pretraining (the DINOv3 architecture) from the import: the student
   starts as the import, at another crop size; a mismatched key_bias or
@@ -151,7 +125,7 @@ def test_dinov2_with_rope_continues_an_import(tmp_path):
            "--config.dinov2.head_hidden=32", "--config.dinov2.head_bottleneck=16",
            "--config.dinov2.num_prototypes=64", "--config.dinov2.n_local_crops=2",
            "--config.batch_size=8", f"--config.init_from={out}"]
-  s, params = _setup(flags)
+  s, params = _setup(flags, tmp_path)
   assert s.objective.encoder_config.pos_embed == "rope"
   saved = _flat(ckpt_lib.restore_host(ckpt_lib.find_step_dir(str(out)), ("params",)))
   got = _flat(params["backbone"])

@@ -28,6 +28,7 @@ from biovfm_jax.interop import hf_export
 from biovfm_jax.interop.__main__ import main as cli_main
 from biovfm_jax.models import MaskedAutoencoder, VisionTransformer, vit_config
 from biovfm_jax.train import checkpoint as ckpt_lib
+from test_init_from import _flat, _setup
 
 RTOL = 1e-5
 STEP, BATCH = 3, 16
@@ -209,15 +210,6 @@ def _merged(build, params):
   return nnx.merge(graphdef, state, rest)
 
 
-def _flat(tree, prefix=""):
-  if not hasattr(tree, "items"):
-    return {prefix: np.asarray(tree)}
-  out = {}
-  for k, v in tree.items():
-    out.update(_flat(v, f"{prefix}/{k}" if prefix else str(k)))
-  return out
-
-
 def test_image_processor_normalises_as_training(exports):
   from data_pipeline import transforms
   processor = hf.AutoImageProcessor.from_pretrained(exports["mae"])
@@ -359,7 +351,6 @@ def test_dinov2_continues_from_its_export(name, model_type, runs, exports, tmp_p
   """The re-imported export initialises DINOv2 pretraining: its backbone is
   the run's, to the bit (a few steps: the slow test below)."""
   _skip_unsupported(model_type)
-  from test_init_from import _setup
   src = _reimport(exports[name], tmp_path)
   _, params = _setup([*CONTINUE[name], f"--config.init_from={src}"], tmp_path)
   saved = ckpt_lib.restore_host(ckpt_lib.find_step_dir(runs[name]), ("params", "backbone"))
