@@ -118,6 +118,7 @@ def test_gram_ckpt_is_read_into_the_gram_teacher(tmp_path):
   from biovfm_jax import sharding as shd
   from biovfm_jax.models.vit import VisionTransformer
   from biovfm_jax.objectives import get_objective
+  from biovfm_jax.train import init_from
   from biovfm_jax.train.state import ModelSpec
   c = _cfg(ckpt=str(tmp_path / "src"), rep_update=False)
   c.update_from_flattened_dict({"model.width": 32, "model.num_heads": 2, "model.depth": 1,
@@ -130,7 +131,7 @@ def test_gram_ckpt_is_read_into_the_gram_teacher(tmp_path):
       "encoder": dataclasses.asdict(objective.encoder_config)})
   spec = ModelSpec(objective.init_model, 0, shd.make_mesh({"data": 8}), shd.DEFAULT_RULES)
   extra = objective.init_extra(spec.init_params())
-  got = objective.initial_extra(extra, spec)["gram"]
+  got = init_from.initial_extra(objective, spec, extra)["gram"]
   assert _same(jax.device_get(got), saved)
   assert not _same(jax.device_get(extra["gram"]), saved)   # it was the student's init
   c.dinov2.gram.ckpt = str(tmp_path / "src")
@@ -138,7 +139,7 @@ def test_gram_ckpt_is_read_into_the_gram_teacher(tmp_path):
   other = get_objective(c, total_steps=10, steps_per_epoch=5)
   spec = ModelSpec(other.init_model, 0, shd.make_mesh({"data": 8}), shd.DEFAULT_RULES)
   with pytest.raises(ConfigError, match=r"(?s)config.dinov2.gram.ckpt=.*config.model.width=64"):
-    other.initial_extra(other.init_extra(spec.init_params()), spec)
+    init_from.initial_extra(other, spec, other.init_extra(spec.init_params()))
 
 
 GRAM = ["--config.dinov2.gram.use_loss=True", "--config.dinov2.gram.it_load_ema_teacher=1",

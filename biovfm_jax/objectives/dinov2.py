@@ -9,8 +9,6 @@ loss each step") describes.
 """
 from __future__ import annotations
 
-import logging
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -199,18 +197,13 @@ class DINOv2Objective:
       extra["gram"] = jax.tree.map(jnp.copy, params["backbone"])
     return extra
 
-  def initial_extra(self, extra, spec) -> dict:
-    """A fresh run's extra, with the Gram teacher read from config.dinov2.gram.ckpt
-    when it names one (any run or import of this backbone's architecture)."""
-    if not (gram_lib.keeps_copy(self.gram) and self.gram.ckpt):
-      return extra
-    from biovfm_jax.train import init_from  # pylint: disable=import-outside-toplevel
-    like, shardings = spec.abstract_params["backbone"], spec.param_shardings["backbone"]
-    tree, _, step_dir, notes = init_from.read_backbone(
-        self.gram.ckpt, f"config.dinov2.gram.ckpt={self.gram.ckpt}", self.vit, like,
-        extra["gram"])
-    logging.info("Gram teacher from %s%s", step_dir, f" ({'; '.join(notes)})" if notes else "")
-    return {**extra, "gram": init_from.place(tree, like, shardings)}
+  def extra_from_checkpoints(self) -> dict[str, tuple[str, str, str]]:
+    """{extra key: (checkpoint, config key, what it is)}: the parts of extra a fresh run
+    reads from a checkpoint's backbone (train/init_from.initial_extra): the
+    Gram teacher, when config.dinov2.gram.ckpt names one."""
+    if gram_lib.keeps_copy(self.gram) and self.gram.ckpt:
+      return {"gram": (self.gram.ckpt, "config.dinov2.gram.ckpt", "Gram teacher")}
+    return {}
 
   def teacher_temperature(self, step):
     return L.teacher_temperature(step, self.warmup_teacher_temp, self.teacher_temp,

@@ -126,6 +126,24 @@ def initial_params(config, spec, objective):
   return place(params, like, spec.param_shardings)
 
 
+def initial_extra(objective, spec, extra: dict) -> dict:
+  """A fresh run's extra, with the entries the objective starts from a
+  checkpoint's backbone (objective.extra_from_checkpoints(), e.g. DINOv3's
+  Gram teacher) read, fitted to the run's backbone and placed in its shardings."""
+  wanted = getattr(objective, "extra_from_checkpoints", dict)()
+  if not wanted:
+    return extra
+  key = objective.backbone_path[-1]
+  like, shardings = spec.abstract_params[key], spec.param_shardings[key]
+  extra = dict(extra)
+  for name, (checkpoint, config_key, what) in wanted.items():
+    tree, _, step_dir, notes = read_backbone(checkpoint, f"{config_key}={checkpoint}",
+                                             objective.encoder_config, like, extra[name])
+    logging.info("%s from %s%s", what, step_dir, f" ({'; '.join(notes)})" if notes else "")
+    extra[name] = place(tree, like, shardings)
+  return extra
+
+
 def _subtree(tree, path):
   for k in path:
     if not hasattr(tree, "get") or k not in tree:

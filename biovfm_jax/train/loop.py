@@ -396,8 +396,8 @@ def _train(config, workdir: str, preemption: _Preemption, started) -> dict:
       restored_run = {}
       state = state_lib.create_state(spec, tx, objective, shardings,
                                      params=init_from.initial_params(config, spec, objective))
-      if hasattr(objective, "initial_extra"):  # e.g. a Gram teacher read from disk
-        state = state.replace(extra=objective.initial_extra(state.extra, spec))
+      # e.g. a Gram teacher read from disk
+      state = state.replace(extra=init_from.initial_extra(objective, spec, state.extra))
     start_step = int(state.step)
     if start_step >= total_steps:  # before any compile or input worker starts
       logging.info("Already finished: step %d of %d in %s; nothing to do.", start_step,
