@@ -49,7 +49,7 @@ def measure(evals: int, cache: str) -> dict:
     # New weights each time, as after more training steps; a new Encoder, as
     # during_training.backbone_encoder builds one per evaluation.
     params = jax.tree.map(lambda x: x * 1.001, params)
-    evaluator.run(Encoder(vit, params, mesh=mesh))
+    evaluator.run(Encoder(vit, params, mesh=mesh), step=i)
     rss.append(round(rss_mb(), 1))
   return {"evals": evals, "rss_mb": rss, "growth_mb": round(rss[-1] - rss[1], 1),
           "growth_per_eval_mb": round((rss[-1] - rss[1]) / max(1, evals - 2), 1)}

@@ -160,6 +160,8 @@ def eval_entry(protocol: str, every_steps: int, **overrides) -> config_dict.Conf
   Unknown keys fail here, as the config file loads."""
   c = eval_common.get_config(protocol)
   c.every_steps = every_steps
+  # Also score the starting weights (step 0), so later scores show their gain.
+  c.at_start = True
   c.features.cache = False   # the features change as the model trains
   # Decode in the training thread: reader threads started anew at each evaluation
   # left glibc malloc arenas behind, ~50-100 MB of host memory per evaluation.

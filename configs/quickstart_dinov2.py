@@ -6,7 +6,7 @@ The reference recipe (configs/dinov2_base.py) scaled down: 48 px global and
 24 px local crops, patch 8, a 4-layer 96-wide encoder, 4 local crops and 1,024
 prototypes; an "epoch" is 50 steps so the schedules play out in 300 steps.
 """
-from configs import dinov2_base
+from configs import common, dinov2_base
 
 
 def get_config(arg=None):
@@ -42,4 +42,8 @@ def get_config(arg=None):
   c.log_every_steps = 10
   c.checkpoint.every_steps = 50
   c.image_every_steps = 100
+  # kNN on the built-in benchmarks from step 0 on (see configs/quickstart.py),
+  # on the teacher's class token, as DINO's own kNN evaluation.
+  c.evals.knn_mini = common.eval_entry("knn", every_steps=150, benchmarks="anatomy,mini",
+                                       image_size=64, probe={"pool": "cls"})
   return c

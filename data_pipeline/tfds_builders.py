@@ -10,6 +10,9 @@ record i of a split is example `index` i.
                            MD5 checks when missing, see readers/medmnist.py)
   mini_modality/<size>px   offline demo: the modality (7 classes) of the images
                            of the built-in "mini" corpus, squared and resized
+  mni_anatomy/<size>px     offline: the plane and level (9 classes) of MNI152
+                           T1 slices (data_pipeline/anatomy.py); random weights
+                           do not pass it, unlike mini_modality
 
 Features: `image` PNG (S, S, C) uint8 at the stored size, `label` int64 (L,),
 `index` int64 (the example's number in its split; mini_modality also has
@@ -44,6 +47,7 @@ MINI_SIZES = medmnist.SIZES
 MINI_MODALITIES = ("CT", "MR", "NM", "fundus", "microscopy", "pathology", "ultrasound")
 MINI_FRACTIONS = (0.70, 0.15)  # train, val; test takes the rest
 MINI_BENCHMARK = "mini_modality"
+ANATOMY_BENCHMARK = "mni_anatomy"
 
 
 def encode_png(pixels: np.ndarray) -> bytes:
@@ -123,8 +127,24 @@ class MedMNIST(_QuietBuilder):
 
 
 @dataclasses.dataclass(eq=False)
-class MiniModalityConfig(tfds.core.BuilderConfig):
+class SizeConfig(tfds.core.BuilderConfig):
+  """A built-in benchmark at one stored size (config `<size>px`)."""
   size: int = 64
+
+
+def _sized_configs(what: str) -> list[SizeConfig]:
+  return [SizeConfig(name=f"{s}px", size=s, description=f"{what} at {s} px")
+          for s in MINI_SIZES]
+
+
+def _classes_info(builder, description: str, classes, **extra) -> tfds.core.DatasetInfo:
+  """A built-in benchmark's info: RGB images, one multi-class label."""
+  return builder.dataset_info_from_configs(
+      description=description,
+      features=_features(builder.builder_config.size, 3, 1, **extra),
+      disable_shuffling=True,
+      metadata=tfds.core.MetadataDict(task="multi-class", classes=list(classes),
+                                      num_classes=len(classes)))
 
 
 def square_resize(pixels: np.ndarray, size: int) -> np.ndarray:
@@ -166,9 +186,7 @@ class MiniModality(_QuietBuilder):
   name = MINI_BENCHMARK
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "mini_v1 corpus, 7 modalities, 70/15/15 stratified."}
-  BUILDER_CONFIGS = [MiniModalityConfig(name=f"{s}px", size=s,
-                                        description=f"mini corpus modality at {s} px")
-                     for s in MINI_SIZES]
+  BUILDER_CONFIGS = _sized_configs("mini corpus modality")
 
   def __init__(self, *, cache_dir: str | os.PathLike | None = None, **kwargs):
     # Where the mini corpus is (built there on first use); not part of the data.
@@ -176,15 +194,9 @@ class MiniModality(_QuietBuilder):
     super().__init__(**kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return self.dataset_info_from_configs(
-        description="Modality of the images of the built-in mini corpus "
-                    f"({', '.join(MINI_MODALITIES)}).",
-        features=_features(self.builder_config.size, 3, 1,
-                           record=tfds.features.Scalar(dtype=np.int64)),
-        disable_shuffling=True,
-        metadata=tfds.core.MetadataDict(task="multi-class", classes=list(MINI_MODALITIES),
-                                        num_classes=len(MINI_MODALITIES)),
-    )
+    return _classes_info(self, "Modality of the images of the built-in mini corpus "
+                               f"({', '.join(MINI_MODALITIES)}).", MINI_MODALITIES,
+                         record=tfds.features.Scalar(dtype=np.int64))
 
   def _split_generators(self, dl_manager):
     del dl_manager  # the corpus is built locally, nothing to download
@@ -211,7 +223,32 @@ class MiniModality(_QuietBuilder):
                 "label": np.array([label], np.int64), "index": k, "record": i}
 
 
-BENCHMARKS = (*medmnist.FLAGS, MINI_BENCHMARK)
+class MniAnatomy(_QuietBuilder):
+  """Plane and level of MNI152 T1 slices (config `<size>px`): data_pipeline/anatomy.py."""
+
+  name = ANATOMY_BENCHMARK
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "MNI152 1 mm, 3 planes x 3 levels, blocks of 4 slices."}
+  BUILDER_CONFIGS = _sized_configs("MNI152 slice plane and level")
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    from data_pipeline import anatomy  # pylint: disable=import-outside-toplevel
+    return _classes_info(self, "Plane and level (3 x 3 classes) of the MNI152 T1 "
+                               "template's slices.", anatomy.CLASSES)
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # nilearn ships the template: nothing to download
+    from data_pipeline import anatomy  # pylint: disable=import-outside-toplevel
+    items = list(anatomy.examples(self.builder_config.size))
+    return {split: self._generate_examples([x for x in items if x[0] == split])
+            for split in SPLITS}
+
+  def _generate_examples(self, items):
+    for k, (_, label, pixels) in enumerate(items):
+      yield k, {"image": encode_png(pixels), "label": np.array([label], np.int64), "index": k}
+
+
+BENCHMARKS = (*medmnist.FLAGS, MINI_BENCHMARK, ANATOMY_BENCHMARK)
 
 
 def builder(benchmark: str, *, size: int, data_dir: str | os.PathLike,
@@ -223,6 +260,10 @@ def builder(benchmark: str, *, size: int, data_dir: str | os.PathLike,
       raise ValueError(f"{benchmark}: size must be one of {MINI_SIZES}, got {size}")
     return MiniModality(config=f"{int(size)}px", cache_dir=cache_dir, data_dir=data_dir,
                         file_format="array_record")
+  if benchmark == ANATOMY_BENCHMARK:
+    if int(size) not in MINI_SIZES:
+      raise ValueError(f"{benchmark}: size must be one of {MINI_SIZES}, got {size}")
+    return MniAnatomy(config=f"{int(size)}px", data_dir=data_dir, file_format="array_record")
   if benchmark not in medmnist.BENCHMARKS:
     raise KeyError(f"unknown benchmark {benchmark!r}; known: {', '.join(BENCHMARKS)}")
   return MedMNIST(config=f"{benchmark}_{medmnist.check_size(size)}",
@@ -248,7 +289,7 @@ def prepare(benchmark: str, *, size: int, data_dir: str | os.PathLike,
     if b.is_prepared():
       return b  # another process built it while we waited
     manual_dir = None
-    if benchmark != MINI_BENCHMARK:
+    if benchmark not in (MINI_BENCHMARK, ANATOMY_BENCHMARK):
       manual_dir = os.fspath(npz_dir or os.path.join(data_dir, "medmnist_npz"))
       if not os.path.isfile(medmnist.npz_path(manual_dir, benchmark, size)):
         if not download:

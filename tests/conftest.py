@@ -89,12 +89,19 @@ def _sweep_mtimes(root, names):
   return out
 
 
+# The tiny sweep at test size: one seed, 20 steps a run (its 8 grid points, its
+# evaluation; the README's 2 x 200 steps are measured, not tested).
+TINY_SWEEP_FLAGS = ("--seeds=1", "--sweep.overrides.num_train_steps=20",
+                    "--sweep.overrides.checkpoint.every_steps=20")
+
+
 @pytest.fixture(scope="session")
 def tiny_sweep_root(tmp_path_factory):
-  """configs/sweeps/tiny.py run to the end by the launcher, the hard way: SIGKILLed
-  while its 2nd run trains, restarted and stopped by SIGTERM in a later run,
-  restarted again. Returns the sweep root (str): results.csv, runs/, evals/,
-  state/, logs/. What was seen on the way is in ../interruptions.json."""
+  """configs/sweeps/tiny.py (TINY_SWEEP_FLAGS) run to the end by the launcher,
+  the hard way: SIGKILLed while its 2nd run trains, restarted and stopped by
+  SIGTERM in a later run, restarted again. Returns the sweep root (str):
+  results.csv, runs/, evals/, state/, logs/. What was seen on the way is in
+  ../interruptions.json."""
   import json
   import signal
   import subprocess
@@ -109,7 +116,7 @@ def tiny_sweep_root(tmp_path_factory):
   env.update(PYTHONPATH=repo, XLA_FLAGS="--xla_force_host_platform_device_count=1 "
                                         "--xla_backend_optimization_level=0")
   cmd = [sys.executable, "-m", "biovfm_jax.sweep", "--sweep=configs/sweeps/tiny.py",
-         f"--root={root}"]
+         f"--root={root}", *TINY_SWEEP_FLAGS]
   logs = []
 
   def launch():

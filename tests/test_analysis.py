@@ -351,18 +351,25 @@ def test_paper_correlations(paper_slopes):
 
 def test_slope_table_beside_the_paper(paper_slopes):
   t = analysis.slope_table(paper_slopes)
-  assert list(t.columns) == ["benchmark", "dinov2 b", "dinov2 SE", "dinov2 R²", "paper dinov2",
-                             "mae b", "mae SE", "mae R²", "paper mae"]
+  assert list(t.columns) == ["benchmark", "dinov2 b", "dinov2 SE", "dinov2 R²", "dinov2 flag",
+                             "paper dinov2", "mae b", "mae SE", "mae R²", "mae flag",
+                             "paper mae"]
   assert list(t["benchmark"]) == [f for f, _ in analysis.fit.report.BENCHMARKS] + ["mean"]
   fitted = paper_slopes.set_index(["objective", "benchmark"])
   for row in t.itertuples(index=False):
-    assert row[1] == fitted.loc[("dinov2", row[0]), "b"]
-    assert row[6] == fitted.loc[("mae", row[0]), "se_b"]
-    assert (row[4], row[8]) == PAPER_SLOPES[row[0]]
+    f = fitted.loc[("dinov2", row[0])]
+    # A flagged b is bracketed text, the others the number itself.
+    assert row[1] == (f"({f.b:.4f})" if analysis.flagged(f) else f.b)
+    assert row[4] == f.flag
+    assert row[7] == fitted.loc[("mae", row[0]), "se_b"]
+    assert (row[5], row[10]) == PAPER_SLOPES[row[0]]
+  # With 4 sizes most of the paper's own 95% intervals include 0; Pneumonia's not.
+  assert t.loc[t["benchmark"] == "pneumoniamnist", "mae flag"].item() == ""
   md = analysis.markdown(t).splitlines()
   assert md[0] == "| " + " | ".join(t.columns) + " |"
-  assert md[2].startswith("| Derma | 0.0223 | ")
-  assert md[-1].startswith("| mean | 0.0088 | ") and "| 0.0088 | 0.0191 |" in md[-1]
+  assert md[2].startswith("| Derma | (0.0223) | ")
+  assert md[-1].startswith("| mean | (0.0088) | ") and "| 0.0088 | (0.0191) |" in md[-1]
+  assert "| 0.0030 | 0.0003 | 0.9795 |  | 0.0031 |" in md[3]  # Pneumonia, unflagged
 
 
 def test_slope_table_of_own_runs():
@@ -374,17 +381,20 @@ def test_slope_table_of_own_runs():
   df["data_subset"] = [run[0] for run, *_ in points]
   s = analysis.fit_slopes(df)
   t = analysis.slope_table(s)
-  # Two sizes per group: b alone (no SE, R² = 1).
-  assert list(t.columns) == ["benchmark", "mae a b", "mae u b", "paper mae", "paper dinov2"]
+  # Two sizes per group: b alone (no SE, R² = 1), bracketed: no interval, no result.
+  assert list(t.columns) == ["benchmark", "mae a b", "mae a flag", "mae u b", "mae u flag",
+                             "paper mae", "paper dinov2"]
   assert list(t["benchmark"])[-2:] == ["mini_modality", "mean"] and len(t) == 14
   row = t.set_index("benchmark")
   want = np.log(80 / 70) / np.log(10)
-  assert row.loc["mini_modality", "mae u b"] == pytest.approx(want)
+  assert row.loc["mini_modality", "mae u b"] == f"({want:.4f})"
+  assert row.loc["mini_modality", "mae u flag"] == "fewer than 3 sizes; no measurable effect"
   assert np.isnan(row.loc["mini_modality", "paper mae"])
   assert np.isnan(row.loc["octmnist", "mae a b"]) and row.loc["octmnist", "paper mae"] == 0.0692
   md = analysis.markdown(t)
-  assert "| OCT |  |  | 0.0692 | 0.0141 |" in md
-  assert "| mini_modality | " in md and "nan" not in md
+  assert "| OCT |  |  |  |  | 0.0692 | 0.0141 |" in md
+  assert f"| mini_modality | ({want:.4f}) | fewer than 3 sizes; no measurable effect |" in md
+  assert "nan" not in md
   # Nothing fitted: the paper's columns alone.
   assert list(analysis.slope_table(s.iloc[:0]).columns) == ["benchmark", "paper dinov2",
                                                             "paper mae"]
@@ -474,16 +484,20 @@ def test_fit_prints_the_slope_table_beside_the_paper(tmp_path, capsys):
   cli.main(["fit", f"--out={tmp_path}"])
   out = capsys.readouterr().out
   assert "Empty DataFrame" not in out
-  slopes = pd.read_csv(tmp_path / "slopes.csv").set_index(["objective", "benchmark"])
+  slopes = pd.read_csv(tmp_path / "slopes.csv").fillna({"flag": ""}).set_index(
+      ["objective", "benchmark"])
   for (objective, flag), s in slopes.iterrows():
     paper = PAPER_SLOPES[flag][published.PAPER_OBJECTIVES.index(objective)]
     name = analysis.fit.report.display_name(flag)
-    row = (rf"^{re.escape(name)} +{objective} +{s.b:.4f} +\[{s.ci_low:.4f}, {s.ci_high:.4f}\] "
-           rf"+{s.r2:.2f} +4 +{paper:.4f}$")
+    b = re.escape(f"({s.b:.4f})") if s.flag else f"{s.b:.4f}"  # flagged: bracketed
+    row = (rf"^{re.escape(name)} +{objective} +{b} +\[{s.ci_low:.4f}, {s.ci_high:.4f}\] "
+           rf"+{s.r2:.2f} +4 +{paper:.4f}" + (f" +{s.flag}$" if s.flag else "$"))
     assert re.search(row, out, re.M), row
+  assert "(b): flagged, not a result: no measurable effect" in out
+  assert "warning:" not in out  # 4 sizes, no replicates: nothing to warn of
   # The correlations beside the paper's: num_classes 0.05 (0.05) and -0.24 (-0.24).
   assert re.search(r"^num_classes +0\.05 +0\.05 +-0\.24 +-0\.24$", out, re.M), out
-  assert "mae: mean-auc slope b = 0.0191" in out
+  assert "mae: mean-auc slope b = 0.0191 (SE 0.0067); flagged: no measurable effect" in out
 
 
 def test_fit_on_a_tiny_sweep_says_why_there_are_no_factors(tmp_path, capsys):
@@ -495,9 +509,11 @@ def test_fit_on_a_tiny_sweep_says_why_there_are_no_factors(tmp_path, capsys):
   assert "Empty DataFrame" not in out
   slopes = analysis.fit_slopes(analysis.load_results(csv))
   assert len(slopes) == 4
-  for s in slopes.itertuples():  # two points: b, no interval, no R²
-    assert re.search(rf"^mini_modality +{s.objective} {s.data_subset} +{s.b:.4f} +- +- +2$",
-                     out, re.M), out
+  for s in slopes.itertuples():  # two points: b bracketed, no interval, no R², flagged
+    assert re.search(rf"^mini_modality +{s.objective} {s.data_subset} +\({s.b:.4f}\) +- +- +2 "
+                     r"+fewer than 3 sizes; no measurable effect$", out, re.M), out
+  assert ("warning: fewer than 3 sizes: every group (mini_modality): a line through 2 values "
+          "of N = params_total fits any curve") in out
   assert "a line through two points has no interval" in out
   assert ("Pearson r of the slopes with each benchmark factor: no MedMNIST benchmark in these "
           "results: no factors") in out
@@ -506,7 +522,8 @@ def test_fit_on_a_tiny_sweep_says_why_there_are_no_factors(tmp_path, capsys):
   cli.main(["fit", f"--results={csv}", f"--out={tmp_path / 'fit2'}"])
   out = capsys.readouterr().out
   assert "slopes on 2 MedMNIST benchmark(s): an r needs 3 or more" in out
-  assert re.search(r"^Derma +mae +[\d.]+ +- +- +2 +0\.0269$", out, re.M), out
+  assert re.search(r"^Derma +mae +\([\d.]+\) +- +- +2 +0\.0269 +fewer than 3 sizes; no "
+                   r"measurable effect$", out, re.M), out
 
 
 def test_curves_are_readable(tmp_path):
@@ -522,8 +539,9 @@ def test_curves_are_readable(tmp_path):
   assert sum(bool(t.get_text()) for t in ax.get_yticklabels()) >= 4
   assert "ln(100·AUC) = a + b ln N" in fig._suptitle.get_text()
   legend = [t.get_text() for t in ax.get_legend().get_texts()]
-  assert legend == [f"{o} {d}: b = {b:.4f} (2 points)" for o, d, b in zip(
-      ["DINOv2", "DINOv2", "MAE", "MAE"], ["mini", "mini_mr_ct"] * 2, slopes["b"])]
+  assert legend == [f"{o} {d}: b = {b:.4f} (2 points)\n(fewer than 3 sizes; no measurable "
+                    "effect)" for o, d, b in zip(["DINOv2", "DINOv2", "MAE", "MAE"],
+                                                 ["mini", "mini_mr_ct"] * 2, slopes["b"])]
   # Each group its own marker and line style, so overlapping lines stay apart.
   styles = {(h.get_marker(), h.get_linestyle()) for h in ax.get_legend().legend_handles}
   assert len(styles) == 4
@@ -536,8 +554,10 @@ def test_curves_are_readable(tmp_path):
   fig = analysis.plot_curves(table, paper)
   derma = next(a for a in fig.axes if a.get_title() == "Derma")
   mae = paper.set_index(["objective", "benchmark"]).loc[("mae", "dermamnist")]
-  assert (f"MAE: b = 0.0269 [{mae.ci_low:.4f}, {mae.ci_high:.4f}], R² {mae.r2:.2f}"
-          in [t.get_text() for t in derma.get_legend().get_texts()])
+  assert (f"MAE: b = 0.0269 [{mae.ci_low:.4f}, {mae.ci_high:.4f}], R² {mae.r2:.2f}\n"
+          "(no measurable effect)" in [t.get_text() for t in derma.get_legend().get_texts()])
+  pneumonia = next(a for a in fig.axes if a.get_title() == "Pneumonia")  # no flag, one line
+  assert all("\n" not in t.get_text() for t in pneumonia.get_legend().get_texts())
   assert derma.get_xlabel() == "parameters, encoder + decoder (M)"
   fig.draw_without_rendering()
   assert [t.get_text() for t in derma.get_xticklabels()] == ["31.2", "47.4", "112", "329"]
@@ -548,8 +568,13 @@ def test_slopes_and_factors_figures(tmp_path):
   paper = analysis.fit_slopes(table)
   fig = analysis.plot_slopes(paper, tmp_path / "slopes.png")
   assert fig._suptitle.get_text().startswith("Scaling slope b of ln(100·AUC) = a + b ln N")
-  labels = fig.axes[0].get_legend_handles_labels()[1]
-  assert labels == ["paper's b", "DINOv2", "MAE"]
+  labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+  assert labels == ["paper's b", "DINOv2", "MAE", "hollow: flagged, not a result\n"
+                    "(no measurable effect\nor within seed noise)"]
+  # Flagged slopes hollow (white, hatched), the others filled: Pneumonia's alone.
+  bars = [p for p in fig.axes[0].patches if p.get_height() != 0]
+  filled = [p for p in bars if p.get_facecolor()[:3] != (1.0, 1.0, 1.0)]
+  assert len(bars) == 26 and len(filled) == 2 and all(p.get_hatch() is None for p in filled)
   factors = analysis.factor_table(list(medmnist.FLAGS))
   corr = analysis.correlations(paper, factors)
   fig = analysis.plot_factors(paper, factors, corr)
@@ -566,3 +591,149 @@ def test_slopes_and_factors_figures(tmp_path):
   assert "no MedMNIST benchmark in these results: no factors" in _texts(fig)
   assert all(not a.axison for a in fig.axes)
   assert "no data" in _texts(analysis.plot_curves(tiny, slopes.iloc[:0]))
+
+
+# --- replicates, flags and axis effects (issue: slopes fitted to noise) ------------
+
+def _replicates(values: dict, benchmark="mini_modality", **common):
+  """A results frame of replicate runs: {N: [value per seed]} -> runs "n<N>-s<k>"."""
+  return _rows([(f"n{n:g}-s{k}", n, benchmark, v) for n, vs in values.items()
+                for k, v in enumerate(vs)], **common)
+
+
+def test_two_sizes_with_replicates_are_flagged_but_measured():
+  """2 sizes x 3 seeds, a real gain: too few sizes for a scaling law, yet
+  the replicates give b an interval, and it excludes 0."""
+  df = _replicates({1e6: [0.700, 0.705, 0.698], 1e7: [0.800, 0.795, 0.803]})
+  (s,) = analysis.fit_slopes(df).to_dict("records")
+  assert (s["n_points"], s["n_x"]) == (6, 2)
+  assert s["flag"] == "fewer than 3 sizes"
+  assert 0 < s["ci_low"] < s["b"] < s["ci_high"]
+  assert analysis.measurable(s) and not analysis.flagged(s)
+  y = np.log(100 * np.array([[0.700, 0.705, 0.698], [0.800, 0.795, 0.803]]))
+  pooled = ((y - y.mean(axis=1, keepdims=True)) ** 2).sum() / 4
+  assert s["seed_sd"] == pytest.approx(pooled ** 0.5)
+  assert s["spread"] == pytest.approx(y[1].mean() - y[0].mean())
+  # Another axis than parameters says "values of N".
+  df["images_seen"] = df["params_total"]
+  (d,) = analysis.fit_slopes(df, x="images_seen").to_dict("records")
+  assert d["flag"] == "fewer than 3 values of N"
+
+
+def test_sizes_within_seed_noise_are_no_result():
+  """3 sizes whose means differ by less than the seeds do: within seed noise,
+  and b's interval includes 0."""
+  df = _replicates({1e6: [0.70, 0.74, 0.66], 1e7: [0.71, 0.67, 0.73], 1e8: [0.69, 0.72, 0.70]})
+  (s,) = analysis.fit_slopes(df).to_dict("records")
+  assert s["flag"] == "within seed noise; no measurable effect"
+  assert s["spread"] < 2 * s["seed_sd"] and s["ci_low"] < 0 < s["ci_high"]
+  assert not analysis.measurable(s) and analysis.flagged(s)
+  # No replicates: no seed_sd, so no "within seed noise", whatever the spread.
+  (one,) = analysis.fit_slopes(_replicates({1e6: [0.70], 1e7: [0.71], 1e8: [0.69]})).to_dict(
+      "records")
+  assert np.isnan(one["seed_sd"]) and one["flag"] == "no measurable effect"
+  # A clean 3-size gain: no flag at all.
+  (good,) = analysis.fit_slopes(_replicates({1e6: [0.70, 0.701], 1e7: [0.75, 0.751],
+                                             1e8: [0.80, 0.801]})).to_dict("records")
+  assert good["flag"] == ""
+
+
+def _grid(seeds=2, size_gain=0.05, benchmarks=("mini_modality",)):
+  """objective x model size x data subset, `seeds` runs each: size B beats S by
+  `size_gain`; the data subset changes nothing but the seed noise."""
+  rng = np.random.default_rng(0)
+  frames = []
+  for objective, base in (("mae", 0.70), ("dinov2", 0.74)):
+    for size, n, gain in (("S", 9e6, 0.0), ("B", 3e7, size_gain)):  # sorted: B before S
+      for subset in ("all", "mr_ct"):
+        points = [(f"{objective}-{size}-{subset}-s{k}", n, bench,
+                   base + gain + rng.normal(0, 0.004)) for k in range(seeds)
+                  for bench in benchmarks]
+        frames.append(_rows(points, objective=objective, model_size=size, data_subset=subset,
+                            protocol="fast"))
+  return pd.concat(frames, ignore_index=True)
+
+
+def test_axis_effects_find_the_real_one():
+  e = analysis.axis_effects(_grid())
+  assert list(e.columns) == list(analysis.effects.COLUMNS)
+  assert list(e["axis"]) == ["objective", "model_size", "data_subset"]  # modality: one label
+  by = e.set_index("axis")
+  size = by.loc["model_size"]
+  assert (size.level_a, size.level_b) == ("S", "B")  # by parameter count, not by name
+  assert size["diff"] == pytest.approx(5.0, abs=0.6) and size.ci_low > 0
+  assert size.mean_b - size.mean_a == pytest.approx(size["diff"])
+  assert (size.n_contexts, size.n_runs, size.flag) == (4, 16, "")
+  data = by.loc["data_subset"]
+  assert (data.level_a, data.level_b) == ("all", "mr_ct")
+  assert abs(data["diff"]) < 0.6 and data.ci_low < 0 < data.ci_high
+  assert data.flag == "no measurable effect"
+  objective = by.loc["objective"]
+  assert (objective.level_a, objective.level_b) == ("dinov2", "mae")
+  assert objective["diff"] == pytest.approx(-4.0, abs=0.6) and objective.flag == ""
+  # The published table: no replicates; objective across the 4 sizes, sizes across
+  # the 2 objectives, BiomedCLIP beside DINOv2 at B only (no interval).
+  paper = analysis.axis_effects(analysis.load_results())
+  mean = paper[paper["benchmark"] == "mean"].set_index(["level_a", "level_b"])
+  assert mean.loc[("dinov2", "mae"), "n_contexts"] == 4
+  assert mean.loc[("dinov2", "mae"), "diff"] == pytest.approx(-1.771, abs=0.001)
+  assert mean.loc[("T", "S"), "n_contexts"] == 2
+  assert np.isnan(mean.loc[("biomedclip", "dinov2"), "ci_low"])
+  assert mean.loc[("biomedclip", "dinov2"), "flag"] == "no measurable effect"
+
+
+def test_axis_effect_in_one_context_uses_the_replicates():
+  """One context: Welch's interval from the seeds; without seeds, none."""
+  df = _grid(seeds=3)
+  one = df[(df["objective"] == "mae") & (df["data_subset"] == "all")]
+  (size,) = analysis.axis_effects(one).to_dict("records")
+  a = 100 * one[one["model_size"] == "S"]["value"].to_numpy()
+  b = 100 * one[one["model_size"] == "B"]["value"].to_numpy()
+  ref = stats.ttest_ind(b, a, equal_var=False).confidence_interval(0.95)
+  assert (size["ci_low"], size["ci_high"]) == pytest.approx((ref.low, ref.high))
+  assert (size["n_contexts"], size["n_runs"], size["flag"]) == (1, 6, "")
+  single = one[one["run"].str.endswith("-s0")]
+  (size,) = analysis.axis_effects(single).to_dict("records")
+  assert np.isnan(size["ci_low"]) and size["flag"] == "no measurable effect"
+  # Nothing varies but N: no effects to show.
+  assert analysis.axis_effects(_replicates({1e6: [0.7], 1e7: [0.8]})).empty
+
+
+def test_fit_warns_about_few_sizes_and_seed_noise(tmp_path, capsys):
+  """A store with both problems: dinov2 on 2 sizes (3 seeds), mae on 3 sizes
+  within its seed noise; and the axis effects beside the slopes."""
+  dino = _replicates({1e6: [0.700, 0.705, 0.698], 1e7: [0.800, 0.795, 0.803]},
+                     objective="dinov2")
+  dino["run"] = "dinov2-" + dino["run"]
+  mae = _replicates({1e6: [0.70, 0.74, 0.66], 1e7: [0.71, 0.67, 0.73], 1e8: [0.69, 0.72, 0.70]})
+  df = pd.concat([dino, mae], ignore_index=True)
+  df["model_size"] = df["params_total"].map({1e6: "S", 1e7: "B", 1e8: "L"})
+  csv = tmp_path / "results.csv"
+  df.to_csv(csv, index=False)
+  cli.main(["fit", f"--results={csv}", f"--out={tmp_path / 'fit'}"])
+  out = capsys.readouterr().out
+  warnings = [l for l in out.splitlines() if l.startswith("warning:")]
+  assert warnings == [
+      "warning: fewer than 3 sizes: dinov2 (mini_modality): a line through 2 values of N = "
+      "params_total fits any curve",
+      "warning: within seed noise: mae (mini_modality): the change over N is under 2 x the "
+      "standard deviation between replicate runs"]
+  assert re.search(r"^mini_modality +dinov2 +0\.\d{4} +\[0\.\d{4}, 0\.\d{4}\] +[\d.]+ +6 "
+                   r"+fewer than 3 sizes$", out, re.M), out
+  assert re.search(r"^mini_modality +mae +\(-?0\.\d{4}\) +.* 9 +within seed noise; no "
+                   r"measurable effect$", out, re.M), out
+  assert "Axis effects on AUC" in out
+  effects = pd.read_csv(tmp_path / "fit" / "effects.csv")
+  assert list(effects.columns) == list(analysis.effects.COLUMNS)
+  assert set(effects["axis"]) == {"objective", "model_size"}
+  row = effects[effects["axis"] == "objective"].set_index(["level_a", "level_b"])
+  assert row.loc[("dinov2", "mae"), "n_contexts"] == 2  # at S and B, where both ran
+  # One label per axis: one line that says so, and an empty effects.csv with its header.
+  alone = tmp_path / "alone.csv"
+  _replicates({1e6: [0.7, 0.71], 1e7: [0.8, 0.81]}).to_csv(alone, index=False)
+  cli.main(["fit", f"--results={alone}", f"--out={tmp_path / 'alone'}"])
+  out = capsys.readouterr().out
+  assert ("Axis effects on AUC: no label axis (objective, model_size, data_subset, "
+          "modality_subset) has 2 or more labels") in out
+  assert list(pd.read_csv(tmp_path / "alone" / "effects.csv").columns) == list(
+      analysis.effects.COLUMNS)

@@ -498,3 +498,4 @@ class _FixedRng:
   def uniform(self, low, high):
     assert (low, high) == (-30.0, 30.0)
     return self.value
+

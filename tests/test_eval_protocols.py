@@ -192,7 +192,8 @@ def test_cli_scores_the_mini_benchmark(encoders, tmp_path):
              JAX_PLATFORMS="cpu")
   cmd = [sys.executable, "evaluate.py", "--config=configs/eval/mini.py",
          f"--checkpoint={encoders['good']}", f"--out_dir={tmp_path / 'out'}",
-         "--config.protocol=knn", f"--config.data_dir={tmp_path / 'tfds'}"]
+         "--config.protocol=knn", f"--config.data_dir={tmp_path / 'tfds'}",
+         "--config.benchmarks=mini"]
   r = subprocess.run(cmd + [f"--results={tmp_path / 'store.csv'}", "--config.results.run=cli"],
                      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
@@ -216,17 +217,33 @@ def test_cli_scores_the_mini_benchmark(encoders, tmp_path):
 
 
 @pytest.mark.slow
-def test_pretraining_logs_the_evaluator_scores(tmp_path, monkeypatch):
+def test_pretraining_logs_the_evaluator_scores_against_the_start(tmp_path, monkeypatch):
+  """The quickstart's evaluator scores step 0 (the starting weights), then
+  every_steps; later scores carry their gain over step 0, on the console and
+  in the metrics, also after a resume (step 0 read back from metrics.jsonl)."""
   sys.path.insert(0, os.path.dirname(__file__))
   from test_train_e2e import run_main
   monkeypatch.setenv("BIOVFM_DATA", str(tmp_path / "data"))  # the evaluator's tfds folder
-  r = run_main(tmp_path / "run", "--config.num_train_steps=4", "--config.batch_size=16",
-               "--config.evals.knn_mini.every_steps=2", devices=2)
+  flags = ("--config.batch_size=16", "--config.evals.knn_mini.every_steps=2",
+           "--config.evals.knn_mini.image_size=28", "--config.checkpoint.every_steps=2")
+  r = run_main(tmp_path / "run", "--config.num_train_steps=2", *flags, devices=2, evals=True)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "eval knn_mini, step 0 (the starting weights): mni_anatomy kNN ACC" in r.stderr
+  r = run_main(tmp_path / "run", "--config.num_train_steps=4", *flags, devices=2, evals=True)
   assert r.returncode == 0, r.stderr[-3000:]
   rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
-  scores = [row for row in rows if "eval/knn_mini/mini_modality/auc" in row]
-  assert [row["step"] for row in scores] == [2, 4]
-  assert all(0.5 < row["eval/knn_mini/mean/auc"] <= 1.0 for row in scores)
+  scores = {row["step"]: row for row in rows if "eval/knn_mini/mni_anatomy/acc" in row}
+  assert sorted(scores) == [0, 2, 4]
+  init = scores[0]
+  assert not any(k.endswith("_gain") for k in init)
+  for step in (2, 4):  # step 4 ran in the resumed process
+    for bench in ("mni_anatomy", "mini_modality", "mean"):
+      for metric in ("acc", "auc"):
+        key = f"eval/knn_mini/{bench}/{metric}"
+        assert 0 < scores[step][key] <= 1
+        assert scores[step][f"{key}_gain"] == pytest.approx(scores[step][key] - init[key])
+  acc = [100 * scores[s]["eval/knn_mini/mni_anatomy/acc"] for s in (0, 4)]
+  assert f"mni_anatomy kNN ACC {acc[0]:.1f} (init) -> {acc[1]:.1f}, AUC" in r.stderr
 
 
 def test_evaluator_entries_are_checked_before_training():
@@ -262,3 +279,23 @@ def test_report_names_the_checkpoint_step(data, tmp_path):
   report = json.load(open(tmp_path / "out" / "report.json"))
   assert report["step"] == 300
   assert "step: 300" in open(tmp_path / "out" / "report.md").read()
+
+
+def test_evaluator_scores_step_zero_and_shows_the_gain():
+  from biovfm_jax.evaluate.during_training import Evaluator
+  from configs.common import eval_entry
+  ev = Evaluator("k", eval_entry("knn", every_steps=5, benchmarks="anatomy"))
+  assert [s for s in range(11) if ev.due(s)] == [0, 5, 10]
+  off = Evaluator("k", eval_entry("knn", every_steps=5, benchmarks="anatomy", at_start=False))
+  assert [s for s in range(11) if off.due(s)] == [5, 10]
+  # A resumed run's step-0 scores: this evaluator's keys only.
+  ev.restore_init({"step": 0, "eval/k/mni_anatomy/acc": 0.412, "eval/k/mni_anatomy/auc": 0.8,
+                   "eval/j/mni_anatomy/acc": 0.1, "loss": 1.0})
+  assert ev.init == {"eval/k/mni_anatomy/acc": 0.412, "eval/k/mni_anatomy/auc": 0.8}
+  now = {"eval/k/mni_anatomy/acc": 0.779, "eval/k/mni_anatomy/auc": 0.95,
+         "eval/k/mni_anatomy/acc_gain": 0.367, "eval/k/mni_anatomy/auc_gain": 0.15}
+  assert ev.summary("mni_anatomy", now) == (
+      "mni_anatomy kNN ACC 41.2 (init) -> 77.9, AUC 80.0 (init) -> 95.0")
+  ev.restore_init({})  # no step-0 row (an evaluator added on resume): plain scores
+  assert ev.init is None
+  assert ev.summary("mni_anatomy", now) == "mni_anatomy kNN ACC 77.9, AUC 95.0"

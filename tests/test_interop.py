@@ -786,7 +786,7 @@ def test_pretraining_continues_from_an_imported_mae(mae_checkpoint, tmp_path):
            "--config.model.depth=2", "--config.model.num_heads=3",
            "--config.model.mlp_dim=768", "--config.mae.decoder_width=64",
            "--config.mae.decoder_heads=4", "--config.num_train_steps=2",
-           "--config.batch_size=8", f"--config.init_from={out}"]
+           "--config.batch_size=8", f"--config.init_from={out}", "--config.evals={}"]
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
 
   def run(workdir, *extra):

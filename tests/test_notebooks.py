@@ -166,13 +166,32 @@ def _check_scaling_figures(nb, workdir):
     assert os.path.getsize(os.path.join(workdir, name)) > 0, name
 
 
+def _b_cell(s) -> str:
+  """A slope's b as the slope table prints it: bracketed where it is flagged."""
+  from biovfm_jax import analysis
+  return f"({s['b']:.4f})" if analysis.flagged(s) else f"{s['b']:.4f}"
+
+
+def _check_effects(nb, workdir, rows: int):
+  """The axis-effects table: shown, and written to effects.csv."""
+  import pandas as pd
+  assert f"{rows} axis effects, written to effects.csv" in _stdout(nb)
+  assert len(pd.read_csv(os.path.join(workdir, "effects.csv"))) == rows
+
+
 def _check_scaling_published(nb, workdir):
   """No results given: the paper's table, its slopes beside the published ones."""
   _check_scaling_figures(nb, workdir)
   mean = _slope_rows(nb)["mean"]
-  assert (mean["dinov2 b"], mean["paper dinov2"]) == ("0.0088", "0.0088"), mean
-  assert (mean["mae b"], mean["paper mae"]) == ("0.0191", "0.0191"), mean
+  # The paper's 4-point fits: their 95% intervals include 0, so b is bracketed.
+  assert (mean["dinov2 b"], mean["paper dinov2"]) == ("(0.0088)", "0.0088"), mean
+  assert (mean["mae b"], mean["paper mae"]) == ("(0.0191)", "0.0191"), mean
+  assert mean["mae flag"] == "no measurable effect"
+  assert _slope_rows(nb)["Pneumonia"]["mae b"] == "0.0134"  # its interval excludes 0
   out = _stdout(nb)
+  assert "flagged: 24 of 26 slopes: no measurable effect" in out
+  # objective: biomedclip -> dinov2, dinov2 -> mae; size: T -> S -> B -> L; 13 rows each
+  _check_effects(nb, workdir, 5 * 13)
   assert "from the published table" in out
   assert "biomedclip: 12 rows without a positive params_total" in out  # one model: no fit
   factors = {r["factor"]: r for r in _markdown_tables(out)["factor"]}
@@ -212,9 +231,11 @@ def _check_scaling_user(nb, workdir):
   slopes = analysis.fit_slopes(analysis.load_results(path))
   assert len(slopes) == 6  # 2 objectives x (2 benchmarks + mean)
   rows = _slope_rows(nb)
-  for s in slopes.itertuples():
-    assert rows[report.display_name(s.benchmark)][f"{s.objective} b"] == f"{s.b:.4f}", s
+  for s in slopes.to_dict("records"):  # two sizes: no interval, so bracketed
+    assert rows[report.display_name(s["benchmark"])][f"{s['objective']} b"] == _b_cell(s), s
+    assert _b_cell(s).startswith("(")
   assert rows["mean"]["paper mae"] == "0.0191" and rows["OCT"]["paper dinov2"] == "0.0141"
+  _check_effects(nb, workdir, 2 * 3)  # objective and model size, on 2 benchmarks + mean
   assert rows["Path"]["mae b"] == ""  # not in these results, in the paper's
   assert f"{len(slopes)} fits over params_total" in _stdout(nb)
   assert "r needs 3 or more" in _stdout(nb)  # 2 benchmarks: no correlation
@@ -314,7 +335,7 @@ def _check_fits_printed(nb, results_csv):
   rows = _slope_rows(nb)
   for s in slopes.to_dict("records"):
     label = labels[tuple(s[k] for k in keys)]
-    assert rows[report.display_name(s["benchmark"])][f"{label} b"] == f"{s['b']:.4f}", s
+    assert rows[report.display_name(s["benchmark"])][f"{label} b"] == _b_cell(s), s
   return slopes
 
 
@@ -329,8 +350,12 @@ def test_scaling_notebook_on_the_tiny_sweep(tiny_sweep_root, tmp_path):
   slopes = _check_fits_printed(nb, results_csv)
   # Both objectives, each data subset its own curve over the two sizes.
   assert sorted(zip(slopes["objective"], slopes["data_subset"], slopes["benchmark"])) == [
-      (o, d, "mini_modality") for o in ("dinov2", "mae") for d in ("mini", "mini_mr_ct")]
-  # (no "mean" row: the mean is over MedMNIST benchmarks, and mini's is not one)
+      (o, d, b) for o in ("dinov2", "mae") for d in ("mini", "mini_mr_ct")
+      for b in ("mini_modality", "mni_anatomy")]
+  # (no "mean" row: the mean is over MedMNIST benchmarks, and these are not)
+  # Two sizes, one seed: the notebook flags every slope instead of showing it.
+  text = _stdout(nb)
+  assert "fewer than 3 sizes" in text and "no measurable effect" in text
 
 
 def test_scaling_notebook_writes_into_the_cache(tmp_path, monkeypatch):

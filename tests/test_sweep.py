@@ -40,29 +40,35 @@ def _parse(args, defaults=None):
 
 def test_the_tiny_sweep_is_the_grid_with_its_overrides_applied():
   runs = plan.expand(_sweep("tiny"), root="/r")
-  assert [r.name for r in runs] == [f"{m}-{o}-{d}-all" for m in ("w16", "w32")
-                                    for o in ("mae", "dinov2") for d in ("mini", "mini_mr_ct")]
+  # Two seeds per grid point, the whole grid at seed 0 first.
+  assert [r.name for r in runs] == [f"{m}-{o}-{d}-all-s{k}" for k in (0, 1)
+                                    for m in ("w32", "w96") for o in ("mae", "dinov2")
+                                    for d in ("mini", "mini_mr_ct")]
   by = {r.name: r for r in runs}
-  mae, dino = by["w16-mae-mini-all"], by["w32-dinov2-mini_mr_ct-all"]
+  mae, dino = by["w32-mae-mini-all-s0"], by["w96-dinov2-mini_mr_ct-all-s1"]
   assert mae.config_file == "configs/quickstart.py"
   assert dino.config_file == "configs/quickstart_dinov2.py"
   assert (mae.config.objective, dino.config.objective) == ("mae", "dinov2")
-  assert (mae.config.model.width, dino.config.model.width) == (16, 32)
+  assert (mae.config.model.width, dino.config.model.width) == (32, 96)
+  assert (mae.config.seed, dino.config.seed) == (0, 1)
   assert mae.config.image_size == mae.config.data.image_size == 32  # the shared reference
-  assert mae.config.mae.decoder_width == 16 and dino.config.dinov2.num_prototypes == 64
+  assert mae.config.mae.decoder_width == 32 and dino.config.dinov2.num_prototypes == 256
+  # A short run's teacher: it must move away from its initialisation in 200 steps.
+  assert dino.config.dinov2.teacher_momentum == 0.9 and dino.config.num_train_steps == 200
   assert mae.config.data.mixture.weights == "" and dino.config.data.mixture.weights == "MR:1,CT:1"
-  assert dino.labels == {"model_size": "w32", "objective": "dinov2",
+  assert not mae.config.evals and not dino.config.evals  # the sweep scores the last step
+  assert dino.labels == {"model_size": "w96", "objective": "dinov2",
                          "data_subset": "mini_mr_ct", "modality_subset": "all"}
   for run in (mae, dino):
     e = run.eval_config
-    assert (e.protocol, e.benchmarks, e.image_size, e.probe.epochs) == ("fast", "mini", 28, 3)
+    assert (e.protocol, e.benchmarks, e.image_size) == ("knn", "anatomy,mini", 64)
     assert (e.results.run, e.results.model_size, e.results.data_subset,
             e.results.modality_subset, e.results.finished_only) == (
                 run.name, run.label("model_size"), run.label("data_subset"), "all", True)
-  assert plan.paths("/r", dino)["workdir"] == "/r/runs/w32-dinov2-mini_mr_ct-all"
+  assert plan.paths("/r", dino)["workdir"] == "/r/runs/w96-dinov2-mini_mr_ct-all-s1"
 
 
-@pytest.mark.parametrize("name", ["w16-mae-mini-all", "w32-dinov2-mini_mr_ct-all"])
+@pytest.mark.parametrize("name", ["w32-mae-mini-all-s0", "w96-dinov2-mini_mr_ct-all-s1"])
 def test_the_commands_give_the_in_process_configs(name):
   """The main.py / evaluate.py flags a run emits (subprocess mode, jobs, --dry_run)
   parse back into exactly the configs the in-process runs use."""
@@ -118,8 +124,8 @@ def _tiny_with(axis, label, overrides):
      r"'mae.mask_ratio'$"),
     ("data_subset", "mini", {"eval.probe.epoch": 3},
      r"axis 'data_subset' value 'mini' \(evaluation config\): no config key 'probe.epoch'"),
-    ("model_size", "w16", {"model.width": "wide"},
-     r"axis 'model_size' value 'w16' \(configs/quickstart.py\): model.width='wide'"),
+    ("model_size", "w96", {"model.width": "wide"},
+     r"axis 'model_size' value 'w96' \(configs/quickstart.py\): model.width='wide'"),
     ("objective", "mae", {"config": "configs/nope.py"}, r"no config file 'configs/nope.py'"),
     ("data_subset", "mini", {"data.shards": "{corpus}/x"}, r"\{corpus\} is not known"),
 ])
@@ -157,7 +163,7 @@ def test_emitted_jobs_run_main_then_evaluate_through_the_launch_scripts(tmp_path
   sweep = _sweep("tiny")
   runs = plan.expand(sweep, root="/shared/sw")
   lines = jobs.emit(sweep, runs, "/shared/sw", "slurm", "/shared/sw/results.csv")
-  assert len(lines) == 8
+  assert len(lines) == 16
   cmd = shlex.split(lines[5])
   run = runs[5]
   assert cmd[:4] == ["launch/slurm.sh", f"--job-name=tiny-{run.name}",
@@ -174,9 +180,9 @@ def test_emitted_jobs_run_main_then_evaluate_through_the_launch_scripts(tmp_path
   assert "--nodes=1" in eval_srun and "--ntasks=1" in eval_srun
   assert "--config.results.finished_only=True" in eval_srun
   pod = shlex.split(jobs.emit(sweep, runs, "gs://b/sw", "tpu_pod", "unused")[7])
-  assert pod[:2] == ["launch/tpu_pod.sh", "--name=tiny-w32-dinov2-mini-mr-ct-all"]
+  assert pod[:2] == ["launch/tpu_pod.sh", "--name=tiny-w96-dinov2-mini-mr-ct-all-s0"]
   assert "--accelerator=v4-8" in pod and pod.index("--then-evaluate") > pod.index("--")
-  assert "--results=gs://b/sw/evals/w32-dinov2-mini_mr_ct-all/results.csv" in pod
+  assert "--results=gs://b/sw/evals/w96-dinov2-mini_mr_ct-all-s0/results.csv" in pod
 
 
 def test_the_tpu_pod_start_command_chains_evaluate_after_main(tmp_path):
@@ -211,14 +217,15 @@ def test_dry_run_prints_the_plan_and_a_bad_flag_is_one_line(tmp_path):
   env = dict(os.environ, PYTHONPATH=ROOT)
   base = [sys.executable, "-m", "biovfm_jax.sweep", "--sweep=configs/sweeps/tiny.py",
           f"--root={tmp_path / 'r'}"]
-  r = subprocess.run(base + ["--dry_run", "--only=w16-mae-mini-all,w32-dinov2-mini-all"],
+  r = subprocess.run(base + ["--dry_run", "--only=w32-mae-mini-all-s0,w96-dinov2-mini-all-s1"],
                      cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
   assert r.returncode == 0, r.stderr[-2000:]
   heads = [l for l in r.stdout.splitlines() if not l.startswith(" ")]
-  assert heads == ["w16-mae-mini-all [pending]", "w32-dinov2-mini-all [pending]"]
+  assert heads == ["w32-mae-mini-all-s0 [pending]", "w96-dinov2-mini-all-s1 [pending]"]
   assert f"  train: python main.py --config=configs/quickstart.py --workdir={tmp_path}/r/runs/" \
-         "w16-mae-mini-all" in r.stdout
-  assert "--config.results.run=w32-dinov2-mini-all" in r.stdout
+         "w32-mae-mini-all-s0" in r.stdout
+  assert "'--config.evals={}'" in r.stdout  # an emptied dict, as config_flags reads it back
+  assert "--config.results.run=w96-dinov2-mini-all-s1" in r.stdout
   assert not (tmp_path / "r").exists()  # a plan writes nothing
   bad = subprocess.run(base + ["--dry_run", "--sweep.overrides.model.widht=3"], cwd=ROOT,
                        env=env, capture_output=True, text=True, timeout=120)
@@ -235,7 +242,7 @@ def test_the_tiny_sweep_survives_sigkill_and_sigterm(tiny_sweep_root):
   ones resume, and the store has one set of rows per run."""
   root = tiny_sweep_root
   facts = json.load(open(os.path.join(os.path.dirname(root), "interruptions.json")))
-  names = [r.name for r in plan.expand(_sweep("tiny"), root=root)]
+  names = [r.name for r in plan.expand(_tiny_seeds(1), root=root)]
   states = {n: json.load(open(os.path.join(root, "state", f"{n}.json"))) for n in names}
   assert all(s["status"] == "done" for s in states.values())
   assert facts["done_before_kill"] == [names[0]] and facts["killed"] == [names[1]]
@@ -246,23 +253,25 @@ def test_the_tiny_sweep_survives_sigkill_and_sigterm(tiny_sweep_root):
     assert states[n]["attempts"] == (2 if n in interrupted else 1), (n, states[n])
   # Finished before the kill: not one file of its workdir or eval rewritten.
   now = {p: os.stat(p).st_mtime_ns for p in facts["mtimes"]}
-  assert now == facts["mtimes"] and any("/checkpoints/3/" in p for p in now)
+  assert now == facts["mtimes"] and any("/checkpoints/20/" in p for p in now)
   killed_log = open(states[names[1]]["log"]).read()
   assert killed_log.count(f"==== {names[1]}: attempt") == 2
   # One set of rows per run, every column filled as the store defines it.
   frame = results_lib.read(os.path.join(root, "results.csv"))
   assert open(os.path.join(root, "results.csv")).read().count("run,objective,") == 1
-  counts = collections.Counter(zip(frame["run"], frame["metric"]))
-  assert counts == {(n, m): 1 for n in names for m in ("auc", "acc")}
-  row = frame[(frame["run"] == "w32-dinov2-mini_mr_ct-all") & (frame["metric"] == "auc")].iloc[0]
+  counts = collections.Counter(zip(frame["run"], frame["benchmark"], frame["metric"]))
+  assert counts == {(n, b, m): 1 for n in names for b in ("mni_anatomy", "mini_modality")
+                    for m in ("auc", "acc")}
+  row = frame[(frame["run"] == "w32-dinov2-mini_mr_ct-all") & (frame["metric"] == "auc")
+              & (frame["benchmark"] == "mni_anatomy")].iloc[0]
   assert (row.objective, row.model_size, row.data_subset, row.modality_subset, row.protocol,
-          row.benchmark, row.step, row.images_seen) == (
-              "dinov2", "w32", "mini_mr_ct", "all", "fast", "mini_modality", 3, 48)
+          row.step, row.images_seen) == (
+              "dinov2", "w32", "mini_mr_ct", "all", "knn", 20, 20 * 32)
   assert row.params_total > row.params_encoder > 0 and row.train_flops > 0
-  assert row.checkpoint == os.path.join(root, "runs", row.run, "checkpoints", "3")
+  assert row.checkpoint == os.path.join(root, "runs", row.run, "checkpoints", "20")
   assert 0.5 < row.value <= 1
   report = json.load(open(os.path.join(root, "evals", row.run, "report.json")))
-  assert report["results"]["mini_modality"]["auc"] == pytest.approx(row.value, abs=1e-12)
+  assert report["results"]["mni_anatomy"]["auc"] == pytest.approx(row.value, abs=1e-12)
   mae = frame[frame["objective"] == "mae"]
   assert (mae["params_total"] > mae["params_encoder"]).all()  # the decoder counts
 
@@ -284,6 +293,7 @@ def test_a_failed_run_is_reported_and_retried_only_on_request(tmp_path, caplog):
   not, and counts the runs that wait their turn as pending, not failed."""
   from biovfm_jax.sweep import local
   sweep = _sweep("tiny")
+  sweep.seeds = 1
   sweep.axes = (sweep.axes[1][:1] + ({"mae": sweep.axes[1][1]["mae"]},),
                 ("data_subset", {"gone": {"data.shards": str(tmp_path / "gone")},
                                  "gone2": {"data.shards": str(tmp_path / "gone2")}}))
@@ -322,10 +332,11 @@ def test_isolated_runs_give_the_in_process_results(tiny_sweep_root, tmp_path):
   run scores exactly what the in-process sweep scored."""
   env = user_env(XLA_FLAGS="--xla_force_host_platform_device_count=1 "
                           "--xla_backend_optimization_level=0")  # as tiny_sweep_root's
-  name = "w16-mae-mini-all"
+  from conftest import TINY_SWEEP_FLAGS
+  name = "w32-mae-mini-all"
   r = subprocess.run([sys.executable, "-m", "biovfm_jax.sweep", "--isolate", f"--only={name}",
-                      "--sweep=configs/sweeps/tiny.py", f"--root={tmp_path}"], cwd=ROOT,
-                     env=env, capture_output=True, text=True, timeout=600)
+                      "--sweep=configs/sweeps/tiny.py", f"--root={tmp_path}", *TINY_SWEEP_FLAGS],
+                     cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
   log = open(tmp_path / "logs" / f"{name}.log").read()
   assert_no_library_noise(r.stdout + r.stderr + log, "sweep --isolate")
@@ -342,24 +353,110 @@ def test_isolated_runs_give_the_in_process_results(tiny_sweep_root, tmp_path):
 @pytest.mark.slow
 def test_the_analysis_fits_the_sweep_results(tiny_sweep_root, tmp_path, capsys):
   """`python -m biovfm_jax.analysis fit` on the tiny sweep's store: one fit per
-  objective and data subset over the two model sizes, the CSVs and plots."""
+  objective, data subset and benchmark over the two model sizes, flagged as
+  such; the axis effects; the CSVs and plots. And the runs that differ only in
+  their data score differently (the evaluated backbone moved, DINOv2's EMA
+  teacher included: at 3 steps and momentum 0.992 they were bit-identical)."""
   import pandas as pd
   from biovfm_jax.analysis import __main__ as cli
+  store = results_lib.read(os.path.join(tiny_sweep_root, "results.csv"))
+  for (objective, size, bench, metric), g in store.groupby(
+      ["objective", "model_size", "benchmark", "metric"]):
+    values = dict(zip(g["data_subset"], g["value"]))
+    assert values["mini"] != values["mini_mr_ct"], (objective, size, bench, metric, values)
   out = tmp_path / "fit"
   cli.main(["fit", f"--results={os.path.join(tiny_sweep_root, 'results.csv')}",
             f"--out={out}"])
-  slopes = pd.read_csv(out / "slopes.csv")
+  printed = capsys.readouterr().out
+  slopes = pd.read_csv(out / "slopes.csv", keep_default_na=False)
   assert sorted(zip(slopes["objective"], slopes["data_subset"], slopes["benchmark"])) == [
-      (o, d, "mini_modality") for o in ("dinov2", "mae") for d in ("mini", "mini_mr_ct")]
-  # (no "mean" row: the mean is over MedMNIST benchmarks, and mini's is not one)
-  assert (slopes["n_points"] == 2).all() and slopes["b"].notna().all()
-  store = results_lib.read(os.path.join(tiny_sweep_root, "results.csv"))
+      (o, d, b) for o in ("dinov2", "mae") for d in ("mini", "mini_mr_ct")
+      for b in ("mini_modality", "mni_anatomy")]
+  # (no "mean" row: the mean is over MedMNIST benchmarks, and these are not)
+  assert (slopes["n_points"] == 2).all()
+  # Two sizes, one seed: every slope says so, none is shown as a result.
+  assert all(f.startswith("fewer than 3 sizes") and "no measurable effect" in f
+             for f in slopes["flag"])
+  assert "warning: fewer than 3 sizes" in printed
   auc = store[store["metric"] == "auc"]
   # A line through two points: b is their log-log slope.
-  for s in slopes[slopes["benchmark"] == "mini_modality"].itertuples():
-    pts = auc[(auc["objective"] == s.objective) & (auc["data_subset"] == s.data_subset)]
-    pts = pts.sort_values("params_total")
+  for s in slopes.itertuples():
+    pts = auc[(auc["objective"] == s.objective) & (auc["data_subset"] == s.data_subset)
+              & (auc["benchmark"] == s.benchmark)].sort_values("params_total")
     x, y = np.log(pts["params_total"].astype(float)), np.log(100 * pts["value"])
-    assert s.b == pytest.approx((y.iloc[1] - y.iloc[0]) / (x.iloc[1] - x.iloc[0]), rel=1e-6)
+    assert float(s.b) == pytest.approx((y.iloc[1] - y.iloc[0]) / (x.iloc[1] - x.iloc[0]),
+                                       rel=1e-6)
+  effects = pd.read_csv(out / "effects.csv")
+  assert set(effects["axis"]) == {"model_size", "objective", "data_subset"}
+  size = effects[(effects["axis"] == "model_size") & (effects["benchmark"] == "mni_anatomy")]
+  assert (size["level_a"].iloc[0], size["level_b"].iloc[0], size["n_contexts"].iloc[0]) == (
+      "w32", "w96", 4)
+  assert "Axis effects on AUC" in printed
   for name in ("factors.csv", "correlations.csv", "curves.png", "slopes.png"):
     assert (out / name).stat().st_size > 0, name
+
+
+# --- repeated runs (seeds) ----------------------------------------------------------
+
+def _tiny_seeds(seeds):
+  sweep = _sweep("tiny")
+  sweep.seeds = seeds  # whatever the definition's own default
+  return sweep
+
+
+def test_seeds_repeat_each_grid_point_with_its_own_seed():
+  one = plan.expand(_tiny_seeds(1), root="/r")
+  sweep = _tiny_seeds(3)
+  runs = plan.expand(sweep, root="/r")
+  assert len(runs) == 3 * len(one)
+  # Seed-major: the whole grid at seed 0 first.
+  assert [r.name for r in runs] == [f"{r.name}-s{k}" for k in range(3) for r in one]
+  for k, base in ((0, one[0]), (2, one[-1])):
+    (run,) = [r for r in runs if r.name == f"{base.name}-s{k}"]
+    assert run.labels == base.labels and run.overrides == {**base.overrides, "seed": k}
+    assert run.config.seed == k and run.eval_config.results.run == run.name
+    assert run.eval_config.results.model_size == base.label("model_size")
+    train = _parse(plan.train_args("/r", run), defaults=["workdir"])
+    assert train.config.to_dict() == run.config.to_dict()
+  (cmd,) = [c for c in jobs.emit(sweep, runs, "/r", "slurm", "/r/results.csv")
+            if f"--config.results.run={one[1].name}-s1" in c]
+  assert "--config.seed=1" in shlex.split(cmd)
+  assert f"--job-name=tiny-{one[1].name}-s1" in shlex.split(cmd)
+  # One seed: the grid's own names ("-".join of the labels), no seed override.
+  assert [r.name for r in one] == ["-".join(r.labels.values()) for r in one]
+  assert all("seed" not in r.overrides for r in one)
+
+
+def test_bad_seeds_are_one_line():
+  for bad in (0, -2):
+    with pytest.raises(plan.SweepError, match=rf"^sweep tiny: seeds={bad}: .*positive") as e:
+      plan.expand(_tiny_seeds(bad), root="/r")
+    assert "\n" not in str(e.value)
+  sweep = _tiny_seeds(2)
+  sweep.overrides.seed = 7  # and a seed of its own: ambiguous
+  with pytest.raises(plan.SweepError, match="sets seed, and seeds=2"):
+    plan.expand(sweep, root="/r")
+
+
+def test_dry_run_with_seeds_and_a_bad_seeds_flag(tmp_path):
+  first = plan.expand(_tiny_seeds(1), root="/r")[0].name
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  base = [sys.executable, "-m", "biovfm_jax.sweep", "--sweep=configs/sweeps/tiny.py",
+          f"--root={tmp_path / 'r'}", "--dry_run"]
+  r = subprocess.run(base + ["--seeds=2", f"--only={first}-s0,{first}-s1"],
+                     cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+  assert r.returncode == 0, r.stderr[-2000:]
+  heads = [l for l in r.stdout.splitlines() if not l.startswith(" ")]
+  assert heads == [f"{first}-s0 [pending]", f"{first}-s1 [pending]"]
+  assert "  seed = 1" in r.stdout and "--config.seed=1" in r.stdout
+  assert f"--config.results.run={first}-s1" in r.stdout
+  # --seeds=1 overrides the definition's seeds: the grid's names, no seed flag.
+  r = subprocess.run(base + ["--seeds=1", f"--only={first}"], cwd=ROOT, env=env,
+                     capture_output=True, text=True, timeout=120)
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert r.stdout.splitlines()[0] == f"{first} [pending]" and "--config.seed" not in r.stdout
+  bad = subprocess.run(base + ["--seeds=0"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=120)
+  assert bad.returncode == 2 and "Traceback" not in bad.stderr
+  lines = [l for l in bad.stderr.splitlines() if l.strip()]
+  assert len(lines) == 1 and "--seeds=0: the number of runs per grid point" in lines[0], lines

@@ -11,11 +11,15 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# The quickstarts' in-training evaluators score step 0 too: seconds per run that
+# only their own tests (run_main(..., evals=True)) need.
+NO_EVALS = "--config.evals={}"
 # Tiny models on 32 px images: every code path of main.py, in seconds.
 _TINY_VIT = [
     "--config.image_size=32", "--config.model.patch_size=8", "--config.model.width=32",
     "--config.model.depth=2", "--config.model.num_heads=2", "--config.model.mlp_dim=64",
     "--config.batch_size=16", "--config.log_every_steps=1", "--config.image_every_steps=4",
+    NO_EVALS,
 ]
 TINY = {
     "mae": ["--config=configs/quickstart.py", *_TINY_VIT, "--config.mae.decoder_width=32",
@@ -27,13 +31,14 @@ TINY = {
 }
 
 
-def run_main(workdir, *flags, devices=1, wait=True, objective="mae"):
+def run_main(workdir, *flags, devices=1, wait=True, objective="mae", evals=False):
   # XLA's quickest backend: tiny runs are compile-bound (the same flags on both
   # sides of every comparison; -14% on the e2e tests).
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} "
                                    "--xla_backend_optimization_level=0",
              JAX_PLATFORMS="cpu")
-  cmd = [sys.executable, "main.py", f"--workdir={workdir}", *TINY[objective], *flags]
+  tiny = [f for f in TINY[objective] if evals is False or f != NO_EVALS]
+  cmd = [sys.executable, "main.py", f"--workdir={workdir}", *tiny, *flags]
   if not wait:
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)

@@ -4,10 +4,15 @@
       [--metric=auc] [--bootstrap=0] [--features_dir=OBJECTIVE=DIR ...]
       [--npz_dir=DIR] [--image_size=224] [--db_split=test] [--gzip_max_images=N]
 
-prints the slope table (per benchmark and group: b, its 95% interval, R²
-and the paper's b) and the factor correlations beside the paper's (or one
-line saying why there are none), and writes slopes.csv, factors.csv,
-correlations.csv, curves.png, slopes.png and factors.png into --out.
+prints the slope table (per benchmark and group: b, its 95% interval, R²,
+the number of points, the flag and the paper's b; a flagged b, one with no
+measurable effect or within seed noise, bracketed "(0.0123)": see fit.py),
+one warning line per reason a slope is doubtful (fewer than 3 sizes, spread
+within seed noise) naming the groups and benchmarks, the axis effects
+(effects.py: each label's change to the next, in percentage points), and the
+factor correlations beside the paper's (or one line saying why there are
+none); writes slopes.csv, effects.csv, factors.csv, correlations.csv,
+curves.png, slopes.png and factors.png into --out.
 Without --results it reads the paper's published table (its slopes:
 --x=params_total). gzip_ratio needs --npz_dir; db_index needs --features_dir
 (an eval's <out_dir>/features, one per objective) and --npz_dir for the
@@ -46,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
   ap = argparse.ArgumentParser(prog="python -m biovfm_jax.analysis", description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = ap.add_subparsers(dest="command", required=True)
-  f = sub.add_parser("fit", help="slopes, factors, correlations and plots")
+  f = sub.add_parser("fit", help="slopes, axis effects, factors, correlations and plots")
   f.add_argument("--results", default=None, help="results CSV (default: the paper's table)")
   f.add_argument("--out", required=True, help="directory for the CSVs and PNGs")
   f.add_argument("--x", default="params_total",
@@ -84,30 +89,35 @@ def run_fit(args) -> dict[str, str]:
       image_size=args.image_size, db_split=args.db_split,
       gzip_max_images=args.gzip_max_images)
   corr = analysis.correlations(slopes, factors)
+  effects = analysis.axis_effects(df, metric=args.metric)
   out = storage.expand(args.out)
   os.makedirs(out, exist_ok=True)
   paths = {name: os.path.join(out, name) for name in (
-      "slopes.csv", "factors.csv", "correlations.csv", "curves.png", "slopes.png",
-      "factors.png")}
+      "slopes.csv", "effects.csv", "factors.csv", "correlations.csv", "curves.png",
+      "slopes.png", "factors.png")}
   slopes.to_csv(paths["slopes.csv"], index=False)
+  effects.to_csv(paths["effects.csv"], index=False)
   factors.to_csv(paths["factors.csv"], index=False)
   corr.to_csv(paths["correlations.csv"], index=False)
   analysis.plot_curves(df, slopes, paths["curves.png"], metric=args.metric)
   analysis.plot_slopes(slopes, paths["slopes.png"], metric=args.metric)
   analysis.plot_factors(slopes, factors, corr, paths["factors.png"])
-  notes = slopes.attrs["notes"] + factors.attrs["notes"]
+  notes = slopes.attrs["notes"] + factors.attrs["notes"] + effects.attrs["notes"]
   if args.results is None and args.x != "params_total":
     notes.append("the paper's slopes are fitted over its size axis: use --x=params_total")
   for note in notes:
     print(f"note: {note}")
   print_slopes(slopes, args.x, args.metric)
+  print_warnings(slopes, args.x)
+  print_effects(effects, args.metric)
   print_correlations(slopes, factors, corr)
   keys = fit_lib.group_keys(slopes)
   labels = fit_lib.group_labels(slopes, keys)
   for row in slopes[slopes["benchmark"] == fit_lib.MEAN].to_dict("records"):
     se = "" if pd.isna(row["se_b"]) else f" (SE {row['se_b']:.4f})"
+    flag = f"; flagged: {row['flag']}" if row["flag"] else ""
     print(f"{labels[tuple(row[k] for k in keys)]}: mean-{args.metric} slope b = "
-          f"{row['b']:.4f}{se}")
+          f"{row['b']:.4f}{se}{flag}")
   print(f"wrote {', '.join(paths)} to {out}")
   return paths
 
@@ -116,8 +126,8 @@ def _number(v, digits: int = 4) -> str:
   return "" if pd.isna(v) else f"{v:.{digits}f}"
 
 
-def _interval(low, high) -> str:
-  return "-" if pd.isna(low) else f"[{low:.4f}, {high:.4f}]"
+def _interval(low, high, digits: int = 4) -> str:
+  return "-" if pd.isna(low) else f"[{low:.{digits}f}, {high:.{digits}f}]"
 
 
 def _text(table: pd.DataFrame, left: int) -> str:
@@ -135,9 +145,10 @@ def print_slopes(slopes: pd.DataFrame, x: str, metric: str) -> None:
   paper's b."""
   rows = compare.slope_rows(slopes)
   who = "objective" if set(rows["group"]) <= set(slopes["objective"]) else "group"
+  marked = [fit_lib.flagged(r) for r in rows.to_dict("records")]
   table = pd.DataFrame({
       "benchmark": rows["benchmark"].map(report.display_name), who: rows["group"],
-      "b": rows["b"].map(_number),
+      "b": [compare.bracket(b, m) if m else _number(b) for b, m in zip(rows["b"], marked)],
       "95% interval": [_interval(lo, hi) for lo, hi in zip(rows["ci_low"], rows["ci_high"])]})
   if "boot_low" in rows:
     table["bootstrap 95%"] = [_interval(lo, hi)
@@ -148,14 +159,73 @@ def print_slopes(slopes: pd.DataFrame, x: str, metric: str) -> None:
   table["points"] = rows["n_points"].to_numpy()
   if rows["paper"].notna().any():
     table["paper b"] = rows["paper"].map(_number)
+  table["flag"] = rows["flag"].to_numpy()
   print(f"Slopes b of ln(100 x {metric.upper()}) = a + b ln(N), N = {x}, "
         f"per benchmark and {who}:")
   print(_text(table, left=2))
   if (table["95% interval"] == "-").any():
     print("-: a line through two points has no interval, and its R² is 1 by construction")
+  if any(marked):
+    print(f"(b): flagged, not a result: {fit_lib.NO_EFFECT} (the 95% interval of b includes "
+          f"0, or there is none),\n     or {fit_lib.IN_NOISE} (its change over N is under "
+          f"{fit_lib.NOISE_FACTOR} x the SD between replicate runs)")
   if rows["paper"].notna().any() and (x != "params_total" or metric != "auc"):
     print(f"note: the paper's b are of AUC over params_total, these of {metric} over {x}: "
           "not on one scale")
+
+
+def print_warnings(slopes: pd.DataFrame, x: str) -> None:
+  """One `warning:` line per reason a slope is doubtful (fewer than 3 values
+  of N, spread within seed noise), naming each group and its benchmarks."""
+  if slopes.empty:
+    return
+  keys = fit_lib.group_keys(slopes)
+  labels = fit_lib.group_labels(slopes, keys)
+  few = f"a line through 2 values of N = {x} fits any curve"
+  why = {fit_lib.FEW_SIZES: few, fit_lib.FEW_N: few,
+         fit_lib.IN_NOISE: f"the change over N is under {fit_lib.NOISE_FACTOR} x the "
+                           "standard deviation between replicate runs"}
+  reasons = slopes["flag"].str.split("; ")
+  for reason, because in why.items():
+    parts = {}  # group label -> its benchmarks with this flag
+    for group, label in labels.items():
+      mine = fit_lib.in_group(slopes, keys, group)
+      hit = slopes[mine & reasons.map(lambda f, r=reason: r in f)]
+      if len(hit):
+        parts[label] = ("all benchmarks" if len(hit) == mine.sum() and len(hit) > 1 else
+                        ", ".join(map(report.display_name, hit["benchmark"])))
+    if len(parts) == len(labels) > 1 and len(set(parts.values())) == 1:
+      where = f"every group ({next(iter(parts.values()))})"  # the tiny sweep's case
+    else:
+      where = "; ".join(f"{label} ({names})" for label, names in parts.items())
+    if parts:
+      print(f"warning: {reason}: {where}: {because}")
+
+
+def print_effects(effects: pd.DataFrame, metric: str) -> None:
+  """The axis effects (effects.py), or one line saying there are none."""
+  title = f"Axis effects on {metric.upper()}"
+  if effects.empty:
+    print(f"{title}: no label axis ({', '.join(analysis.effects.AXES)}) has 2 or more "
+          "labels with runs that differ only there: no effects")
+    return
+  table = pd.DataFrame({
+      "axis": effects["axis"],
+      "change": effects["level_a"] + " -> " + effects["level_b"],
+      "benchmark": effects["benchmark"].map(report.display_name),
+      "from": effects["mean_a"].map(lambda v: _number(v, 2)),
+      "to": effects["mean_b"].map(lambda v: _number(v, 2)),
+      "diff": effects["diff"].map(lambda v: f"{v:+.2f}"),
+      "95% interval": [_interval(lo, hi, 2) for lo, hi in zip(effects["ci_low"],
+                                                              effects["ci_high"])],
+      "contexts": effects["n_contexts"], "runs": effects["n_runs"], "flag": effects["flag"]})
+  print(f"{title} (100 x {metric.upper()}; diff: mean over contexts, runs equal in the other "
+        "labels and protocol, of to - from):")
+  print(_text(table, left=3))
+  if (table["95% interval"] == "-").any():
+    print("-: no interval (one context, without replicates on both sides)")
+  if (effects["flag"] != "").any():
+    print(f"{fit_lib.NO_EFFECT}: the 95% interval includes 0, or there is none")
 
 
 def print_correlations(slopes: pd.DataFrame, factors: pd.DataFrame,

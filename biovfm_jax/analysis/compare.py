@@ -2,6 +2,10 @@
 PAPER_SLOPES and PAPER_CORRELATIONS), as the tables the scaling notebook
 prints.
 
+A slope that is not a result (fit.flagged: its 95% interval includes 0 or
+there is none, or its spread is within seed noise) is not printed as one: its
+b is bracketed, "(0.0123)", and the group's "flag" column says why.
+
 Columns come in one block per slope group (fit.group_labels: the objective
 alone in the usual case), and each objective the paper fitted gets its
 "paper <objective>" column after its groups' block: always, fitted here or
@@ -50,18 +54,31 @@ def _table(table: pd.DataFrame, keys: list[str], row_key: str, rows: list[str],
   return out
 
 
+def bracket(b: float, flagged: bool) -> str | float:
+  """A b as the tables show it: bracketed, "(0.0123)", where it is flagged."""
+  return f"({b:.4f})" if flagged and not math.isnan(b) else b
+
+
 def slope_table(slopes: pd.DataFrame) -> pd.DataFrame:
-  """fit_slopes' b (with SE and R^2) beside the paper's b. Rows: the
+  """fit_slopes' b (with SE, R^2 and flag) beside the paper's b. Rows: the
   benchmarks fitted here and the paper's, in the paper's order, mean last.
-  A group fitted on two sizes only has no SE and an R^2 of 1: its b alone."""
+  A group fitted on two sizes only has no SE and an R^2 of 1: its b alone.
+  A flagged b (fit.flagged) is the text "(b)"; the others stay numbers."""
   keys = fit.group_keys(slopes)
   names = set(slopes["benchmark"]) | set(published.PAPER_SLOPES)
   rows = report.ordered(names - {fit.MEAN}) + [fit.MEAN]
   out = _table(slopes, keys, "benchmark", rows, {"b": "b", "se_b": "SE", "r2": "R²"},
                published.PAPER_SLOPES)
-  for label in (fit.group_labels(slopes, keys) if len(slopes) else {}).values():
+  for group, label in (fit.group_labels(slopes, keys) if len(slopes) else {}).items():
     if out[f"{label} SE"].isna().all():  # lines through two points: no SE, R² = 1
       out = out.drop(columns=[f"{label} SE", f"{label} R²"])
+    g = slopes[fit.in_group(slopes, keys, group)].set_index("benchmark").reindex(rows)
+    marked = [fit.flagged(r) if isinstance(r["flag"], str) else False
+              for r in g.to_dict("records")]
+    out[f"{label} b"] = pd.Series([bracket(b, m) for b, m in zip(out[f"{label} b"], marked)],
+                                  dtype=object)
+    last = [c for c in out.columns if c.startswith(f"{label} ")][-1]
+    out.insert(out.columns.get_loc(last) + 1, f"{label} flag", g["flag"].fillna("").to_numpy())
   return out
 
 
@@ -83,14 +100,14 @@ def paper_correlation(objective: str, factor: str) -> float:
 def slope_rows(slopes: pd.DataFrame) -> pd.DataFrame:
   """fit_slopes long, for reading: one row per benchmark (the paper's order,
   mean last) and group: the group's label (fit.group_labels), b, its 95%
-  interval (and bootstrap one, if any), R², the number of points, and the
-  paper's b (NaN where the paper has none)."""
+  interval (and bootstrap one, if any), R², the number of points, the flag,
+  and the paper's b (NaN where the paper has none)."""
   slopes = slopes.reset_index(drop=True)
   keys = fit.group_keys(slopes)
   labels = fit.group_labels(slopes, keys) if len(slopes) else {}
   rank = {b: i for i, b in enumerate(report.ordered(set(slopes["benchmark"]) - {fit.MEAN}))}
   rank[fit.MEAN] = len(rank)
-  columns = ["b", "ci_low", "ci_high", "boot_low", "boot_high", "r2", "n_points"]
+  columns = ["b", "ci_low", "ci_high", "boot_low", "boot_high", "r2", "n_points", "flag"]
   out = slopes[["benchmark"] + [c for c in columns if c in slopes.columns]].copy()
   out.insert(1, "group", [labels[tuple(g)] for g in slopes[keys].itertuples(index=False)])
   out["paper"] = [paper_slope(o, b) for o, b in zip(slopes["objective"], slopes["benchmark"])]

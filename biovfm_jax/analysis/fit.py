@@ -7,6 +7,22 @@ parameters (params_encoder, params_total), compute (train_flops) or data
 (images_seen or any data-size column). What a group holds fixed follows N:
 parameter fits keep the data subset fixed, data fits keep the model size
 fixed, compute fits keep neither (HELD).
+
+A slope is not a result just because a line fits: fit_slopes flags each fit
+(column `flag`, "" when fine; several reasons joined with "; ", in this order):
+
+  "fewer than 3 sizes"      fewer than 3 distinct N ("fewer than 3 values of N"
+                            when N is not a parameter count): two sizes give a
+                            line whatever the curve, and no test of its shape
+  "within seed noise"       the fit's runs include replicates (runs with equal
+                            labels at the same N, e.g. a sweep's --seeds) and the
+                            spread of the mean ln(100 x value) over N is under
+                            twice their pooled standard deviation (seed_sd)
+  "no measurable effect"    the 95% interval of b includes 0, or there is none
+                            (a line through two points)
+
+measurable(row) says whether a slope is an effect at all, flagged(row) whether
+it is to be drawn and printed as a result (neither of the last two flags).
 """
 from __future__ import annotations
 
@@ -19,6 +35,10 @@ from data_pipeline.readers import medmnist
 
 BASE_KEYS = ("objective", "protocol", "metric")
 MEAN = report.MEAN
+FEW_SIZES, FEW_N = "fewer than 3 sizes", "fewer than 3 values of N"
+IN_NOISE = "within seed noise"
+NO_EFFECT = "no measurable effect"
+NOISE_FACTOR = 2  # "within seed noise": spread < NOISE_FACTOR x seed_sd
 
 
 def held(x: str) -> tuple[str, ...]:
@@ -68,7 +88,7 @@ def bootstrap_b(x, y, resamples: int, seed: int = 0) -> tuple[float, float]:
   return float(np.percentile(bs, 2.5)), float(np.percentile(bs, 97.5))
 
 
-def _latest(df: pd.DataFrame, notes: list) -> pd.DataFrame:
+def latest(df: pd.DataFrame, notes: list) -> pd.DataFrame:
   """One row per (run, protocol, benchmark, metric): the latest step."""
   key = ["run", "protocol", "benchmark", "metric"]
   df = df.sort_values(["step", "time"], na_position="first", kind="stable")
@@ -79,22 +99,23 @@ def _latest(df: pd.DataFrame, notes: list) -> pd.DataFrame:
   return kept
 
 
-def _points(df: pd.DataFrame, x: str, keys: list[str], notes: list) -> pd.DataFrame:
-  """Per group, the runs' mean value over the group's MedMNIST benchmarks;
-  runs that lack one of them are left out of the mean (noted)."""
+def run_means(df: pd.DataFrame, keys: list[str], carry: list[str],
+              notes: list) -> pd.DataFrame:
+  """Per group of `keys`, each run's mean value over the group's MedMNIST
+  benchmarks (benchmark "mean"), with its first value of each `carry` column;
+  runs that lack one of those benchmarks are left out of the mean (noted)."""
   df = df[df["benchmark"].isin(medmnist.FLAGS)]
   out = []
   for group, g in df.groupby(keys, dropna=False, sort=False):
     wanted = set(g["benchmark"])
     per_run = g.groupby("run").agg(n=("benchmark", "nunique"), value=("value", "mean"),
-                                   x=(x, "first"))
+                                   **{c: (c, "first") for c in carry})
     short = per_run[per_run["n"] < len(wanted)]
     if len(short):
       notes.append(f"{dict(zip(keys, group))}: mean leaves out runs {sorted(short.index)}, "
                    f"which lack some of the {len(wanted)} benchmarks")
-    full = per_run[per_run["n"] == len(wanted)]
-    out.append(pd.DataFrame({**dict(zip(keys, group)), "benchmark": MEAN,
-                             "value": full["value"].to_numpy(), x: full["x"].to_numpy()}))
+    full = per_run[per_run["n"] == len(wanted)].reset_index()
+    out.append(full[["run", "value"] + carry].assign(**dict(zip(keys, group)), benchmark=MEAN))
   return pd.concat(out, ignore_index=True) if out else df.iloc[:0]
 
 
@@ -131,16 +152,53 @@ def scaling_points(df: pd.DataFrame, x: str = "params_total", metric: str = "auc
     raise ValueError(f"fit: column {x!r} is not numeric")
   keys = list(BASE_KEYS) + list(held(x) if by is None else by)
   notes: list[str] = []
-  df = _latest(df[df["metric"] == metric], notes)
+  df = latest(df[df["metric"] == metric], notes)
   bad = ~(df[x].astype(float) > 0) | ~(df["value"] > 0)
   for objective, n in df[bad].groupby("objective").size().items():
     notes.append(f"{objective}: {n} rows without a positive {x} or value, not fitted")
   df = df[~bad]
   cols = keys + ["benchmark", x, "value"]
-  out = pd.concat([df[cols], _points(df, x, keys, notes)[cols]], ignore_index=True)
+  out = pd.concat([df[cols], run_means(df, keys, [x], notes)[cols]], ignore_index=True)
   out[x] = out[x].astype(float)
   out.attrs.update(notes=notes, keys=keys)
   return out
+
+
+def noise(x, y) -> tuple[float, float]:
+  """(seed_sd, spread) of points y at x: the pooled standard deviation of y
+  between points at the same x (NaN when no x has two), and max - min over
+  the distinct x of the mean y there."""
+  g = pd.DataFrame({"x": np.asarray(x, np.float64), "y": np.asarray(y, np.float64)})
+  by = g.groupby("x")["y"]
+  dof = int((by.size() - 1).sum())
+  ss = float((by.transform(lambda v: v - v.mean()) ** 2).sum())
+  means = by.mean()
+  return (ss / dof) ** 0.5 if dof else float("nan"), float(means.max() - means.min())
+
+
+def flags_of(row: dict) -> str:
+  """The flag text of one fit (the module docstring's rules, in that order)."""
+  out = []
+  if row["n_x"] < 3:
+    out.append(FEW_SIZES if str(row["x"]).startswith("params") else FEW_N)
+  if not np.isnan(row["seed_sd"]) and row["spread"] < NOISE_FACTOR * row["seed_sd"]:
+    out.append(IN_NOISE)
+  if not row["ci_low"] > 0 and not row["ci_high"] < 0:  # includes 0, or NaN: none
+    out.append(NO_EFFECT)
+  return "; ".join(out)
+
+
+def measurable(row) -> bool:
+  """Whether a fit_slopes row (or effects row) is an effect: its 95% interval
+  excludes 0 (not flagged "no measurable effect")."""
+  return NO_EFFECT not in str(row["flag"])
+
+
+def flagged(row) -> bool:
+  """Whether a slope is not to be read as a result: no measurable effect, or
+  its spread within seed noise (the plots draw these hollow, the tables
+  bracket their b)."""
+  return not measurable(row) or IN_NOISE in str(row["flag"])
 
 
 def fit_slopes(df: pd.DataFrame, x: str = "params_total", metric: str = "auc",
@@ -150,7 +208,9 @@ def fit_slopes(df: pd.DataFrame, x: str = "params_total", metric: str = "auc",
   (see scaling_points). Groups with fewer than 2 distinct x are skipped and
   listed in `result.attrs["notes"]`. Columns: the group keys, benchmark, x,
   n_points, n_x, x_min, x_max, a, b, se_a, se_b, ci_low, ci_high, r2 (and
-  boot_low, boot_high with `bootstrap` resamples).
+  boot_low, boot_high with `bootstrap` resamples), seed_sd, spread (both of
+  ln(100 x value); see noise) and flag (the module docstring's rules).
+  Replicates (runs at the same x in a group) are points of the fit, each.
   """
   points = scaling_points(df, x, metric, by)
   keys, notes = points.attrs["keys"], list(points.attrs["notes"])
@@ -165,8 +225,11 @@ def fit_slopes(df: pd.DataFrame, x: str = "params_total", metric: str = "auc",
            "x_min": float(g[x].min()), "x_max": float(g[x].max()), **fit_line(lx, ly)}
     if bootstrap:
       row["boot_low"], row["boot_high"] = bootstrap_b(lx, ly, bootstrap, seed)
+    row["seed_sd"], row["spread"] = noise(lx, ly)
+    row["flag"] = flags_of(row)
     rows.append(row)
-  out = pd.DataFrame(rows) if rows else pd.DataFrame(columns=keys + ["benchmark", "x", "b"])
+  out = pd.DataFrame(rows) if rows else pd.DataFrame(
+      columns=keys + ["benchmark", "x", "b", "flag"])
   if len(out):
     order = {b: i for i, b in enumerate(report.ordered(set(out["benchmark"]) - {MEAN}))}
     order[MEAN] = len(order)

@@ -5,7 +5,8 @@ a backend, so a notebook shows the returned Figure and a script saves it).
                 log axis, the runs as markers and the fitted a + b ln N as a
                 line; the legend gives each group's b, its interval and R²
   plot_slopes   the slopes b per benchmark, one bar per group, with their 95%
-                interval and the paper's b
+                interval and the paper's b; a flagged slope (fit.flagged: no
+                measurable effect, or within seed noise) hollow
   plot_factors  one panel per factor: the slope of each benchmark against it
 
 Drawn for reading at a paper's size: 150 dpi, 10-14 pt text, axes named in
@@ -21,6 +22,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
 from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter
 
 from biovfm_jax.analysis import compare
@@ -118,7 +120,13 @@ def _log_ticks(ax, values, scale: float) -> None:
   ax.set_xscale("log")
   distinct = np.unique(np.asarray(values, float))
   if len(distinct) <= 6:
-    ax.xaxis.set_major_locator(FixedLocator(distinct))
+    # Sizes within 25% of a labelled one (MAE's and DINOv2's counts of one
+    # width) share its tick: their labels would print over each other.
+    kept = list(distinct[:1])
+    for v in distinct[1:]:
+      if v > 1.25 * kept[-1]:
+        kept.append(v)
+    ax.xaxis.set_major_locator(FixedLocator(kept))
   else:
     ax.xaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
   ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / scale:.3g}"))
@@ -126,10 +134,14 @@ def _log_ticks(ax, values, scale: float) -> None:
 
 
 def _fit_text(f) -> str:
-  """b, its 95% interval and R² of one fit, as the legend shows them."""
+  """b, its 95% interval and R² of one fit, as the legend shows them; a
+  flagged fit's flag on a second line, in brackets."""
   if pd.isna(f["ci_low"]):  # two points: no interval, R² is 1 by construction
-    return f"b = {f['b']:.4f} (2 points)"
-  return f"b = {f['b']:.4f} [{f['ci_low']:.4f}, {f['ci_high']:.4f}], R² {f['r2']:.2f}"
+    text = f"b = {f['b']:.4f} ({f['n_points']} points)"
+  else:
+    text = f"b = {f['b']:.4f} [{f['ci_low']:.4f}, {f['ci_high']:.4f}], R² {f['r2']:.2f}"
+  flag = f["flag"]
+  return f"{text}\n({flag})" if isinstance(flag, str) and flag else text
 
 
 def plot_curves(df: pd.DataFrame, slopes: pd.DataFrame, path=None, metric: str = "auc",
@@ -146,9 +158,10 @@ def plot_curves(df: pd.DataFrame, slopes: pd.DataFrame, path=None, metric: str =
   style = _style(labels)
   names = _benchmarks(slopes)
   scale, xlabel = x_axis(x, points[x])
-  # Room under each panel for its legend, one line per group.
+  # Room under each panel for its legend: one line per group, two if flagged.
+  lines = len(labels) * (2 if (slopes["flag"] != "").any() else 1)
   fig, axes = _grid(len(names), cols=min(4, len(names)), width=4.3,
-                    height=3.6 + 0.25 * len(labels))
+                    height=3.6 + 0.25 * lines)
   for ax, name in zip(axes, names):
     handles = []
     for group, label in labels.items():
@@ -164,8 +177,10 @@ def plot_curves(df: pd.DataFrame, slopes: pd.DataFrame, path=None, metric: str =
       if len(fitted):
         f = fitted.iloc[0]
         grid = np.geomspace(f["x_min"], f["x_max"], 50)
+        weak = fit.flagged(f)  # no result: a thinner, fainter line
         ax.plot(grid, np.exp(f["a"] + f["b"] * np.log(grid)), color=s["color"],
-                linestyle=s["linestyle"], linewidth=2, alpha=0.8)
+                linestyle=s["linestyle"], linewidth=1.2 if weak else 2,
+                alpha=0.5 if weak else 0.8)
         text += f": {_fit_text(f)}"
       handles.append(Line2D([], [], label=text, linewidth=2, markersize=7, **s))
     _log_ticks(ax, points.loc[points["benchmark"] == name, x], scale)
@@ -177,8 +192,9 @@ def plot_curves(df: pd.DataFrame, slopes: pd.DataFrame, path=None, metric: str =
     # Below the panel: the legend never hides a point.
     ax.legend(handles=handles, fontsize=SMALL - 1, loc="upper center",
               bbox_to_anchor=(0.5, -0.2), frameon=False)
+  why = " (flags); thin line: not a result" if (slopes["flag"] != "").any() else ""
   fig.suptitle(f"Scaling curves: ln(100·{metric.upper()}) = a + b ln N per benchmark\n"
-               "legend: slope b [95% interval], R² of the fit", fontsize=TEXT + 1)
+               f"legend: slope b [95% interval], R² of the fit{why}", fontsize=TEXT + 1)
   return _save(fig, path)
 
 
@@ -198,18 +214,26 @@ def plot_slopes(slopes: pd.DataFrame, path=None, metric: str = "auc") -> Figure:
   ax = fig.subplots()
   width = 0.8 / max(1, len(labels))
   paper_drawn = False
+  handles = []  # the legend's: the paper's b, each group's colour, then "hollow"
   for i, (group, label) in enumerate(labels.items()):
     g = slopes[fit.in_group(slopes, keys, group)].set_index("benchmark").reindex(names)
     at = np.arange(len(names)) + (i - (len(labels) - 1) / 2) * width
-    ax.bar(at, g["b"], width, color=style[group]["color"], label=_label(label),
-           edgecolor="white")
+    weak = np.array([isinstance(f, str) and fit.flagged({"flag": f}) for f in g["flag"]])
+    color = style[group]["color"]
+    ax.bar(at[~weak], g["b"][~weak], width, color=color, edgecolor="white")
+    # Flagged: hollow, so they do not read as results beside the filled ones.
+    ax.bar(at[weak], g["b"][weak], width, facecolor="white", edgecolor=color, hatch="//",
+           linewidth=1.2)
+    handles.append(Patch(facecolor=color, label=_label(label)))
     ok = g["ci_low"].notna().to_numpy()  # two-point fits have no interval
     ax.errorbar(at[ok], g["b"][ok], yerr=[(g["b"] - g["ci_low"])[ok], (g["ci_high"] - g["b"])[ok]],
                 fmt="none", ecolor="0.2", capsize=3, linewidth=1)
     paper = [compare.paper_slope(group[keys.index("objective")], n) for n in names]
     if x == "params_total" and metric == "auc" and not np.isnan(paper).all():  # its axis
-      ax.scatter(at, paper, marker="_", s=(72 * width * 0.9) ** 2, color="black", zorder=3,
-                 linewidths=2.5, label=None if paper_drawn else "paper's b")
+      tick = ax.scatter(at, paper, marker="_", s=(72 * width * 0.9) ** 2, color="black",
+                        zorder=3, linewidths=2.5, label="paper's b")
+      if not paper_drawn:
+        handles.insert(0, tick)
       paper_drawn = True
   ax.set_xticks(np.arange(len(names)), [_title(n) for n in names], rotation=30, ha="right",
                 fontsize=SMALL)
@@ -223,7 +247,12 @@ def plot_slopes(slopes: pd.DataFrame, path=None, metric: str = "auc") -> Figure:
   whiskers = "95% interval" + ("" if slopes["ci_low"].notna().all() else
                                 " (2-point lines: none)")
   fig.suptitle(f"{title}\nN: {words}; whiskers: {whiskers}", fontsize=TEXT)
-  ax.legend(fontsize=SMALL, loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
+  if any(fit.flagged(r) for r in slopes.to_dict("records")):
+    handles.append(Patch(facecolor="white", edgecolor="0.4", hatch="//",
+                         label=f"hollow: flagged, not a result\n({fit.NO_EFFECT}\n"
+                               f"or {fit.IN_NOISE})"))
+  ax.legend(handles=handles, fontsize=SMALL, loc="upper left", bbox_to_anchor=(1.01, 1),
+            frameon=False)
   return _save(fig, path)
 
 

@@ -25,10 +25,12 @@ from data_pipeline.readers import medmnist
 
 PROTOCOLS = ("biovfm", "fast", "knn", "finetune")
 MINI = "mini_modality"
+ANATOMY = "mni_anatomy"
+BUILT_IN = (MINI, ANATOMY)  # built offline from installed packages, no download
 
 
 def benchmark_names(spec) -> list[str]:
-  """'all' | 'mini' | comma list of MedMNIST flags ('dermamnist' or 'derma')."""
+  """'all' | 'mini' | 'anatomy' | comma list of MedMNIST flags ('dermamnist' or 'derma')."""
   items = spec if isinstance(spec, (list, tuple)) else str(spec).split(",")
   names = []
   for item in (s.strip().lower() for s in items if s.strip()):
@@ -36,11 +38,13 @@ def benchmark_names(spec) -> list[str]:
       names += list(medmnist.FLAGS)
     elif item in ("mini", MINI):
       names.append(MINI)
+    elif item in ("anatomy", ANATOMY):
+      names.append(ANATOMY)
     elif item in medmnist.FLAGS or item + "mnist" in medmnist.FLAGS:
       names.append(item if item in medmnist.FLAGS else item + "mnist")
     else:
       raise ConfigError(f"config.benchmarks: {item!r} is not a benchmark; use 'all', "
-                       f"'mini' or MedMNIST flags {list(medmnist.FLAGS)}")
+                       f"'mini', 'anatomy' or MedMNIST flags {list(medmnist.FLAGS)}")
   if not names:
     raise ConfigError("config.benchmarks is empty")
   return list(dict.fromkeys(names))

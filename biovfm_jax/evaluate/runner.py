@@ -51,7 +51,7 @@ def resolve_config(config, *, checkpoint=None, benchmarks=None, image_size=None,
     raise ConfigError(f"config.protocol={config.protocol!r}; known: "
                       f"{protocols.PROTOCOLS + ('segmentation',)}")
   names = protocols.benchmark_names(config.benchmarks)
-  if any(n != protocols.MINI for n in names) and config.image_size not in medmnist.SIZES:
+  if any(n not in protocols.BUILT_IN for n in names) and config.image_size not in medmnist.SIZES:
     raise ConfigError(f"config.image_size={config.image_size}: MedMNIST+ comes in "
                      f"{medmnist.SIZES}")
   return config

@@ -12,6 +12,13 @@ with "-" (e.g. "w16-mae-mini-all"). Every run's overrides are applied and
 checked before anything runs: an unknown key stops the launcher with one line
 naming the sweep, the axis, the label and the key (exit code 2).
 
+Repeated runs: with seeds = N > 1 (the sweep's `seeds`, or --seeds=N) every
+grid point runs N times, as "<name>-s0" .. "<name>-s{N-1}" with the
+pretraining config's seed 0 .. N-1 (--config.seed=K in the commands; seed 0
+of every point first). Their results rows share the labels, which is how
+`python -m biovfm_jax.analysis fit` measures seed noise and flags slopes and
+effects within it. seeds = 1 (the default) runs each point once, unsuffixed.
+
 Local mode (the default) runs the grid one run after another on this machine:
   <root>/runs/<name>/       the run's main.py workdir (checkpoints, metrics)
   <root>/evals/<name>/      evaluate.py's report of its final checkpoint
@@ -35,6 +42,8 @@ Flags:
                       --emit also gs://)
   --results=FILE      the results store (default <root>/results.csv)
   --only=A,B          only these runs (names as --dry_run lists them)
+  --seeds=N           run each grid point N times with seed 0..N-1 (default: the
+                      sweep's `seeds`, 1: one run, named as above, no seed override)
   --retry_failed      run failed runs again (else they are reported and skipped)
   --isolate           each run as main.py and evaluate.py subprocesses, as a job
                       runs them (default: in this process, much faster to start)

@@ -15,6 +15,8 @@ _ISOLATE = flags.DEFINE_bool("isolate", False, "Each run as main.py and evaluate
                              "subprocesses instead of in this process.")
 _CACHE = flags.DEFINE_string("compilation_cache", "<root>/compilation_cache", "jax's "
                              "persistent compilation cache for the local runs; '' disables.")
+_SEEDS = flags.DEFINE_integer("seeds", None, "Runs per grid point, with the pretraining "
+                              "seed 0..N-1 (overrides the sweep's `seeds`).")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the plan and run nothing.")
 _EMIT = flags.DEFINE_enum("emit", None, ["slurm", "tpu_pod"], "Print one job command per "
                           "run for launch/slurm.sh or launch/tpu_pod.sh; run nothing.")
@@ -34,6 +36,12 @@ def main(argv):
   results = storage.expand(_RESULTS.value) or storage.join(root, "results.csv")
   sweep.data_root = storage.expand(sweep.data_root)
   try:
+    if _SEEDS.value is not None:
+      if _SEEDS.value < 1:
+        raise plan.SweepError(f"--seeds={_SEEDS.value}: the number of runs per grid point "
+                              "must be 1 or more")
+      with sweep.unlocked():  # a definition not built on configs/sweeps/common.py
+        sweep.seeds = _SEEDS.value
     runs = plan.expand(sweep, root=root,
                        sweep_file=config_flags.get_config_filename(flags.FLAGS["sweep"]))
     if _ONLY.value:

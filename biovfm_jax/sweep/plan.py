@@ -153,14 +153,27 @@ def _excluded(labels: dict, exclude, axes, where: str) -> bool:
   return out
 
 
+def seeds_of(sweep, where: str) -> int:
+  """The sweep's `seeds` (1 where a definition lacks the field): a positive int."""
+  seeds = sweep.get("seeds", 1)
+  if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+    raise SweepError(f"{where}: seeds={seeds!r}: the number of runs per grid point must be "
+                     "a positive integer")
+  return seeds
+
+
 def expand(sweep, *, root: str = "", sweep_file: str = "sweep") -> list[Run]:
   """The runs of a sweep ConfigDict, each config built with its overrides applied
-  (every key checked: SweepError names the axis, label and key)."""
+  (every key checked: SweepError names the axis, label and key). With
+  `sweep.seeds` = N > 1 each grid point runs N times, named "<name>-s0" ..
+  "<name>-s{N-1}" with the pretraining override seed=0 .. N-1 and the same
+  labels: the analysis reads runs with equal labels and N as replicates."""
   where = f"sweep {sweep.name or sweep_file}"
   axes = _axes(sweep, where)
+  seeds = seeds_of(sweep, where)
   eval_file = find_file(sweep.eval.config, f"{where}.eval.config")
   fields = {"data_root": storage.expand(sweep.data_root) or "", "root": root}
-  runs = []
+  points = []  # per grid point, its runs (one per seed)
   for combo in itertools.product(*[list(values.items()) for _, values in axes]):
     labels = {axis: str(label) for (axis, _), (label, _) in zip(axes, combo)}
     if _excluded(labels, sweep.exclude, axes, where):
@@ -192,20 +205,33 @@ def expand(sweep, *, root: str = "", sweep_file: str = "sweep") -> list[Run]:
       config_file = config_file.format(**{a: _Label(l) for a, l in labels.items()})
     except (KeyError, ValueError) as e:
       raise SweepError(f"{where}: config file template {config_file!r}: {e}") from None
-    run = Run("-".join(labels.values()), labels, find_file(config_file, where), eval_file,
-              overrides, eval_overrides)
-    run.config = load_config_file(run.config_file)
-    for key, value in overrides.items():
-      apply_overrides(run.config, {key: value}, f"{sources[key]} ({run.config_file})")
-    run.eval_config = load_config_file(eval_file)
-    for key, value in eval_overrides.items():
-      apply_overrides(run.eval_config, {key: value},
-                      f"{sources[EVAL_PREFIX + key]} (evaluation config)")
-    apply_overrides(run.eval_config, eval_labels(run), f"{where} (results labels)")
-    runs.append(run)
-  if not runs:
+    name = "-".join(labels.values())
+    replicates = [(name, overrides)]
+    if seeds > 1:
+      if "seed" in overrides:  # two sources for one key: refuse to guess which wins
+        raise SweepError(f"{sources['seed']}: sets seed, and seeds={seeds} sets it per "
+                         "replicate; drop one")
+      replicates = [(f"{name}-s{k}", {**overrides, "seed": k}) for k in range(seeds)]
+      sources["seed"] = f"{where}.seeds"
+    point = []
+    for run_name, run_overrides in replicates:
+      run = Run(run_name, labels, find_file(config_file, where), eval_file, run_overrides,
+                dict(eval_overrides))
+      run.config = load_config_file(run.config_file)
+      for key, value in run_overrides.items():
+        apply_overrides(run.config, {key: value}, f"{sources[key]} ({run.config_file})")
+      run.eval_config = load_config_file(eval_file)
+      for key, value in eval_overrides.items():
+        apply_overrides(run.eval_config, {key: value},
+                        f"{sources[EVAL_PREFIX + key]} (evaluation config)")
+      apply_overrides(run.eval_config, eval_labels(run), f"{where} (results labels)")
+      point.append(run)
+    points.append(point)
+  if not points:
     raise SweepError(f"{where}: every run is excluded")
-  return runs
+  # Seed-major: seed 0 of every point first, so a stopped sweep holds the whole
+  # grid once before any repeat.
+  return [point[k] for k in range(seeds) for point in points]
 
 
 # --- Command lines: the same configs through main.py's and evaluate.py's flags.
@@ -214,6 +240,8 @@ def flag_value(value) -> str:
   """A config value as config_flags parses it back."""
   if isinstance(value, (tuple, list)):
     return "(" + ", ".join(repr(v) for v in value) + ("," if len(value) == 1 else "") + ")"
+  if isinstance(value, dict) and not value:
+    return "{}"  # an emptied dict field (config_flags parses it back), e.g. evals
   if isinstance(value, dict):
     raise SweepError(f"{value!r}: a dict cannot be passed as one flag; set its keys")
   return str(value)

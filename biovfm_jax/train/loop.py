@@ -435,6 +435,25 @@ def _train(config, workdir: str, preemption: _Preemption, started) -> dict:
       if is_chief:  # one progress line per run, not one per process
         logging.info(metrics_lib.progress_line(step, total_steps, host))
 
+    def evaluate(step: int, state) -> None:
+      due = [e for e in s.evaluators if e.due(step)]
+      if due:  # every process takes part: feature extraction is sharded
+        chrono.pause()
+        encoder = during_training.backbone_encoder(objective, state, s.mesh, s.rules)
+        for evaluator in due:
+          scores = evaluator.run(encoder, step)
+          writer.write_scalars(step, scores)
+          if jsonl:
+            jsonl.write({"step": step, **scores})
+        chrono.resume()
+
+    if start_step == 0:
+      evaluate(0, state)  # the starting weights: what later scores gained over
+    elif s.evaluators:
+      row = metrics_lib.scalars_at(storage.join(workdir, "metrics.jsonl"), step=0)
+      for evaluator in s.evaluators:
+        evaluator.restore_init(row)
+
     # --- The loop. Metrics of step s are fetched after step s+1 is dispatched, so
     # the host never stalls the device; before a save they are checked at once.
     batches = device_input.Prefetch(loader_lib.make_pretrain_loader(
@@ -475,16 +494,7 @@ def _train(config, workdir: str, preemption: _Preemption, started) -> dict:
         if is_chief:
           writer.write_images(step, {f"{config.objective}/samples": grid})
         chrono.resume()
-      due = [e for e in s.evaluators if e.due(step)]
-      if due:  # every process takes part: feature extraction is sharded
-        chrono.pause()
-        encoder = during_training.backbone_encoder(objective, state, s.mesh, s.rules)
-        for evaluator in due:
-          scores = evaluator.run(encoder)
-          writer.write_scalars(step, scores)
-          if jsonl:
-            jsonl.write({"step": step, **scores})
-        chrono.resume()
+      evaluate(step, state)
       if stop:
         ckpt.wait()  # the stop step's checkpoint is on disk before we say so
         if preemption.by_user:

@@ -96,6 +96,22 @@ def progress_line(step: int, total: int, scalars: dict[str, float]) -> str:
   return " | ".join(parts)
 
 
+def scalars_at(path: str, step: int) -> dict:
+  """The metrics.jsonl rows of `step` merged, the first value of each key
+  kept ({} if none, or no file). A line cut short by a crash is skipped."""
+  p = storage.as_path(path)
+  out = {}
+  if p.exists():
+    for line in p.read_text().splitlines():
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:
+        continue
+      if isinstance(row, dict) and row.get("step") == step:
+        out = {**row, **out}
+  return out
+
+
 class JsonlLog:
   """`metrics.jsonl`: one JSON object per logged step (and per evaluation).
 

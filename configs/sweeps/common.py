@@ -14,6 +14,8 @@ A sweep is a grid: the cartesian product of its axes, one run per point.
            working directory), unless an axis value names one. "{axis}" is that
            axis's label, "{axis:lower}" lower-cased: "configs/vit_{model_size:lower}_
            {objective}.py".
+  seeds    runs per grid point: with N > 1 each point runs N times, seed=0..N-1
+           (names "<name>-s0".."<name>-s{N-1}"); 1 runs it once, unsuffixed.
 In override values (strings), "{data_root}" is `data_root` and "{root}" the
 launcher's --root.
 """
@@ -29,6 +31,9 @@ def get_config():
   s.axes = ()
   # Runs left out: ({axis: label, ...}, ...); a run matching all of one entry's items.
   s.exclude = ()
+  # Runs per grid point (--seeds=N): N > 1 repeats each with the pretraining seed
+  # 0..N-1, named "<name>-s<k>", so the analysis can tell seed noise from an effect.
+  s.seeds = 1
   s.data_root = ""           # the corpus the data subsets live in (--sweep.data_root=DIR)
   s.eval = ml_collections.ConfigDict()
   s.eval.config = "configs/eval/medmnist_linear.py"  # evaluation config file
