@@ -253,7 +253,7 @@ def test_the_tiny_sweep_survives_sigkill_and_sigterm(tiny_sweep_root):
     assert states[n]["attempts"] == (2 if n in interrupted else 1), (n, states[n])
   # Finished before the kill: not one file of its workdir or eval rewritten.
   now = {p: os.stat(p).st_mtime_ns for p in facts["mtimes"]}
-  assert now == facts["mtimes"] and any("/checkpoints/20/" in p for p in now)
+  assert now == facts["mtimes"] and any("/checkpoints/10/" in p for p in now)
   killed_log = open(states[names[1]]["log"]).read()
   assert killed_log.count(f"==== {names[1]}: attempt") == 2
   # One set of rows per run, every column filled as the store defines it.
@@ -266,9 +266,9 @@ def test_the_tiny_sweep_survives_sigkill_and_sigterm(tiny_sweep_root):
               & (frame["benchmark"] == "mni_anatomy")].iloc[0]
   assert (row.objective, row.model_size, row.data_subset, row.modality_subset, row.protocol,
           row.step, row.images_seen) == (
-              "dinov2", "w32", "mini_mr_ct", "all", "knn", 20, 20 * 32)
+              "dinov2", "w32", "mini_mr_ct", "all", "knn", 10, 10 * 32)
   assert row.params_total > row.params_encoder > 0 and row.train_flops > 0
-  assert row.checkpoint == os.path.join(root, "runs", row.run, "checkpoints", "20")
+  assert row.checkpoint == os.path.join(root, "runs", row.run, "checkpoints", "10")
   assert 0.5 < row.value <= 1
   report = json.load(open(os.path.join(root, "evals", row.run, "report.json")))
   assert report["results"]["mni_anatomy"]["auc"] == pytest.approx(row.value, abs=1e-12)
@@ -360,10 +360,10 @@ def test_the_analysis_fits_the_sweep_results(tiny_sweep_root, tmp_path, capsys):
   import pandas as pd
   from biovfm_jax.analysis import __main__ as cli
   store = results_lib.read(os.path.join(tiny_sweep_root, "results.csv"))
-  for (objective, size, bench, metric), g in store.groupby(
-      ["objective", "model_size", "benchmark", "metric"]):
+  auc = store[store["metric"] == "auc"]  # (an ACC can tie: 273 of 303 right, both)
+  for (objective, size, bench), g in auc.groupby(["objective", "model_size", "benchmark"]):
     values = dict(zip(g["data_subset"], g["value"]))
-    assert values["mini"] != values["mini_mr_ct"], (objective, size, bench, metric, values)
+    assert values["mini"] != values["mini_mr_ct"], (objective, size, bench, values)
   out = tmp_path / "fit"
   cli.main(["fit", f"--results={os.path.join(tiny_sweep_root, 'results.csv')}",
             f"--out={out}"])
@@ -378,7 +378,6 @@ def test_the_analysis_fits_the_sweep_results(tiny_sweep_root, tmp_path, capsys):
   assert all(f.startswith("fewer than 3 sizes") and "no measurable effect" in f
              for f in slopes["flag"])
   assert "warning: fewer than 3 sizes" in printed
-  auc = store[store["metric"] == "auc"]
   # A line through two points: b is their log-log slope.
   for s in slopes.itertuples():
     pts = auc[(auc["objective"] == s.objective) & (auc["data_subset"] == s.data_subset)
