@@ -67,7 +67,8 @@ def test_main_first_lines_are_ours(quickstart):
 def test_evaluate(quickstart, tmp_path):
   workdir, _ = quickstart
   r = run([sys.executable, "evaluate.py", "--config=configs/eval/mini.py",
-           f"--checkpoint={workdir}", f"--out_dir={tmp_path / 'eval'}"],
+           f"--checkpoint={workdir}", f"--out_dir={tmp_path / 'eval'}",
+           "--config.benchmarks=mini"],
           env={"BIOVFM_DATA": str(tmp_path / "data")})  # the benchmark built afresh
   assert "Building mini_modality/64px once" in r.stderr
   assert (tmp_path / "eval" / "report.json").exists(), r.stderr[-2000:]

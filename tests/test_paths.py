@@ -73,7 +73,8 @@ def test_quickstart_from_an_empty_cwd_with_a_relative_workdir(tmp_path):
            f"--config={ROOT}/configs/quickstart.py", *[f for f in TINY["mae"][1:] if f != NO_EVALS],
            f"--config.num_train_steps={steps}",
            "--config.checkpoint.every_steps=2", "--config.evals.knn_mini.every_steps=2",
-           "--config.evals.knn_mini.image_size=28"]
+           "--config.evals.knn_mini.image_size=28", "--config.evals.knn_mini.benchmarks=mini",
+           "--config.evals.knn_mini.at_start=False"]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=900)
 
