@@ -214,8 +214,9 @@ def expand(sweep, *, root: str = "", sweep_file: str = "sweep") -> list[Run]:
       replicates = [(f"{name}-s{k}", {**overrides, "seed": k}) for k in range(seeds)]
       sources["seed"] = f"{where}.seeds"
     point = []
+    config_file = find_file(config_file, where)  # once per point, not per replicate
     for run_name, run_overrides in replicates:
-      run = Run(run_name, labels, find_file(config_file, where), eval_file, run_overrides,
+      run = Run(run_name, labels, config_file, eval_file, run_overrides,
                 dict(eval_overrides))
       run.config = load_config_file(run.config_file)
       for key, value in run_overrides.items():
