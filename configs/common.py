@@ -111,11 +111,21 @@ def get_config(size: str | None) -> config_dict.ConfigDict:
   c.optim.b2 = 0.999
   c.optim.eps = 1e-8                # Adam's epsilon
   c.optim.grad_clip_norm = 0.0      # 0 disables
+  # "global": one norm over all parameters (optax's clip_by_global_norm); "module": each
+  # top-level module (DINOv2: backbone, dino_head, ibot_head) clipped on its own, as
+  # torch's clip_grad_norm_ per student module (max_norm / (norm + 1e-6)).
+  c.optim.clip_scope = "global"
+  # The lr warmup rises linearly from 0 at step 0 to the peak at step warmup (MAE's
+  # per-iteration rule) or, True, reaches the peak at its last step (DINOv2's np.linspace).
+  c.optim.warmup_reaches_peak = False
   c.optim.grad_accum_steps = 1      # micro-batches per step (same maths, less memory)
   c.optim.layer_decay = 1.0         # layer-wise lr decay (1: none)
   c.optim.patch_embed_lr_mult = 1.0
   c.optim.freeze_last_layer_epochs = 0
   c.optim.freeze_pattern = "last_layer"  # regex over param paths frozen for those epochs
+  # The freeze is an lr of 0 (dinov2's last_layer_lr): gradients still reach Adam's
+  # moments. True also zeroes them before Adam (DINO v1's cancel_gradients_last_layer).
+  c.optim.freeze_last_layer_grads = False
   # Continued pretraining from a public backbone on small data: its first K blocks and its
   # embeddings (patch embedding, cls/register/mask tokens, position table) stay fixed for
   # the first N optimiser steps: no Adam step, no weight decay, out of the clip norm.

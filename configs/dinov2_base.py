@@ -91,6 +91,11 @@ def get_config(size: str | None = "B") -> config_dict.ConfigDict:
   c.data.num_local_crops = n_local
   c.data.mask_probability = 0.5     # share of global crops with iBOT masks
   c.data.mask_ratio = (0.1, 0.5)
+  # "shard": the reference's collate on each batch shard (its GPU): exactly
+  # int(mask_probability x 2B_shard) global crops masked, ratios stratified over
+  # mask_ratio, a function of (seed, step, shard count): a resume on another shard
+  # count draws other masks. "example": each crop its own coin and ratio (any count).
+  c.data.mask_sampling = "shard"
   c.data.patch_size = c.model.get_ref("patch_size")
   # DINOv3's Gram teacher crops (with config.dinov2.gram): each global crop also
   # at this size for the Gram teacher; None: none. no_distortions: the Gram
@@ -118,7 +123,11 @@ def get_config(size: str | None = "B") -> config_dict.ConfigDict:
   c.optim.b1 = 0.9
   c.optim.b2 = 0.999
   c.optim.grad_clip_norm = 3.0
+  c.optim.clip_scope = "module"     # backbone, dino_head, ibot_head each clipped to 3.0
+  c.optim.warmup_reaches_peak = True  # np.linspace(0, lr, warmup) as dinov2's CosineScheduler
   c.optim.layer_decay = 0.9
   c.optim.patch_embed_lr_mult = 0.2
+  # The head's last layer (direction and gain) trains at an lr of 0 for the first
+  # epoch, as dinov2's last_layer_lr: its gradients still reach Adam's moments.
   c.optim.freeze_last_layer_epochs = 1
   return c

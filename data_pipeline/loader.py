@@ -39,7 +39,7 @@ import re
 import grain
 import numpy as np
 
-from data_pipeline import multicrop, transforms
+from data_pipeline import masking, multicrop, transforms
 from data_pipeline import records as records_lib
 from data_pipeline import selection as selection_lib
 from data_pipeline import shards as shards_lib
@@ -185,22 +185,43 @@ class MultiCropExample(_Example):
   With `size_groups` (one MultiCrop kwargs override per group, see
   crop_size_groups) every step draws one group for all its examples:
   crop_size_group(seed, step, ratios), a function of the step alone, so a
-  resumed run sees the sizes an uninterrupted one would."""
+  resumed run sees the sizes an uninterrupted one would. mask_sampling
+  "shard" stratifies the iBOT masks over each of the `batch_shards` equal
+  shares of a step's global batch (masking.shard_strata); "example" draws
+  them per crop (see data_pipeline/masking.py)."""
 
   def __init__(self, data: selection_lib.Resolved, seed: int, *,
                size_groups: Sequence[dict] = (), ratios: Sequence[float] = (),
-               global_batch: int | None = None, **crop_kwargs):
+               global_batch: int | None = None, mask_sampling: str = "example",
+               batch_shards: int = 1, **crop_kwargs):
     super().__init__(data, seed)
     self.views = [multicrop.MultiCrop(**{**crop_kwargs, **g}) for g in size_groups or [{}]]
     self.ratios = tuple(float(r) for r in ratios) or (1.0,)
     if len(self.views) > 1 and not global_batch:
       raise ValueError("several crop sizes need the global batch size (one size per step)")
     self.global_batch = global_batch
+    self.mask_sampling, self.batch_shards = mask_sampling, int(batch_shards)
+    if mask_sampling not in ("shard", "example"):
+      raise ConfigError(f"config.data.mask_sampling={mask_sampling!r} must be 'shard' or "
+                        "'example'")
+    if mask_sampling == "shard" and (not global_batch or self.batch_shards < 1
+                                     or global_batch % self.batch_shards):
+      raise ConfigError(
+          f"config.data.mask_sampling='shard' needs the global batch ({global_batch}) to "
+          f"split evenly over the {self.batch_shards} batch shards (or use 'example')")
 
   def transform(self, pixels, rng, e):
     k = 0 if len(self.views) == 1 else crop_size_group(self.seed, e // self.global_batch,
                                                         self.ratios)
-    return self.views[k](pixels, rng)
+    strata = None
+    if self.mask_sampling == "shard":
+      # e = step * G + position; batch shard s holds positions [s * B_s, (s + 1) * B_s).
+      step, position = divmod(e, self.global_batch)
+      shard_batch = self.global_batch // self.batch_shards
+      shard, j = divmod(position, shard_batch)
+      strata = masking.shard_strata(self.seed, step, self.batch_shards, shard, shard_batch,
+                                    j, self.views[k].mask_probability)
+    return self.views[k](pixels, rng, strata)
 
 
 def crop_size_group(seed: int, step: int, ratios: Sequence[float]) -> int:
@@ -247,10 +268,12 @@ def resolve(data_cfg: Any) -> selection_lib.Resolved:
 
 
 def make_example(data_cfg: Any, seed: int, data: selection_lib.Resolved | None = None,
-                 global_batch: int | None = None) -> _Example:
+                 global_batch: int | None = None, batch_shards: int = 1) -> _Example:
   """The per-example function that `data_cfg.crops` asks for, over `data`
   (default: resolved from data_cfg). data_cfg is a pretraining config's `data`
-  (configs/common.py: every key there, no defaults here)."""
+  (configs/common.py: every key there, no defaults here). `batch_shards`: the
+  devices the batch axis is split over, which mask_sampling "shard" stratifies
+  per (the train loop passes its mesh's; 1 is a one-device run's masks)."""
   data = data or resolve(data_cfg)
   crops = data_cfg.crops
   if crops == "single":
@@ -261,7 +284,8 @@ def make_example(data_cfg: Any, seed: int, data: selection_lib.Resolved | None =
   if crops == "multicrop":
     groups, ratios = crop_size_groups(data_cfg)
     return MultiCropExample(data, int(seed), size_groups=groups, ratios=ratios,
-                            global_batch=global_batch,
+                            global_batch=global_batch, batch_shards=batch_shards,
+                            mask_sampling=data_cfg.mask_sampling,
                             **{k: data_cfg[k] for k in _MULTICROP_FIELDS})
   raise ConfigError(f"config.data.crops must be 'single' or 'multicrop', got {crops!r}")
 
@@ -355,7 +379,7 @@ def input_parallelism(data_cfg: Any) -> tuple[int, int]:
 def make_pretrain_loader(data_cfg: Any, *, global_batch_size: int, seed: int,
                          start_step: int = 0, process_index: int | None = None,
                          process_count: int | None = None,
-                         data: selection_lib.Resolved | None = None):
+                         data: selection_lib.Resolved | None = None, batch_shards: int = 1):
   """Returns an iterator of per-process batch dicts, L = G / process_count:
   crops "single":    {"image": uint8 (L, S, S, 3), "skipped": int32 (L,)}
   crops "multicrop": {"global_crops": uint8 (L, 2, G, G, 3),
@@ -367,15 +391,17 @@ def make_pretrain_loader(data_cfg: Any, *, global_batch_size: int, seed: int,
 
   The first batch is global step `start_step`. process_index and process_count
   default to jax's. `data` is the input `resolve(data_cfg)` gives (the train
-  loop resolves it once); resolved here when not given. Close the iterator (`it.close()`) when done if it uses
-  worker processes. With num_workers > 0 the calling program needs an
-  `if __name__ == "__main__":` guard (workers are spawned).
+  loop resolves it once); resolved here when not given. `batch_shards`: see
+  make_example (default 1: the masks of a one-device run). Close the iterator
+  (`it.close()`) when done if it uses worker processes. With num_workers > 0
+  the calling program needs an `if __name__ == "__main__":` guard (workers
+  are spawned).
   """
   process_index, local_batch = process_share(global_batch_size, process_index,
                                              process_count, "global batch")
   if seed < 0 or start_step < 0:
     raise ValueError(f"seed and start_step must be >= 0, got {seed}, {start_step}")
-  example = make_example(data_cfg, seed, data, global_batch_size)
+  example = make_example(data_cfg, seed, data, global_batch_size, batch_shards)
 
   ds = (grain.MapDataset.range(_ENDLESS_STEPS * local_batch)
         .map(_GlobalPosition(start_step, global_batch_size, local_batch, process_index))

@@ -17,9 +17,9 @@ same bytes as augmenting the three-channel image (tested) at a third the cost.
 
 Randomness: the caller passes the example's generator; each crop and the masks
 draw from their own child of it (`Generator.spawn`), so changing the number of
-local crops leaves the global crops and masks of an example unchanged. The
-masks are drawn per example (see data_pipeline/masking.py for how that differs
-from the reference's per-batch draw, and why).
+local crops leaves the global crops and masks of an example unchanged. Which
+global crops are masked, and how much, is either drawn per crop or given by
+the caller per batch shard (`strata`; see data_pipeline/masking.py).
 """
 from __future__ import annotations
 
@@ -133,8 +133,13 @@ class MultiCrop:
     if not 0 <= self.mask_ratio[0] <= self.mask_ratio[1] <= 1:
       raise ValueError(f"mask_ratio {self.mask_ratio} is not a range within [0, 1]")
     self.grid = self.global_crop_size // self.patch_size
+    self.max_block = masking.max_block_patches(self.global_crop_size, self.patch_size)
 
-  def __call__(self, pixels: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
+  def __call__(self, pixels: np.ndarray, rng: np.random.Generator,
+               strata: Sequence[masking.Stratum] | None = None) -> dict[str, np.ndarray]:
+    """The views of `pixels`. `strata`: each global crop's mask stratum in
+    its batch shard (masking.shard_strata); None: each crop draws its own
+    coin and ratio (mask_sampling "example")."""
     img = as_grey_or_rgb(pixels)
     global_rngs = rng.spawn(2)
     mask_rng, = rng.spawn(1)
@@ -153,8 +158,12 @@ class MultiCrop:
         augment(img, r, size=self.local_crop_size, scale=self.local_crop_scale,
                 blur_p=LOCAL_BLUR_P, solarize_p=LOCAL_SOLARIZE_P)
         for r in local_rngs]
-    masks = [masking.crop_mask(self.grid, self.grid, mask_rng, self.mask_probability,
-                               self.mask_ratio) for _ in range(2)]
+    if strata is None:
+      masks = [masking.crop_mask(self.grid, self.grid, mask_rng, self.mask_probability,
+                                 self.mask_ratio, self.max_block) for _ in range(2)]
+    else:
+      masks = [masking.stratum_mask(self.grid, self.grid, mask_rng, s, self.mask_ratio,
+                                    self.max_block) for s in strata]
 
     size = self.local_crop_size
     local_u8 = np.stack(locals_) if locals_ else np.zeros((0, size, size, 3), np.uint8)

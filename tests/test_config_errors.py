@@ -67,6 +67,18 @@ def test_no_steps_at_all_is_refused():
     validate_config(_config(num_train_steps=None, total_epochs=0), mesh)
 
 
+def test_dinov2_choices_are_refused_before_compiling():
+  """The masks' and the clip's modes: one line naming the key, from build()
+  (validate_config and make_optimizer), which runs before any compile."""
+  from biovfm_jax.train import loop
+  from configs import quickstart_dinov2
+  for key, value in (("data.mask_sampling", "often"), ("optim.clip_scope", "layer")):
+    c = quickstart_dinov2.get_config()
+    c.update_from_flattened_dict({key: value, "evals": {}})
+    with pytest.raises(ValueError, match=rf"^config\.{key}='{value}': "):
+      loop.build(c, num_records=1000)
+
+
 def test_missing_inputs_are_named(tmp_path):
   mesh = shd.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
   with pytest.raises(ValueError, match=f"config.data.shards: {tmp_path}/gone does not"):

@@ -6,6 +6,7 @@ from array_record.python.array_record_module import ArrayRecordWriter
 
 from configs import dinov2_base
 from data_pipeline import loader, masking, multicrop, records, selection, transforms
+from data_pipeline.errors import ConfigError
 
 N = 40
 SMALL = dict(global_crop_size=32, local_crop_size=16, num_local_crops=3, patch_size=4)
@@ -116,13 +117,43 @@ def test_grey_records_stay_grey(shard_dir):
   assert kinds == {True, False}
 
 
-def test_loader_masks_follow_probability_and_ratio(shard_dir):
+def test_loader_masks_are_stratified_per_batch_shard(shard_dir):
+  """mask_sampling "shard" (the default): each batch shard's 2 B_s global
+  crops hold exactly n = int(0.5 x 2 B_s) masked ones, the k-th smallest
+  within the k-th stratum of mask_ratio (0.1, 0.5) (at most: a mask can fall
+  a little short of its count)."""
   c = cfg(shard_dir, patch_size=2, num_local_crops=0)  # 16 x 16 mask grid
-  batches = take(c, 4, global_batch_size=32, seed=0)
-  frac = np.concatenate([b["masks"] for b in batches]).reshape(-1, 256).mean(-1)
-  masked = frac > 0
-  assert 0.3 < masked.mean() < 0.7  # 256 crops, p = 0.5
-  assert (frac[masked] >= 0.09).all() and (frac[masked] <= 0.5).all()
+  for shards in (1, 4):
+    n = 32 // shards
+    upper = np.linspace(0.1, 0.5, n + 1)[1:]
+    for b in take(c, 2, global_batch_size=32, seed=0, batch_shards=shards):
+      frac = b["masks"].reshape(shards, 32 // shards * 2, 256).mean(-1)
+      assert ((frac > 0).sum(1) == n).all(), shards
+      assert (np.sort(frac, axis=1)[:, -n:] <= upper + 1e-9).all()
+      assert (frac[frac > 0] >= 0.09).all()
+
+
+def test_shard_masks_are_a_function_of_seed_step_and_shard_count(shard_dir):
+  c = cfg(shard_dir, num_local_crops=0)  # 8 x 8 mask grid
+  kw = dict(global_batch_size=8, seed=4, start_step=3)
+  a = take(c, 2, **kw, batch_shards=2)
+  assert_batches_equal(take(c, 2, **kw, batch_shards=2)[1], a[1])  # rebuilt
+  resumed, = take(c, 1, **{**kw, "start_step": 4}, batch_shards=2)
+  assert_batches_equal(resumed, a[1])
+  # The shard count, not the process count, sets them: processes' batches join up.
+  parts = [take(c, 1, **kw, batch_shards=2, process_count=2, process_index=i)[0]
+           for i in range(2)]
+  np.testing.assert_array_equal(np.concatenate([p["masks"] for p in parts]), a[0]["masks"])
+  # Another shard count (a resume on other devices): other masks, the same crops.
+  other = take(c, 2, **kw, batch_shards=4)
+  for x, y in zip(a, other):
+    assert not np.array_equal(x["masks"], y["masks"])
+    np.testing.assert_array_equal(x["global_crops"], y["global_crops"])
+  assert ((other[0]["masks"].reshape(4, 4, 64).sum(-1) > 0).sum(1) == 2).all()
+  # "example" sampling: each crop its own coin, for any shard count.
+  c = cfg(shard_dir, num_local_crops=0, mask_sampling="example")
+  one, four = (take(c, 1, **kw, batch_shards=s)[0]["masks"] for s in (1, 4))
+  np.testing.assert_array_equal(one, four)
 
 
 def test_bad_config(shard_dir):
@@ -131,6 +162,12 @@ def test_bad_config(shard_dir):
                                 process_count=1, process_index=0)
   with pytest.raises(ValueError, match="multiple of patch_size"):
     loader.make_pretrain_loader(cfg(shard_dir, patch_size=5), global_batch_size=2, seed=0,
+                                process_count=1, process_index=0)
+  with pytest.raises(ConfigError, match="config.data.mask_sampling='often'"):
+    loader.make_pretrain_loader(cfg(shard_dir, mask_sampling="often"), global_batch_size=2,
+                                seed=0, process_count=1, process_index=0)
+  with pytest.raises(ConfigError, match=r"config.data.mask_sampling='shard' .* \(6\) .* 4 batch"):
+    loader.make_pretrain_loader(cfg(shard_dir), global_batch_size=6, seed=0, batch_shards=4,
                                 process_count=1, process_index=0)
 
 

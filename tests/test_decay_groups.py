@@ -20,6 +20,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from dinov2_reference import get_vit_lr_decay_rate
+
 from biovfm_jax import sharding as shd
 from biovfm_jax.interop import core, dinov2, mae, timm
 from biovfm_jax.models import VisionTransformer
@@ -135,24 +137,6 @@ def mae_finetune_decays(name, shape):
   return not (len(shape) == 1 or name in {"pos_embed", "cls_token", "dist_token"})
 
 
-def dinov2_lr_rate(name, lr_decay_rate, num_layers, force_is_backbone, chunked_blocks):
-  """get_vit_lr_decay_rate."""
-  layer_id = num_layers + 1
-  if name.startswith("backbone") or force_is_backbone:
-    embed = ("pos_embed", "patch_embed", "mask_token", "cls_token", "register_tokens")
-    if any("." + e in name for e in embed):
-      layer_id = 0
-    elif force_is_backbone and any(e in name for e in embed):
-      layer_id = 0
-    elif ".blocks." in name and ".residual." not in name:
-      layer_id = int(name[name.find(".blocks."):].split(".")[2]) + 1
-    elif chunked_blocks and "blocks." in name and "residual." not in name:
-      layer_id = int(name[name.find("blocks."):].split(".")[2]) + 1
-    elif "blocks." in name and "residual." not in name:
-      layer_id = int(name[name.find("blocks."):].split(".")[1]) + 1
-  return lr_decay_rate ** (num_layers + 1 - layer_id)
-
-
 # --- the mapping, through the importers --------------------------------------
 
 def _tagged(params, frozen=None):
@@ -202,12 +186,13 @@ def _dinov2_mapping(c, chunks):
   for head, k in heads.items():
     ref = dict((n, (n, s, g)) for n, s, g in _dino_head_reference(
         c.dinov2.head_hidden, c.dinov2.head_bottleneck, k))
-    # The importers skip heads; ours name the same linears in order, and keep
-    # the weight-norm gain fixed at 1, so weight_g has no counterpart.
+    # The importers skip heads; ours name the same linears in order, and the
+    # weight-norm direction and gain.
     for j in range(c.dinov2.head_layers):
       mapping[f"{head}/mlp/{j}/kernel"] = ref[f"mlp.{2 * j}.weight"]
       mapping[f"{head}/mlp/{j}/bias"] = ref[f"mlp.{2 * j}.bias"]
     mapping[f"{head}/last_layer"] = ref["last_layer.weight_v"]
+    mapping[f"{head}/last_layer_gain"] = ref["last_layer.weight_g"]
   return mapping
 
 
@@ -246,7 +231,7 @@ def test_dinov2_decay_groups_and_lr_multipliers_are_the_references(chunks):
                                      patch_embed_mult=patch_mult))
   for path, (name, _, _) in mapping.items():
     backbone = path.startswith("backbone/")
-    want = dinov2_lr_rate(name, rate, DEPTH if backbone else 0, backbone, bool(chunks))
+    want = get_vit_lr_decay_rate(name, rate, DEPTH if backbone else 0, backbone, bool(chunks))
     if "patch_embed" in name:
       want *= patch_mult
     assert float(mults[path]) == pytest.approx(want, rel=1e-6), (path, name)

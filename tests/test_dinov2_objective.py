@@ -126,7 +126,10 @@ def test_model_structure_and_init_extra(trained):
   assert model.ibot_head is None
   assert [m.kernel.shape for m in model.dino_head.mlp] == [(32, 64), (64, 64), (64, 16)]
   paths = ["/".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))]
-  assert [p for p in paths if "last_layer" in p] == ["dino_head/last_layer"]
+  assert [p for p in paths if "last_layer" in p] == ["dino_head/last_layer",
+                                                     "dino_head/last_layer_gain"]
+  assert tuple(specs["dino_head"]["last_layer_gain"].get_value()) == ("prototypes",)
+  np.testing.assert_array_equal(model.dino_head.last_layer_gain[...], 1.0)
   # Head: linears trunc-normal .02, zero biases.
   np.testing.assert_allclose(np.asarray(model.dino_head.mlp[1].kernel[...]).std(), 0.02,
                              rtol=0.15)
@@ -165,9 +168,13 @@ def test_dino_head_outputs_cosines():
   v = np.asarray(head.last_layer[...])
   np.testing.assert_allclose(y, z @ (v / np.linalg.norm(v, axis=0)), rtol=1e-5, atol=1e-6)
   assert np.abs(np.asarray(y)).max() <= 1.0 + 1e-6
-  # Scaling the prototypes changes nothing (weight norm with g fixed to 1).
+  # Scaling the prototypes changes nothing (weight norm: their gain g, from 1,
+  # sets the scale), g scales each prototype's logits.
   head.last_layer.set_value(head.last_layer[...] * 7.0)
   np.testing.assert_allclose(head(x), y, rtol=1e-5, atol=1e-6)
+  g = np.linspace(-1.0, 2.0, 40, dtype=np.float32)
+  head.last_layer_gain.set_value(jnp.asarray(g))
+  np.testing.assert_allclose(head(x), np.asarray(y) * g, rtol=1e-5, atol=1e-6)
 
 
 def test_schedules_and_after_update(trained):

@@ -521,17 +521,17 @@ def test_dinov2_heads_refused_or_warned(tmp_path, capsys):
   with pytest.raises(ConversionError, match="mlp.0, mlp.2, mlp.4"):
     from_dinov2_heads({**backbone, **{k: v for k, v in bn.items() if "running" not in k}},
                       192)
-  # A trained gain (dinov2 trains weight_g): imported with a warning; our
-  # logits are the reference's divided by g.
+  # A trained gain (dinov2 trains weight_g, negative ones included): imported
+  # as it is, the logits equal.
   head = RefDinoHead(192, 24)
-  g = np.linspace(0.5, 1.5, 24, dtype=np.float32)[:, None]
+  g = np.linspace(-0.5, 1.5, 24, dtype=np.float32)[:, None]
   with torch.no_grad():
     head.last_layer.weight_g.copy_(torch.from_numpy(g))
-  with pytest.warns(UserWarning, match=r"weight_g is not 1 \(from 0.5 to 1.5\)"):
-    params, arch = from_dinov2_heads({**backbone, **head_sd(head, "dino_head.")}, 192)
+  params, arch = from_dinov2_heads({**backbone, **head_sd(head, "dino_head.")}, 192)
+  np.testing.assert_array_equal(params["dino_head"]["last_layer_gain"], g[:, 0])
   x = np.random.default_rng(5).normal(size=(6, 192)).astype(np.float32)
   ours, ref = head_logits(head, arch["dino_head"], params["dino_head"], x)
-  assert max_err(ours, ref / g[:, 0]) < 1e-5
+  assert max_err(ours, ref) < 1e-5
   with pytest.raises(ConversionError, match=r"'mlp.0.weight' has shape \(32, 96\)"):
     from_dinov2_heads({**backbone, **head_sd(RefDinoHead(96, 24), "dino_head.")}, 192)
 

@@ -103,9 +103,11 @@ def test_sigkill_then_restart_reproduces_uninterrupted_losses(tmp_path, objectiv
     ("dinov2", ("data=2", "fsdp=2", "tensor=2"))])
 def test_eight_devices_match_one_device(tmp_path, objective, mesh):
   flags = ["--config.num_train_steps=4", "--config.checkpoint.every_steps=4"]
-  if objective == "dinov2":  # KoLeo and the iBOT center are per batch shard by default,
-    # as the reference computes them per GPU: only the global variants are device-free.
-    flags += ["--config.dinov2.koleo_scope=global", "--config.dinov2.ibot_center_scope=global"]
+  if objective == "dinov2":  # KoLeo, the iBOT center and the iBOT masks are per batch
+    # shard by default, as the reference computes them per GPU: only the global
+    # variants (masks: drawn per example) are device-free.
+    flags += ["--config.dinov2.koleo_scope=global", "--config.dinov2.ibot_center_scope=global",
+              "--config.data.mask_sampling=example"]
   one = run_main(tmp_path / "one", *flags, devices=1, objective=objective)
   assert one.returncode == 0, one.stderr
   mesh_flags = [f"--config.mesh.{m}" for m in mesh] + [

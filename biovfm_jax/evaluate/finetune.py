@@ -49,7 +49,9 @@ def _optimizer_config(cfg) -> ml_collections.ConfigDict:
   """The eval config's finetune fields in the shape train/optim.py reads."""
   return ml_collections.ConfigDict({
       "batch_size": int(cfg.batch_size),
-      "optim": {k: cfg[k] for k in _OPTIM_KEYS}})
+      # MAE's fine-tuning recipe: one clip norm, warmup peak x t / W.
+      "optim": {**{k: cfg[k] for k in _OPTIM_KEYS}, "clip_scope": "global",
+                "warmup_reaches_peak": False, "freeze_last_layer_grads": False}})
 
 
 def finetune(encoder: Encoder, splits: dict, cfg, *, image_size: int | None) -> dict:

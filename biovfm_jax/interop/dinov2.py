@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -96,9 +95,7 @@ def from_dinov2_heads(sd: Mapping[str, Any], in_dim: int
   The kwargs (num_prototypes, hidden_dim, bottleneck_dim, nlayers) are read
   from the shapes: DINOHead(in_dim, **kwargs) takes the params. Heads with
   BatchNorm (use_bn) are refused. The reference's last layer is weight-normed,
-  W = g * v / ||v|| per prototype; ours is v / ||v|| per column with no gain,
-  so we keep v (its direction and the scale its optimiser saw): the logits
-  are equal where g == 1, and divided by |g| elsewhere (a warning says so).
+  W = g * v / ||v|| per prototype, as ours: v and g are read as they are.
   """
   root = _dinov2_prefix(sd).removesuffix("backbone.")
   params, arch = {}, {}
@@ -145,11 +142,7 @@ def _read_dino_head(src: core.Source, in_dim: int) -> tuple[core.Params, dict[st
                           "and last_layer.weight_v)")
   k = src.shape(v_key)[0]
   v, g = src.get(v_key, (k, dims[-1])), src.get(g_key, (k, 1))
-  if not np.allclose(g, 1.0, rtol=0, atol=1e-6):
-    warnings.warn(f"{what}: {g_key} is not 1 (from {g.min():.4g} to {g.max():.4g}); "
-                  "our prototypes have no gain, so the imported head's logits are the "
-                  "reference's divided by |g| per prototype", stacklevel=3)
-  flat["last_layer"] = np.where(g < 0, -v, v).T  # (bottleneck, K); g < 0 flips a prototype
+  flat["last_layer"], flat["last_layer_gain"] = v.T, g.reshape(k)  # (bottleneck, K), (K,)
   src.finish()
   kwargs = dict(num_prototypes=k, hidden_dim=dims[1] if len(names) > 1 else None,
                 bottleneck_dim=dims[-1], nlayers=len(names))

@@ -1,9 +1,10 @@
 """DINOv2's projection head and the student/teacher network it sits on.
 
 DINOHead: MLP (GELU) -> bottleneck -> L2 normalise -> weight-normalised
-linear onto K prototypes (no bias). The weight-norm gain is fixed to 1
-(norm_last_layer), so each logit is a cosine similarity in [-1, 1] and the
-only trainable part of the last layer is its direction `last_layer`.
+linear onto K prototypes (no bias): prototype k is g_k v_k / ||v_k||, with
+the direction `last_layer` (v) and the gain `last_layer_gain` (g, from 1).
+dinov2 trains both (its weight_g is trainable, decays and is frozen with the
+last layer), so a logit is a cosine similarity scaled by its prototype's gain.
 """
 from __future__ import annotations
 
@@ -65,6 +66,8 @@ class DINOHead(nnx.Module):
     self.last_layer = layers.param(
         rngs, lambda k, s, d: jax.random.uniform(k, s, d, -bound, bound),
         (bottleneck_dim, num_prototypes), ("embed", "prototypes"), pdt)
+    self.last_layer_gain = layers.param(rngs, layers.ones, (num_prototypes,),
+                                        ("prototypes",), pdt)
 
   def features(self, x: jax.Array) -> jax.Array:
     """The L2-normalised bottleneck (..., bottleneck), float32."""
@@ -79,7 +82,8 @@ class DINOHead(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     z = self.features(x)
     v = self.last_layer[...].astype(jnp.float32)
-    w = v / jnp.sqrt(jnp.sum(v * v, axis=0, keepdims=True))  # unit prototypes, g = 1
+    g = self.last_layer_gain[...].astype(jnp.float32)
+    w = g * v / jnp.sqrt(jnp.sum(v * v, axis=0, keepdims=True))  # g_k v_k / ||v_k||
     # Matmul in the compute dtype, accumulated and returned in float32: the
     # losses divide these by temperatures down to 0.04.
     return jnp.einsum("...d,dk->...k", z.astype(self.dtype), w.astype(self.dtype),

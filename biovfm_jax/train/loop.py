@@ -456,9 +456,13 @@ def _train(config, workdir: str, preemption: _Preemption, started) -> dict:
 
     # --- The loop. Metrics of step s are fetched after step s+1 is dispatched, so
     # the host never stalls the device; before a save they are checked at once.
+    # The devices the batch is split over: iBOT masks are stratified per such shard
+    # (config.data.mask_sampling), as the reference's collate per GPU.
+    batch_shards = config.batch_size // batch_sharding.shard_shape((config.batch_size,))[0]
     batches = device_input.Prefetch(loader_lib.make_pretrain_loader(
         config.data, global_batch_size=config.batch_size, seed=config.seed,
-        start_step=start_step, data=s.data), batch_sharding, config.data.device_prefetch)
+        start_step=start_step, data=s.data, batch_shards=batch_shards), batch_sharding,
+        config.data.device_prefetch)
     pending = None
     step = start_step
     t0 = time.perf_counter()

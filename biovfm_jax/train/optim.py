@@ -1,10 +1,13 @@
 """Optimiser and schedules, covering the MAE and DINOv2 recipes from config.
 
 AdamW written out as a chain so each recipe feature is one visible piece:
-  clip -> freeze last layer -> adam -> + wd(step) * p (masked)
+  clip (globally, or per top-level module) -> adam -> + wd(step) * p (masked)
   -> x lr multiplier -> x -lr(step) -> freeze last layer and first blocks
 which is p <- p - lr(step) * mult * (adam + wd(step) * p), torch's AdamW per
 parameter group, with `mult` = layer-wise decay x patch-embedding factor.
+A freeze is an lr of 0 on the final update, so gradients still reach Adam's
+moments, as in dinov2's last_layer_lr (config.optim.freeze_last_layer_grads
+zeroes them as well, DINO v1's way).
 """
 from __future__ import annotations
 
@@ -31,14 +34,19 @@ def peak_lr(config) -> float:
 
 
 def lr_schedule(config, total_steps: int, steps_per_epoch: int) -> optax.Schedule:
-  """Linear warmup from 0, then half-cycle cosine to min_lr, per step."""
+  """Linear warmup from 0, then half-cycle cosine to min_lr, per step. The
+  warmup's step t is peak x t / W (MAE), or with optim.warmup_reaches_peak
+  peak x t / (W - 1), np.linspace(0, peak, W) as dinov2's CosineScheduler."""
   warmup = min(int(config.optim.warmup_epochs * steps_per_epoch), total_steps)
   peak, end = peak_lr(config), config.optim.min_lr
   if warmup == 0:  # the same cosine, without optax's warning on a 0-step warmup
     return optax.cosine_decay_schedule(peak, max(total_steps, 1), alpha=end / peak if peak else 0.0)
-  return optax.warmup_cosine_decay_schedule(
+  schedule = optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=peak, warmup_steps=warmup,
       decay_steps=max(total_steps, warmup + 1), end_value=end)
+  if not config.optim.warmup_reaches_peak:
+    return schedule
+  return lambda step: jnp.where(step < warmup, peak * step / max(warmup - 1, 1), schedule(step))
 
 
 def wd_schedule(config, total_steps: int) -> optax.Schedule:
@@ -137,14 +145,32 @@ def _scale_tree(mults) -> optax.GradientTransformation:
       updates, mults))
 
 
+def clip_per_module(max_norm: float) -> optax.GradientTransformation:
+  """Each top-level subtree of the gradients (DINOv2: backbone, dino_head,
+  ibot_head) scaled by min(1, max_norm / (its norm + 1e-6)), as the
+  reference's clip_grad_norm_ on each student module."""
+
+  def clip(updates, params):
+    del params
+    if not isinstance(updates, dict):
+      raise ConfigError("config.optim.clip_scope='module' needs parameters grouped "
+                        "by module (a dict at the top)")
+    out = {}
+    for name, tree in updates.items():
+      coef = jnp.minimum(1.0, max_norm / (optax.global_norm(tree) + 1e-6))
+      out[name] = jax.tree.map(lambda g: g * coef.astype(g.dtype), tree)
+    return out
+
+  return optax.stateless(clip)
+
+
 def _freeze_early(groups) -> optax.GradientTransformation:
   """Zeroes frozen updates early in the run. `groups`: (frozen, steps) pairs,
   `frozen` like params (True/False, or a 0/1 array over a scanned stack's layer
-  axis), held for the first `steps` steps (None: all of them). DINOv2 keeps
-  the head's last layer fixed for its first epoch (on the gradients, so Adam's
-  moments see zeros, and on the final update, so weight decay does not move
-  it either; the reference uses an lr of 0: issue 29); continued pretraining,
-  the backbone's first blocks (on the final update only)."""
+  axis), held for the first `steps` steps (None: all of them). On the final
+  update it is an lr of 0: DINOv2 keeps the head's last layer fixed for its
+  first epoch, continued pretraining the backbone's first blocks. Before Adam
+  (optim.freeze_last_layer_grads) it zeroes gradients, so moments stay 0."""
 
   def init(params):
     del params
@@ -173,15 +199,18 @@ def make_optimizer(config, schedule: optax.Schedule, decay_mask, *, params,
     # On the final update only: an lr of 0 for those blocks. Their gradients
     # still reach Adam's moments, so they move on warm moments when the hold
     # ends, not on moments restarted under the run's bias correction (up to
-    # ~5x torch's steps with b2=0.999).
+    # ~5x torch's steps with b2=0.999). The last layer's freeze does the same.
     blocks = (frozen_blocks(params, depth=depth, blocks=o.freeze_blocks),
               o.freeze_blocks_steps)
     if not any(np.any(f) for f in jax.tree.leaves(blocks[0])):
       raise ConfigError(f"config.optim.freeze_blocks={o.freeze_blocks}: no backbone "
                         f"({' or '.join(_BACKBONES)}) among the parameters")
     freezes.append(blocks)
+  if o.clip_scope not in ("global", "module"):
+    raise ConfigError(f"config.optim.clip_scope={o.clip_scope!r}: 'global' or 'module'")
   if o.grad_clip_norm:
-    parts.append(optax.clip_by_global_norm(o.grad_clip_norm))
+    parts.append(optax.clip_by_global_norm(o.grad_clip_norm) if o.clip_scope == "global"
+                 else clip_per_module(o.grad_clip_norm))
   freeze_steps = int(o.freeze_last_layer_epochs * steps_per_epoch)
   if freeze_steps:
     pattern = re.compile(o.freeze_pattern)
@@ -189,7 +218,8 @@ def make_optimizer(config, schedule: optax.Schedule, decay_mask, *, params,
         lambda p, _: bool(pattern.search("/".join(_path_names(p)))), params)
     if not any(jax.tree.leaves(frozen)):
       raise ConfigError(f"config.optim.freeze_pattern={pattern.pattern!r} matches no parameter")
-    parts.append(_freeze_early([(frozen, freeze_steps)]))
+    if o.freeze_last_layer_grads:
+      parts.append(_freeze_early([(frozen, freeze_steps)]))
     freezes.append((frozen, freeze_steps))
   parts.append(optax.scale_by_adam(b1=o.b1, b2=o.b2, eps=o.eps))
   parts.append(_scheduled_decay(wd_schedule(config, total_steps), decay_mask))
