@@ -14,7 +14,7 @@ two random crops of 80-100% of its height and width (seeded by the slice, so
 every build agrees): whole slices let a random-weight encoder's kNN match
 neighbouring slices pixel for pixel (61% ACC, above the trained MAE's 59%).
 With the crops, the quickstarts' kNN ACC goes from 41.4 (random, step 0) to
-55.2 (MAE, 300 steps), and from 34.5 to 48.9 (DINOv2); random weights at 4
+55.2 (MAE, 300 steps), and from 34.5 to 45.4 (DINOv2); random weights at 4
 seeds: 42.7 +- 0.9. The slices are the mini corpus's own MNI152 slices
 (pretraining sees them, unlabelled): the benchmark asks what pretraining made
 of its data.

@@ -6,7 +6,8 @@ method names and state_dict keys, for the subset the step uses). `ReferenceStep`
 is the glue, the same for both: one iteration of dinov2/train/train.py's do_train
 loop around SSLMetaArch.forward_backward / update_teacher, without FSDP, the fp16
 grad scaler, xFormers or torch.distributed. `collate` builds the batch dict of
-dinov2/data/collate.py from masks drawn elsewhere.
+dinov2/data/collate.py from masks drawn elsewhere. Indented as dinov2 is (4
+spaces), so it reads line by line beside the code it transcribes.
 
 What differs from a dinov2 run, and why (none of it changes the maths in fp32):
   * the student backbone runs once on the global crops (with masks) and once on
@@ -550,6 +551,22 @@ def collate(global_crops, local_crops, masks, upperbound=None):
     return {"collated_global_crops": crop_major(global_crops), "collated_local_crops": crop_major(local_crops),
             "collated_masks": masks, "mask_indices_list": mask_indices_list, "masks_weight": masks_weight,
             "upperbound": int(upperbound), "n_masked_patches": torch.full((1,), fill_value=n, dtype=torch.long)}
+
+
+def randomize(module, seed):
+    """`module` with weights well away from init, so every part matters:
+    LayerScale ~0.3, weight_g and norms ~1, linears ~1/sqrt(fan in), the rest ~0.1."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            r = torch.randn(p.shape, generator=g)
+            if name.endswith(("weight_g", "gamma")) or ("norm" in name and name.endswith("weight")):
+                p.copy_((0.3 if name.endswith("gamma") else 1.0) + 0.1 * r)
+            elif p.ndim >= 2 and not name.endswith(("_token", "pos_embed")):
+                p.copy_(r / np.sqrt(np.prod(p.shape[1:])))
+            else:
+                p.copy_(0.1 * r)
+    return module
 
 
 def clone_module(module):

@@ -36,26 +36,11 @@ def _repo_ns():
   return R.modules(repo)
 
 
-def _randomize(module, seed):
-  """Weights well away from init (LayerScale ~0.3, weight_g ~1, norms ~1)."""
-  g = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, p in module.named_parameters():
-      r = torch.randn(p.shape, generator=g)
-      if name.endswith(("weight_g", "gamma")) or ("norm" in name and name.endswith("weight")):
-        p.copy_((0.3 if name.endswith("gamma") else 1.0) + 0.1 * r)
-      elif p.ndim >= 2 and not name.endswith(("_token", "pos_embed")):
-        p.copy_(r / np.sqrt(np.prod(p.shape[1:])))
-      else:
-        p.copy_(0.1 * r)
-  return module
-
-
 def _student(ns, seed=0, separate_ibot_head=False):
-  out = {"backbone": _randomize(ns.DinoVisionTransformer(**VIT), seed),
-         "dino_head": _randomize(ns.DINOHead(**HEAD), seed + 1)}
+  out = {"backbone": R.randomize(ns.DinoVisionTransformer(**VIT), seed),
+         "dino_head": R.randomize(ns.DINOHead(**HEAD), seed + 1)}
   if separate_ibot_head:
-    out["ibot_head"] = _randomize(ns.DINOHead(**{**HEAD, "out_dim": K // 2}), seed + 2)
+    out["ibot_head"] = R.randomize(ns.DINOHead(**{**HEAD, "out_dim": K // 2}), seed + 2)
   return out
 
 
