@@ -157,6 +157,14 @@ def active_mesh() -> tuple[Mesh, tuple] | None:
   return getattr(_state, "ctx", None)
 
 
+def batch_shards(mesh: Mesh, rules=DEFAULT_RULES) -> int:
+  """How many devices the logical batch axis is split over: the reference's GPU
+  count, for the terms and masks DINOv2 computes per GPU."""
+  axes = logical_to_mesh(("batch",), rules, mesh)[0] or ()
+  axes = (axes,) if isinstance(axes, str) else axes
+  return int(np.prod([mesh.shape[a] for a in axes]))
+
+
 def constrain(x: jax.Array, logical: Iterable[str | None]) -> jax.Array:
   """Sharding constraint by logical names; identity when no mesh is active."""
   ctx = active_mesh()

@@ -201,9 +201,7 @@ class MultiCropExample(_Example):
       raise ValueError("several crop sizes need the global batch size (one size per step)")
     self.global_batch = global_batch
     self.mask_sampling, self.batch_shards = mask_sampling, int(batch_shards)
-    if mask_sampling not in ("shard", "example"):
-      raise ConfigError(f"config.data.mask_sampling={mask_sampling!r} must be 'shard' or "
-                        "'example'")
+    masking.check_sampling(mask_sampling)
     if mask_sampling == "shard" and (not global_batch or self.batch_shards < 1
                                      or global_batch % self.batch_shards):
       raise ConfigError(

@@ -27,10 +27,20 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from data_pipeline.errors import ConfigError
+
 MAX_TRIES = 10  # block placements that add nothing before giving up
 _SHUFFLE_TAG = 0x4D41534B  # "MASK": the shard shuffle's stream, apart from the examples'
 
 Stratum = tuple[int, int] | None  # (k, n): the k-th of n ratio strata; None: not masked
+SAMPLINGS = ("shard", "example")  # config.data.mask_sampling
+
+
+def check_sampling(mask_sampling: str) -> None:
+  """ConfigError naming config.data.mask_sampling unless it is one of SAMPLINGS."""
+  if mask_sampling not in SAMPLINGS:
+    raise ConfigError(f"config.data.mask_sampling={mask_sampling!r}: "
+                      + " or ".join(map(repr, SAMPLINGS)))
 
 
 def max_block_patches(img_size: int, patch_size: int) -> float:

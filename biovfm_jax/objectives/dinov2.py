@@ -32,15 +32,9 @@ _SCOPES = ("shard", "global")
 
 
 def _batch_shards() -> int:
-  """How many devices the batch axis is split over in the active mesh (the
-  reference's GPU count); 1 without a mesh."""
+  """shd.batch_shards of the active mesh; 1 without a mesh."""
   ctx = shd.active_mesh()
-  if ctx is None:
-    return 1
-  mesh, rules = ctx
-  axes = shd.logical_to_mesh(("batch",), rules, mesh)[0] or ()
-  axes = (axes,) if isinstance(axes, str) else axes
-  return int(np.prod([mesh.shape[a] for a in axes]))
+  return 1 if ctx is None else shd.batch_shards(*ctx)
 
 
 def _vit_forward_flops(vit: ViTConfig, image_size: int) -> float:

@@ -458,7 +458,7 @@ def _train(config, workdir: str, preemption: _Preemption, started) -> dict:
     # the host never stalls the device; before a save they are checked at once.
     # The devices the batch is split over: iBOT masks are stratified per such shard
     # (config.data.mask_sampling), as the reference's collate per GPU.
-    batch_shards = config.batch_size // batch_sharding.shard_shape((config.batch_size,))[0]
+    batch_shards = shd.batch_shards(s.mesh, s.rules)
     batches = device_input.Prefetch(loader_lib.make_pretrain_loader(
         config.data, global_batch_size=config.batch_size, seed=config.seed,
         start_step=start_step, data=s.data, batch_shards=batch_shards), batch_sharding,

@@ -11,7 +11,7 @@ import numpy as np
 from absl import flags
 
 from biovfm_jax.train import compile_cache
-from data_pipeline import storage
+from data_pipeline import masking, storage
 from data_pipeline.errors import ConfigError
 
 
@@ -75,9 +75,7 @@ def validate_config(config, mesh) -> None:
     if config.data.patch_size != patch:
       raise ConfigError(f"config.data.patch_size={config.data.patch_size} differs from the "
                        f"model's patch size {patch}")
-    if config.data.mask_sampling not in ("shard", "example"):
-      raise ConfigError(f"config.data.mask_sampling={config.data.mask_sampling!r}: "
-                        "'shard' or 'example'")
+    masking.check_sampling(config.data.mask_sampling)
   if len(config.data.mean) != 3 or len(config.data.std) != 3 or min(np.abs(config.data.std)) == 0:
     raise ConfigError("config.data.mean and config.data.std must be 3 values, std nonzero")
 
