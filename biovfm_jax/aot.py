@@ -5,6 +5,11 @@ machine (no TPU needed), or estimates GPU memory, before the hardware is booked.
       --config.mesh.data=1 --config.mesh.fsdp=-1 --config.model.remat_policy=full \
       [--mfu=0.4,0.5] [--num_records=N] [--json]
   python -m biovfm_jax.aot --config=configs/vit_l_mae.py --topology=h100-64
+  python -m biovfm_jax.aot --cost --config=configs/vit_b_mae.py --topology=v5p-8
+
+--cost reports XLA's TPU cost model of the step instead of the fit: modeled
+step time, TFLOP/s, MFU, HBM bytes per image and where they go (see
+biovfm_jax/step_cost.py).
 
 TPU (needs the `tpu` extra: jax[tpu], i.e. libtpu): the topology's devices come
 from `jax.experimental.topologies.get_topology_desc`, `loop.build` makes the
@@ -41,9 +46,11 @@ memory_analysis():
     exit code 3. (The compiler first rematerialises what it can to fit, at
     some compute cost, so a near miss compiles slowly and may still fit.)
   FLOPs per step: the objective's analytic flops_per_example x batch (used for
-    step times), and XLA's cost analysis of the per-device program x devices
-    (it counts a scanned layer's loop body once, so it is low with
-    scan_layers=True, the default for L, H and g).
+    step times), and XLA's cost analysis of the per-device program x devices.
+    XLA counts a scanned loop body once, so with scan_layers=True (the
+    default for L, H and g) the step is also compiled with its stacks at
+    depth 1 and 2, and the figure extrapolated to the full depth
+    (biovfm_jax/step_cost.py; seconds to a minute more).
   step time at MFU m = analytic FLOPs / (devices x peak bf16 TFLOP/s x m);
     run time = the run's step count (loop.build's, from --num_records) x that.
 
@@ -94,6 +101,8 @@ import time
 
 from absl import app, flags
 from ml_collections import config_flags
+
+from biovfm_jax.step_cost import batch_specs
 
 GIB = 2 ** 30
 
@@ -293,15 +302,6 @@ def tpu_devices(target: Target) -> list:
   return devices
 
 
-def batch_specs(config, sharding) -> dict:
-  """Abstract global batch (data_pipeline/loader.py's batch_spec), placed with
-  `sharding`."""
-  import jax  # pylint: disable=import-outside-toplevel
-  from data_pipeline import loader  # pylint: disable=import-outside-toplevel
-  return {k: jax.ShapeDtypeStruct(shape, dt, sharding=sharding)
-          for k, (shape, dt) in loader.batch_spec(config.data, config.batch_size).items()}
-
-
 def _check_slices(config, target: Target) -> None:
   slices = int(config.mesh.slices)
   if slices != target.num_slices:
@@ -436,6 +436,16 @@ def check_tpu(config, target: Target, *, num_records: int | None = None,
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   xla_flops = float((cost or {}).get("flops", 0.0))
+  report.update(xla_flops_counted_by="the compiled step", xla_flops_as_compiled=xla_flops)
+  if vit.scan_layers:
+    # XLA counts a scanned loop body once: count the layers by extrapolation.
+    from biovfm_jax import step_cost  # pylint: disable=import-outside-toplevel
+    say("counting the scanned layers' FLOPs: compiling the step at depth 1 and 2...")
+    _, corrected, _ = step_cost.measure_cost(config, devices, method="extrapolate",
+                                             num_records=_records(num_records),
+                                             say=lambda _: None, breakdown=False)
+    xla_flops = corrected["flops"]
+    report.update(xla_flops_counted_by="extrapolate", xla_cost_extrapolated=corrected)
   report.update(
       memory_bytes=parts, peak_hbm_bytes=int(peak_hbm), allocated_bytes=int(allocated),
       fits=peak_hbm <= target.usable_bytes,
@@ -448,6 +458,35 @@ def check_tpu(config, target: Target, *, num_records: int | None = None,
                      f"{target.usable_bytes / GIB:.2f} GiB usable on a {target.device_kind}",
                      report)
   return report
+
+
+def cost_tpu(config, target: Target, *, method: str = "unroll",
+             num_records: int | None = None) -> dict:
+  """XLA's TPU cost model of the train step on `target` (biovfm_jax/step_cost.py)."""
+  from biovfm_jax import step_cost  # pylint: disable=import-outside-toplevel
+  from biovfm_jax.train import metrics as metrics_lib  # pylint: disable=import-outside-toplevel
+  if target.platform != "tpu":
+    raise ValueError(f"--cost models a TPU program; --topology={target.name!r} is a GPU "
+                     "(use a TPU topology, e.g. v5p-8)")
+  _check_slices(config, target)
+  say = _Progress()
+  say(f"building the run for {target.name} ({target.topology_name}, "
+      f"{target.num_devices} devices)...")
+  devices = tpu_devices(target)
+  import jax  # pylint: disable=import-outside-toplevel
+  try:
+    with say.heartbeat("compiling"):
+      s, cost, parts = step_cost.measure_cost(config, devices, method=method,
+                                              num_records=_records(num_records), say=say)
+  except jax.errors.JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    raise ValueError(f"the step does not fit on {target.name}, so it has no cost to model "
+                     f"(try a bigger slice, FSDP or remat): {str(e).strip().splitlines()[0]}"
+                     ) from e
+  say("done")
+  return step_cost.report(config, target, s, cost, parts, method=method,
+                          peak_tflops=metrics_lib.peak_tflops(config, device=devices[0]))
 
 
 def _records(num_records: int | None) -> int:
@@ -629,7 +668,9 @@ def format_report(r: dict, config_name: str = "") -> str:
   sb = r["state_bytes_per_device"]
   lines.append(f"  state per device        params {gib(sb['params'])} + optimiser "
                f"{gib(sb['opt_state'])} + extra {gib(sb['extra'])} GiB")
-  xla = (f", XLA cost analysis {r['xla_flops_per_step']:.3e}"
+  by = (" (scanned layers counted by depth extrapolation)"
+        if r.get("xla_flops_counted_by") == "extrapolate" else "")
+  xla = (f", XLA cost analysis {r['xla_flops_per_step']:.3e}{by}"
          if r.get("xla_flops_per_step") else "")
   lines.append(f"  FLOPs per step          {r['flops_per_step']:.3e} (analytic){xla}")
   if r["predicted_step_s"]:
@@ -657,6 +698,12 @@ def _define_flags() -> dict:
                                           "step count (LR schedule, run time) "
                                           "(default 1,000,000)."),
       "json": flags.DEFINE_bool("json", False, "Print the report as one JSON line instead."),
+      "cost": flags.DEFINE_bool("cost", False, "Report XLA's TPU cost model of the step "
+                                "(modeled time, MFU, HBM bytes per image, breakdown) "
+                                "instead of the fit."),
+      "cost_method": flags.DEFINE_enum("cost_method", "unroll", ["unroll", "extrapolate"],
+                                       "How --cost counts scanned layers "
+                                       "(biovfm_jax/step_cost.py)."),
   }
 
 
@@ -673,6 +720,14 @@ def main(argv):
     if not all(0 < m <= 1 for m in mfus):
       raise ValueError(f"--mfu={','.join(f['mfu'])} must be in (0, 1]")
     target = parse_topology(f["topology"], f["num_slices"])
+    if f["cost"]:
+      from biovfm_jax import step_cost  # pylint: disable=import-outside-toplevel
+      report = cost_tpu(f["config"], target, method=f["cost_method"],
+                        num_records=f["num_records"])
+      report["config"] = name
+      print(json.dumps(report) if f["json"] else step_cost.format_cost(report, name),
+            flush=True)
+      sys.exit(0)
     report = check(f["config"], target, num_records=f["num_records"], mfus=mfus)
     code = 0
   except DoesNotFit as e:

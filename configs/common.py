@@ -54,6 +54,9 @@ def get_config(size: str | None) -> config_dict.ConfigDict:
   c.model.dtype = "bfloat16"        # compute dtype
   c.model.param_dtype = "float32"
   c.model.attention_impl = "xla"    # or "cudnn" on GPU
+  # "xla" attention over >= this many tokens recomputes its softmax in the backward
+  # pass instead of saving it (models/layers.py attention_recompute); None: never.
+  c.model.attention_recompute_from = config_dict.FieldReference(96, field_type=int | None)
   c.model.remat_policy = "none"     # none | full | dots_saveable | ...
   # One lax.scan over the blocks instead of a Python loop for the large sizes: XLA
   # compiles one block, not depth copies (ViT-L MAE train step on 2 CPU cores, the

@@ -12,6 +12,7 @@ from flax import nnx
 from biovfm_jax import sharding
 from biovfm_jax.models import (VIT_SIZES, MaskedAutoencoder,
                                VisionTransformer, vit_config, vit_config_from)
+from biovfm_jax.models import layers
 from biovfm_jax.models.layers import drop_path
 from biovfm_jax.models.patches import sincos_2d
 
@@ -97,6 +98,7 @@ def test_config_from_configdict():
     (dict(pos_embed="alibi"), "config.model.pos_embed"),
     (dict(ffn="geglu"), "config.model.ffn"),
     (dict(remat_policy="most"), "config.model.remat_policy"),
+    (dict(attention_recompute_from=-1), "config.model.attention_recompute_from"),
     (dict(drop_path_rate=1.0), "config.model.drop_path_rate"),
     (dict(dtype="int8"), "config.model.dtype"),
     (dict(widht=64), "widht"),
@@ -259,7 +261,10 @@ def test_scan_equals_loop_and_remat_changes_nothing():
     return loss, grads.blocks
 
   loss, grads = loss_and_grads(looped)
-  for kw in (dict(remat_policy="full"), dict(remat_policy="dots_saveable", scan_layers=True)):
+  # attention_recompute_from=0: every attention recomputes its softmax backward.
+  for kw in (dict(remat_policy="full"), dict(remat_policy="dots_saveable", scan_layers=True),
+             dict(attention_recompute_from=0),
+             dict(attention_recompute_from=0, remat_policy="full", scan_layers=True)):
     m = VisionTransformer(dataclasses.replace(cfg, **kw), rngs=nnx.Rngs(0))
     l2, g2 = loss_and_grads(m)
     np.testing.assert_allclose(l2, loss, rtol=1e-5)
@@ -271,6 +276,35 @@ def test_scan_equals_loop_and_remat_changes_nothing():
       assert len(leaves1) == len(leaves2) == 14
       for u, v in zip(leaves1, leaves2):
         np.testing.assert_allclose(u, v, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_recomputed_softmax_attention_equals_jaxs(dtype):
+  """layers.attention_recompute: jax's forward and, from its hand-written
+  backward, jax's gradients, to rounding (bf16: a unit or two of its 2^-8)."""
+  keys = jax.random.split(jax.random.key(3), 4)
+  q, k, v, w = (2 * jax.random.normal(key, (3, 33, 4, 16)).astype(dtype) for key in keys)
+  ref = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="xla")  # noqa: E731
+
+  def grads(fn):
+    loss = lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32) * w.astype(jnp.float32))  # noqa: E731
+    return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+  with jax.default_matmul_precision("highest"):
+    want, got = ref(q, k, v), layers.attention_recompute(q, k, v)
+    want_grads, got_grads = grads(ref), grads(layers.attention_recompute)
+  f32 = lambda a: np.asarray(a.astype(jnp.float32))  # noqa: E731
+  tol = 1e-6 if dtype == "float32" else 1e-2
+  for a, b in zip((got, *got_grads), (want, *want_grads)):
+    assert np.abs(f32(a) - f32(b)).max() <= tol * np.abs(f32(b)).max()
+
+
+def test_attention_recomputes_from_the_configured_length():
+  x = jnp.zeros((1, 97, 2, 8))
+  uses = lambda t, start: "custom_vjp_call" in str(jax.make_jaxpr(  # noqa: E731
+      lambda a: layers.softmax_attention(a, a, a, "xla", start))(x[:, :t]))
+  assert uses(97, 96) and uses(96, 96) and uses(5, 0)
+  assert not uses(95, 96) and not uses(97, None)
 
 
 # --- sharding ---------------------------------------------------------------

@@ -26,8 +26,8 @@ from biovfm_jax.train.state import ModelSpec
 
 # Fields that change how the encoder runs, not which weights it has; an
 # evaluation may override them (bf16 compute, another attention kernel ...).
-RUNTIME_FIELDS = ("dtype", "attention_impl", "remat_policy", "drop_path_rate",
-                  "image_size")
+RUNTIME_FIELDS = ("dtype", "attention_impl", "attention_recompute_from", "remat_policy",
+                  "drop_path_rate", "image_size")
 
 
 def encoder_config(run: dict, where: str) -> ViTConfig:

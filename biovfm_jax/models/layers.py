@@ -78,6 +78,75 @@ class LayerNorm(nnx.Module):
     return y.astype(self.dtype)
 
 
+def _logits(q, k):
+  """Scaled q.k in float32, as jax.nn.dot_product_attention's "xla" path
+  computes them (bf16 inputs: the BF16_BF16_F32 dot algorithm)."""
+  precision = jax.lax.DotAlgorithmPreset.BF16_BF16_F32 if q.dtype == jnp.bfloat16 else None
+  s = jnp.einsum("btnh,bsnh->bnts", q, k, precision=precision,
+                 preferred_element_type=jnp.float32)
+  return s * jnp.float32(q.shape[-1] ** -0.5)
+
+
+def _max_and_exp_sum(m1l1, m2l2):
+  """Merges two (max, sum of exp(x - max)) pairs of a softmax row."""
+  (m1, l1), (m2, l2) = m1l1, m2l2
+  m = jnp.maximum(m1, m2)
+  shift = jnp.where(m == -jnp.inf, 0.0, m)  # two empty halves stay (-inf, 0)
+  return m, l1 * jnp.exp(m1 - shift) + l2 * jnp.exp(m2 - shift)
+
+
+def _attention_forward(q, k, v):
+  s = _logits(q, k)
+  # The row's max and sum of exp(s - max) in one pass over the (T x T) logits
+  # (online softmax), not two: XLA's TPU cost model, MAE decoder block: -6%.
+  m, total = jax.lax.reduce((s, jnp.ones_like(s)), (jnp.float32(-jnp.inf), jnp.float32(0)),
+                            _max_and_exp_sum, (3,))
+  p = jnp.exp(s - m[..., None]) / total[..., None]
+  o = jnp.einsum("bnts,bsnh->btnh", p.astype(v.dtype), v)
+  return o, (q, k, v, o, m + jnp.log(total))
+
+
+def _attention_backward(residuals, do):
+  """Flash attention's backward with XLA ops: P = exp(q.k - lse) again, then
+  dV = P^T dO, dS = P (dO V^T - rowsum(dO * O)), dQ = dS K, dK = dS^T Q."""
+  q, k, v, o, lse = residuals
+  p = jnp.exp(_logits(q, k) - lse[..., None])
+  dv = jnp.einsum("bnts,btnh->bsnh", p.astype(v.dtype), do)
+  dp = jnp.einsum("btnh,bsnh->bnts", do, v, preferred_element_type=jnp.float32)
+  delta = jnp.einsum("btnh,btnh->bnt", do.astype(jnp.float32), o.astype(jnp.float32))
+  ds = (p * (dp - delta[..., None]) * jnp.float32(q.shape[-1] ** -0.5)).astype(q.dtype)
+  dq = jnp.einsum("bnts,bsnh->btnh", ds, k)
+  dk = jnp.einsum("bnts,btnh->bsnh", ds, q)
+  return dq, dk, dv
+
+
+@jax.custom_vjp
+def attention_recompute(q, k, v):
+  """softmax(q.k / sqrt(h)) v over (batch, tokens, heads, head) inputs: the
+  maths of jax.nn.dot_product_attention(implementation="xla") (float32
+  logits and softmax; the probabilities cast to v's dtype for p.v), but the
+  backward recomputes the probabilities from the saved log-sum-exp, as flash
+  attention does, instead of keeping two (T x T) copies (the float32 softmax
+  and its cast) from the forward. XLA's TPU cost model of one block's fwd+bwd
+  (benchmarks/RESULTS.md): at 1,024 images per chip -28% time at 197 tokens
+  (MAE decoder), -5% at 50 (ViT-L encoder); at 64 images per chip and 50
+  tokens +9%, hence configs' attention_recompute_from."""
+  return _attention_forward(q, k, v)[0]
+
+
+attention_recompute.defvjp(_attention_forward, _attention_backward)
+
+
+def softmax_attention(q, k, v, impl: str | None, recompute_from: int | None = None):
+  """softmax(q.k / sqrt(h)) v, the softmax in float32 for any input dtype:
+  attention_recompute for "xla" over >= recompute_from tokens, else
+  jax.nn.dot_product_attention(implementation=impl). (Its own function: the
+  cost report tells its instructions from the projections by it.)"""
+  if impl == "xla" and recompute_from is not None and q.shape[1] >= recompute_from:
+    return attention_recompute(q, k, v)
+  return jax.nn.dot_product_attention(q, k, v, implementation=impl)
+
+
 class Attention(nnx.Module):
   """Multi-head self-attention with a fused qkv projection.
 
@@ -88,13 +157,17 @@ class Attention(nnx.Module):
   stays at its (zero) initial value.
   `rope` (cos, sin), when given, rotates q and k of the patch tokens after the
   projection (see models/rope.py).
+  With attention_impl "xla", sequences of at least `recompute_from` tokens
+  use attention_recompute (None: never).
   """
 
   def __init__(self, width: int, num_heads: int, *, param_dtype, dtype,
-               attention_impl, rngs: nnx.Rngs, key_bias: bool = True):
+               attention_impl, rngs: nnx.Rngs, key_bias: bool = True,
+               recompute_from: int | None = None):
     head_dim = width // num_heads
     self.dtype = dtype
     self.attention_impl = attention_impl
+    self.recompute_from = recompute_from
     self.num_heads = num_heads
     self.key_bias = bool(key_bias)
     # Fans as torch nn.Linear(width, 3*width) and nn.Linear(width, width).
@@ -107,20 +180,18 @@ class Attention(nnx.Module):
     self.proj_bias = param(rngs, zeros, (width,), ("embed",), param_dtype)
 
   def __call__(self, x, rope=None):
-    qkv = jnp.einsum("btd,dshk->btshk", x.astype(self.dtype),
-                     self.qkv_kernel[...].astype(self.dtype))
-    bias = self.qkv_bias[...].astype(self.dtype).reshape(qkv.shape[2:])
+    kernel = self.qkv_kernel[...].astype(self.dtype)
+    bias = self.qkv_bias[...].astype(self.dtype).reshape(kernel.shape[1:])
     if not self.key_bias:
       bias = bias * jnp.array([1, 0, 1], bias.dtype)[:, None, None]
-    qkv = qkv + bias
+    x = x.astype(self.dtype)
     names = ("batch", "length", "act_heads", None)
-    q, k, v = (constrain(qkv[:, :, i], names) for i in range(3))
+    q, k, v = (constrain(jnp.einsum("btd,dhk->bthk", x, kernel[:, i]) + bias[i], names)
+               for i in range(3))
     if rope is not None:
       q = constrain(apply_rope(q, *rope), names)
       k = constrain(apply_rope(k, *rope), names)
-    # Softmax is computed in float32 by jax for any input dtype.
-    o = jax.nn.dot_product_attention(q, k, v, implementation=self.attention_impl)
-    o = constrain(o, names)
+    o = constrain(softmax_attention(q, k, v, self.attention_impl, self.recompute_from), names)
     y = jnp.einsum("bthk,hkd->btd", o, self.proj_kernel[...].astype(self.dtype))
     return y + self.proj_bias[...].astype(self.dtype)
 
@@ -195,7 +266,8 @@ class Block(nnx.Module):
                            eps=cfg.layernorm_eps)
     self.attn = Attention(cfg.width, cfg.num_heads, param_dtype=pdt, dtype=dt,
                           attention_impl=cfg.attention_impl, rngs=rngs,
-                          key_bias=getattr(cfg, "key_bias", True))
+                          key_bias=getattr(cfg, "key_bias", True),
+                          recompute_from=getattr(cfg, "attention_recompute_from", None))
     self.norm2 = LayerNorm(cfg.width, param_dtype=pdt, dtype=dt, rngs=rngs,
                            eps=cfg.layernorm_eps)
     ffn = SwiGLU if cfg.ffn == "swiglu" else Mlp

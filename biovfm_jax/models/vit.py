@@ -64,6 +64,9 @@ class ViTConfig:
   dtype: str = "float32"             # compute dtype
   param_dtype: str = "float32"
   attention_impl: str | None = "xla"  # jax.nn.dot_product_attention(implementation=)
+  # "xla" attention over at least this many tokens recomputes its softmax in the
+  # backward pass (layers.attention_recompute); None: never.
+  attention_recompute_from: int | None = None
   remat_policy: str = "none"         # see layers.REMAT_POLICIES
   scan_layers: bool = False
   mask_token: bool = False           # learnable token for masked patches (iBOT)
@@ -135,6 +138,11 @@ class ViTConfig:
       bad("drop_path_rate", "must be in [0, 1)")
     if self.attention_impl not in _ATTENTION_IMPLS:
       bad("attention_impl", f"must be one of {_ATTENTION_IMPLS}")
+    if self.attention_recompute_from is not None and not (
+        isinstance(self.attention_recompute_from, int)
+        and not isinstance(self.attention_recompute_from, bool)
+        and self.attention_recompute_from >= 0):
+      bad("attention_recompute_from", "must be None or a token count >= 0")
     if self.init not in _INITS:
       bad("init", f"must be one of {_INITS}")
     if self.remat_policy not in layers.REMAT_POLICIES:
