@@ -26,16 +26,18 @@ def _tiny(scan: bool):
   return c
 
 
-pytestmark = pytest.mark.xdist_group("step_cost")  # one worker compiles the shared step
+# One worker compiles the shared step, once per session (a module fixture is set up
+# again when xdist interleaves another module's tests).
+pytestmark = pytest.mark.xdist_group("step_cost")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def v5p8():
   target = aot.parse_topology("v5p-8")
   return target, aot.tpu_devices(target)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def unrolled(v5p8):
   """(XLA's cost, breakdown) of the tiny step, layers unrolled."""
   _, devices = v5p8
