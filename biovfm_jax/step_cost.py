@@ -132,9 +132,8 @@ def classify(stack: tuple) -> str:
     component = "encoder blocks"
   elif has("VisionTransformer.embed_patches", "patchify", "PatchEmbed.__call__"):
     return "patch embedding"
-  elif any("/objectives/" in f for f in files[:-1]) and not all(
-      fn.endswith("Objective.loss") for f, fn in stack if "/objectives/" in f):
-    return "loss and targets"
+  elif any("/objectives/" in f and not fn.endswith("Objective.loss") for f, fn in stack):
+    return "loss and targets"  # not the objective's loss() that wraps the whole step
   else:
     return "other"
   core = ("softmax_attention", "attention_recompute", "_attention_forward",
