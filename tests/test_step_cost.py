@@ -26,9 +26,8 @@ def _tiny(scan: bool):
   return c
 
 
-# One worker compiles the shared step, once per session (a module fixture is set up
-# again when xdist interleaves another module's tests).
-pytestmark = pytest.mark.xdist_group("step_cost")
+# Session fixtures: a worker compiles the shared step once (a module fixture is set
+# up again when xdist interleaves another module's tests).
 
 
 @pytest.fixture(scope="session")
