@@ -102,6 +102,7 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
+from biovfm_jax import step_cost
 from biovfm_jax.step_cost import batch_specs
 
 GIB = 2 ** 30
@@ -439,7 +440,6 @@ def check_tpu(config, target: Target, *, num_records: int | None = None,
   report.update(xla_flops_counted_by="the compiled step", xla_flops_as_compiled=xla_flops)
   if vit.scan_layers:
     # XLA counts a scanned loop body once: count the layers by extrapolation.
-    from biovfm_jax import step_cost  # pylint: disable=import-outside-toplevel
     say("counting the scanned layers' FLOPs: compiling the step at depth 1 and 2...")
     _, corrected, _ = step_cost.measure_cost(config, devices, method="extrapolate",
                                              num_records=_records(num_records),
@@ -463,7 +463,7 @@ def check_tpu(config, target: Target, *, num_records: int | None = None,
 def cost_tpu(config, target: Target, *, method: str = "unroll",
              num_records: int | None = None) -> dict:
   """XLA's TPU cost model of the train step on `target` (biovfm_jax/step_cost.py)."""
-  from biovfm_jax import step_cost  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
   from biovfm_jax.train import metrics as metrics_lib  # pylint: disable=import-outside-toplevel
   if target.platform != "tpu":
     raise ValueError(f"--cost models a TPU program; --topology={target.name!r} is a GPU "
@@ -473,7 +473,6 @@ def cost_tpu(config, target: Target, *, method: str = "unroll",
   say(f"building the run for {target.name} ({target.topology_name}, "
       f"{target.num_devices} devices)...")
   devices = tpu_devices(target)
-  import jax  # pylint: disable=import-outside-toplevel
   try:
     with say.heartbeat("compiling"):
       s, cost, parts = step_cost.measure_cost(config, devices, method=method,
@@ -721,7 +720,6 @@ def main(argv):
       raise ValueError(f"--mfu={','.join(f['mfu'])} must be in (0, 1]")
     target = parse_topology(f["topology"], f["num_slices"])
     if f["cost"]:
-      from biovfm_jax import step_cost  # pylint: disable=import-outside-toplevel
       report = cost_tpu(f["config"], target, method=f["cost_method"],
                         num_records=f["num_records"])
       report["config"] = name

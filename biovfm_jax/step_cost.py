@@ -155,7 +155,6 @@ class Part:
   cycles: float = 0.0        # estimated_cycles, times a loop's trip count
   bytes: float = 0.0         # operands + outputs
   backward_cycles: float = 0.0
-  instructions: int = 0
 
   def add(self, other: "Part", scale: float = 1.0) -> None:
     for f in dataclasses.fields(self):
@@ -211,7 +210,7 @@ def hlo_breakdown(text: str) -> dict[str, Part]:
       frame = re.search(r"stack_frame_id=(\d+)", rest)
       part = classify(stacks(int(frame.group(1)))) if frame else "other"
       cycles = re.search(r'"estimated_cycles":"(\d+)"', rest)
-      p = Part(cycles=float(cycles.group(1)) if cycles else 0.0, instructions=1)
+      p = Part(cycles=float(cycles.group(1)) if cycles else 0.0)
       if op not in _NO_TRAFFIC:
         operands = rest.split(")", 1)[0]
         moved = [_array_bytes(shapes.get(a, "")) for a in re.findall(r"%([\w.\-]+)", operands)]
@@ -285,11 +284,13 @@ def batch_specs(config, sharding) -> dict:
           for k, (shape, dt) in loader.batch_spec(config.data, config.batch_size).items()}
 
 
-def _compile(config, devices, num_records: int):
-  """The compiled train step of `config` for `devices` (a TPU topology's)."""
+def _compile(config, devices, num_records: int, s=None):
+  """The compiled train step of `config` for `devices` (a TPU topology's);
+  `s`: loop.build's Setup of that config when the caller has built it."""
   from biovfm_jax.train import loop  # pylint: disable=import-outside-toplevel
   from biovfm_jax.train import state as state_lib  # pylint: disable=import-outside-toplevel
-  s = loop.build(config, num_records=num_records, devices=devices, evaluators=False)
+  if s is None:
+    s = loop.build(config, num_records=num_records, devices=devices, evaluators=False)
   state = state_lib.abstract_state(s.spec, s.tx, s.objective, s.shardings)
   batch = batch_specs(config, s.batch_sharding)
   return s.train_step.lower(state, batch).compile()
@@ -323,7 +324,7 @@ def measure_cost(config, devices, *, method: str = "unroll", num_records: int = 
   if method == "unroll":
     say("compiling the step with its layers unrolled (XLA's TPU compiler; minutes "
         "for ViT-L)...")
-    compiled = _compile(config, devices, num_records)
+    compiled = _compile(config, devices, num_records, s)
     return s, xla_cost(compiled), hlo_breakdown(compiled.as_text()) if breakdown else {}
   keys = depth_keys(config, s.objective)
   ones = {k: 1 for k in keys}
